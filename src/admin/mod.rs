@@ -1,0 +1,184 @@
+//! The sidecar's own endpoints, answered before the proxy stack and never
+//! proxied: `/healthz` and `/readyz` now, and the legacy observability and
+//! reset endpoints as their concerns land. Each endpoint is a row of one
+//! table (method, path, guarded?, handler); guarded rows pass through
+//! [`guard::authorize`] first. With `admin_listen` set they are served on
+//! that port only.
+
+pub mod guard;
+pub mod ready;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+use tokio::time::Instant;
+
+use self::ready::Readiness;
+use crate::body::{self, Body};
+use crate::config::Config;
+
+/// What a handler gets: shared state, the caller and the request.
+#[derive(Debug)]
+pub struct Ctx {
+    pub state: Arc<AdminState>,
+    pub peer: SocketAddr,
+    pub req: Request<Incoming>,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+pub type Handler = fn(Ctx) -> HandlerFuture;
+
+/// One admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    /// Mutating endpoints: loopback or bearer token only.
+    pub guarded: bool,
+    pub handler: Handler,
+}
+
+/// State the admin endpoints read.
+#[derive(Debug)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub readiness: Readiness,
+    pub started: Instant,
+}
+
+/// The admin router.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    state: Arc<AdminState>,
+    endpoints: Arc<[Endpoint]>,
+}
+
+impl Admin {
+    pub fn new(state: Arc<AdminState>) -> Self {
+        Self::with_endpoints(state, builtin_endpoints())
+    }
+
+    /// A router over these endpoints (tests add their own).
+    pub fn with_endpoints(state: Arc<AdminState>, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            state,
+            endpoints: endpoints.into(),
+        }
+    }
+
+    pub fn state(&self) -> &Arc<AdminState> {
+        &self.state
+    }
+
+    /// Whether this path is one of the sidecar's own (any method).
+    pub fn handles(&self, path: &str) -> bool {
+        self.endpoints.iter().any(|e| e.path == path)
+    }
+
+    /// Answers a request for one of [`Self::handles`]' paths; anything else
+    /// gets a JSON 404 (on the admin port).
+    pub fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> HandlerFuture {
+        let path = req.uri().path();
+        let mut allowed = Vec::new();
+        let mut found = None;
+        for e in self.endpoints.iter().filter(|e| e.path == path) {
+            if e.method == req.method() || (req.method() == Method::HEAD && e.method == Method::GET)
+            {
+                found = Some(e);
+                break;
+            }
+            allowed.push(e.method.as_str());
+        }
+        let Some(endpoint) = found else {
+            let resp = if allowed.is_empty() {
+                body::json(
+                    StatusCode::NOT_FOUND,
+                    &json!({"error": "Not found", "message": format!("no admin endpoint at {path}")}),
+                )
+            } else {
+                let mut r = body::json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    &json!({"error": "Method not allowed", "message": format!("{path} accepts {}", allowed.join(", "))}),
+                );
+                if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
+                    r.headers_mut().insert(http::header::ALLOW, v);
+                }
+                r
+            };
+            return Box::pin(std::future::ready(resp));
+        };
+        if endpoint.guarded {
+            if let Err(e) = guard::authorize(
+                peer.ip(),
+                req.headers(),
+                self.state.config.admin_token.as_deref(),
+                self.state.config.admin_trust_loopback,
+            ) {
+                tracing::warn!(path, client = %peer, "admin request refused: {e}");
+                return Box::pin(std::future::ready(body::json(
+                    StatusCode::FORBIDDEN,
+                    &json!({"error": "Forbidden", "message": e.to_string()}),
+                )));
+            }
+        }
+        (endpoint.handler)(Ctx {
+            state: Arc::clone(&self.state),
+            peer,
+            req,
+        })
+    }
+}
+
+/// The endpoints every build serves.
+pub fn builtin_endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint {
+            method: Method::GET,
+            path: "/healthz",
+            guarded: false,
+            handler: |ctx| Box::pin(healthz(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/readyz",
+            guarded: false,
+            handler: |ctx| Box::pin(readyz(ctx)),
+        },
+    ]
+}
+
+/// Liveness: 200 while the process serves.
+async fn healthz(ctx: Ctx) -> Response<Body> {
+    body::json(
+        StatusCode::OK,
+        &json!({"status": "alive", "uptime_seconds": ctx.state.started.elapsed().as_secs()}),
+    )
+}
+
+/// Readiness: 200 when the upstream answers and the sidecar is not draining.
+async fn readyz(ctx: Ctx) -> Response<Body> {
+    let r = &ctx.state.readiness;
+    if r.is_draining() {
+        return body::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready", "reason": "shutting down"}),
+        );
+    }
+    let probe = r.upstream().await;
+    if probe.reachable {
+        body::json(
+            StatusCode::OK,
+            &json!({"status": "ready", "upstream": probe.to_json()}),
+        )
+    } else {
+        body::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready", "reason": "upstream unreachable", "upstream": probe.to_json()}),
+        )
+    }
+}

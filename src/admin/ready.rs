@@ -1,0 +1,115 @@
+//! Readiness: the sidecar is ready when it is not draining and the upstream
+//! answers a cheap request (`readiness_path`, default `GET /api/health`) with
+//! a status below 500. The probe result is cached for a second so frequent
+//! kubelet probes cost the app at most one request a second, and concurrent
+//! probes share one upstream call.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Method, Request};
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::body;
+use crate::proxy::UpstreamClient;
+
+const CACHE_FOR: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One probe of the upstream.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub at: Instant,
+    pub reachable: bool,
+    pub status: Option<u16>,
+    pub latency: Duration,
+    pub error: Option<String>,
+}
+
+impl Probe {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "reachable": self.reachable,
+            "status": self.status,
+            "latency_ms": (self.latency.as_secs_f64() * 1e6).round() / 1e3,
+            "error": self.error,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Readiness {
+    client: UpstreamClient,
+    path: http::uri::PathAndQuery,
+    draining: AtomicBool,
+    last: Mutex<Option<Probe>>,
+}
+
+impl Readiness {
+    pub fn new(client: UpstreamClient, path: &str) -> Self {
+        Self {
+            client,
+            path: path
+                .parse()
+                .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
+            draining: AtomicBool::new(false),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// From now on `/readyz` answers 503.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The upstream's state, probed at most once per second.
+    pub async fn upstream(&self) -> Probe {
+        let mut last = self.last.lock().await;
+        if let Some(p) = last.as_ref().filter(|p| p.at.elapsed() < CACHE_FOR) {
+            return p.clone();
+        }
+        let probe = self.probe().await;
+        *last = Some(probe.clone());
+        probe
+    }
+
+    async fn probe(&self) -> Probe {
+        let start = Instant::now();
+        let req = self.client.uri_for(Some(&self.path)).map(|uri| {
+            let mut req = Request::new(body::empty());
+            *req.method_mut() = Method::GET;
+            *req.uri_mut() = uri;
+            req
+        });
+        let result = match req {
+            Ok(req) => tokio::time::timeout(PROBE_TIMEOUT, self.client.send(req))
+                .await
+                .map_err(|_| format!("no answer within {}s", PROBE_TIMEOUT.as_secs()))
+                .and_then(|r| r.map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        let latency = start.elapsed();
+        match result {
+            Ok(resp) => Probe {
+                at: Instant::now(),
+                reachable: resp.status().as_u16() < 500,
+                status: Some(resp.status().as_u16()),
+                latency,
+                error: None,
+            },
+            Err(e) => Probe {
+                at: Instant::now(),
+                reachable: false,
+                status: None,
+                latency,
+                error: Some(e),
+            },
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Typed errors of the request path and the one rescue that turns each into
+//! the legacy-style JSON answer (`{"error": ..., "message": ...}`).
+//!
+//! Layers return these inside a [`BoxError`]; [`rescue`] walks the source
+//! chain (a hyper client error wraps the body error that caused it), picks the
+//! most specific kind, and answers with its status. hyper never sees an `Err`,
+//! which would drop the connection without a reply. [`ErrorKind::as_str`] is
+//! the bounded label the metrics use.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::BoxError;
+use crate::body::{self, Body};
+
+/// The upstream could not be reached (connection refused, reset, DNS).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream unreachable: {0}")]
+pub struct UpstreamUnavailable(#[source] pub BoxError);
+
+/// The upstream did not answer within the route's timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream did not answer within {}", crate::config::fmt_duration(*.0))]
+pub struct UpstreamTimeout(pub Duration);
+
+/// The request body is larger than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds {0} bytes")]
+pub struct BodyTooLarge(pub u64);
+
+/// The bounded kinds of failure, for responses and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    BodyTooLarge,
+    Overloaded,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BodyTooLarge => "body_too_large",
+            Self::Overloaded => "overloaded",
+            Self::UpstreamTimeout => "timeout",
+            Self::UpstreamUnavailable => "connect_error",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::BodyTooLarge => "Payload too large",
+            Self::Overloaded => "Service unavailable",
+            Self::UpstreamTimeout => "Gateway timeout",
+            Self::UpstreamUnavailable => "Bad gateway",
+            Self::Internal => "Internal server error",
+        }
+    }
+}
+
+/// Whether `err` or anything in its source chain is a `T`.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// The kind of an error from the stack. Body limits are looked for first: a
+/// body that overflowed mid-upload surfaces as a client error wrapping it.
+pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    if find_cause::<BodyTooLarge>(err).is_some()
+        || find_cause::<http_body_util::LengthLimitError>(err).is_some()
+    {
+        ErrorKind::BodyTooLarge
+    } else if find_cause::<tower::load_shed::error::Overloaded>(err).is_some() {
+        ErrorKind::Overloaded
+    } else if find_cause::<UpstreamTimeout>(err).is_some() {
+        ErrorKind::UpstreamTimeout
+    } else if find_cause::<UpstreamUnavailable>(err).is_some() {
+        ErrorKind::UpstreamUnavailable
+    } else {
+        ErrorKind::Internal
+    }
+}
+
+/// Turns an error from the stack into its JSON response.
+pub fn rescue(err: &BoxError) -> Response<Body> {
+    let kind = classify(err.as_ref());
+    let message = match kind {
+        ErrorKind::Overloaded => "Too many requests in flight; try again shortly".to_string(),
+        ErrorKind::BodyTooLarge => match find_cause::<BodyTooLarge>(err.as_ref()) {
+            Some(e) => capitalise(&e.to_string()),
+            None => "Request body exceeds the configured limit".to_string(),
+        },
+        ErrorKind::Internal => "Internal proxy error".to_string(),
+        _ => capitalise(&err.to_string()),
+    };
+    let mut resp = body::json(
+        kind.status(),
+        &json!({"error": kind.title(), "message": message}),
+    );
+    if kind == ErrorKind::Overloaded {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// The response for a panic caught in the stack (tower-http `CatchPanic`).
+pub fn panic_response(
+    _panic: Box<dyn std::any::Any + Send + 'static>,
+) -> Response<http_body_util::Full<bytes::Bytes>> {
+    let body = serde_json::to_vec(&json!({
+        "error": "Internal server error",
+        "message": "Internal proxy error",
+    }))
+    .unwrap_or_default();
+    let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapper")]
+    struct Wrapper(#[source] BoxError);
+
+    #[test]
+    fn classification_walks_the_chain() {
+        let nested: BoxError = Box::new(Wrapper(Box::new(BodyTooLarge(10))));
+        assert_eq!(classify(nested.as_ref()), ErrorKind::BodyTooLarge);
+        let t: BoxError = Box::new(Wrapper(Box::new(UpstreamTimeout(Duration::from_secs(3)))));
+        assert_eq!(classify(t.as_ref()), ErrorKind::UpstreamTimeout);
+        let o: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        assert_eq!(rescue(&o).status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other: BoxError = "boom".into();
+        assert_eq!(rescue(&other).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let u: BoxError = Box::new(UpstreamUnavailable("refused".into()));
+        assert_eq!(rescue(&u).status(), StatusCode::BAD_GATEWAY);
+    }
+}

@@ -1,0 +1,107 @@
+//! `AccessLog`: one line per request (method, route, path, status, duration,
+//! client address, request id) at INFO under the `rag_sidecar::access`
+//! target, written when the response head is ready. It sits above the rescue,
+//! so the sidecar's own error answers are logged with their status too.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use tokio::time::Instant;
+
+use crate::route::MatchedRoute;
+use crate::server::ClientAddr;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccessLogLayer;
+
+impl<S> tower::Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+/// What the log line needs from the request, taken before it moves on.
+#[derive(Debug)]
+struct Entry {
+    method: Method,
+    path: String,
+    route: Option<MatchedRoute>,
+    client: Option<ClientAddr>,
+    request_id: Option<http::HeaderValue>,
+    start: Instant,
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for AccessLog<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // Skip the copies entirely when the line would be filtered out.
+        let entry =
+            tracing::enabled!(target: "rag_sidecar::access", tracing::Level::INFO).then(|| Entry {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                route: req.extensions().get::<MatchedRoute>().cloned(),
+                client: req.extensions().get::<ClientAddr>().copied(),
+                request_id: req.headers().get("x-request-id").cloned(),
+                start: Instant::now(),
+            });
+        ResponseFuture {
+            inner: self.inner.call(req),
+            entry,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        entry: Option<Entry>,
+    }
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let Some(e) = this.entry.take() {
+            let status = out.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+            tracing::info!(
+                target: "rag_sidecar::access",
+                method = %e.method,
+                route = e.route.as_ref().map_or("-", |r| r.name.as_str()),
+                path = %e.path,
+                status,
+                duration_ms = e.start.elapsed().as_secs_f64() * 1000.0,
+                client = %e.client.map_or_else(|| "-".to_string(), |c| c.0.to_string()),
+                request_id = e.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+                "request"
+            );
+        }
+        Poll::Ready(out)
+    }
+}

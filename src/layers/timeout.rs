@@ -1,0 +1,120 @@
+//! `RouteTimeout`: bounds the upstream exchange (up to the response head) by
+//! the matched route's `timeout`, and turns the elapsed case into a typed
+//! [`UpstreamTimeout`] (504). tower's own `Timeout` takes one fixed duration
+//! per layer; the route decides here. A streamed response body is not cut
+//! once its head has arrived (an SSE answer may run long).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+
+use crate::BoxError;
+use crate::error::UpstreamTimeout;
+use crate::route::MatchedRoute;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RouteTimeoutLayer {
+    fallback: Duration,
+}
+
+impl RouteTimeoutLayer {
+    /// `fallback` applies to a request no route was matched for.
+    pub fn new(fallback: Duration) -> Self {
+        Self { fallback }
+    }
+}
+
+impl<S> tower::Layer<S> for RouteTimeoutLayer {
+    type Service = RouteTimeout<S>;
+
+    fn layer(&self, inner: S) -> RouteTimeout<S> {
+        RouteTimeout {
+            inner,
+            fallback: self.fallback,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteTimeout<S> {
+    inner: S,
+    fallback: Duration,
+}
+
+impl<S, B> tower::Service<Request<B>> for RouteTimeout<S>
+where
+    S: tower::Service<Request<B>, Error = BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let after = req
+            .extensions()
+            .get::<MatchedRoute>()
+            .map_or(self.fallback, |r| r.timeout);
+        ResponseFuture {
+            inner: tokio::time::timeout(after, self.inner.call(req)),
+            after,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        after: Duration,
+    }
+}
+
+impl<F, R> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<R, BoxError>>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match std::task::ready!(this.inner.poll(cx)) {
+            Ok(out) => Poll::Ready(out),
+            Err(_elapsed) => Poll::Ready(Err(Box::new(UpstreamTimeout(*this.after)))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn times_out_by_the_route() {
+        let slow = tower::service_fn(|_req: Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, BoxError>("late")
+        });
+        let svc = RouteTimeoutLayer::new(Duration::from_secs(3)).layer(slow);
+        let start = tokio::time::Instant::now();
+        let err = svc.clone().oneshot(Request::new(())).await.unwrap_err();
+        assert!(err.downcast_ref::<UpstreamTimeout>().is_some());
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+
+        let mut cfg = crate::config::Config::default();
+        cfg.routes.last_mut().unwrap().timeout = Duration::from_secs(20);
+        let table = crate::route::RouteTable::new(&cfg);
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(table.matched(&http::Method::GET, "/x"));
+        assert_eq!(svc.oneshot(req).await.unwrap(), "late");
+    }
+}

@@ -1,0 +1,82 @@
+//! Logging with tracing: level (`LOG_LEVEL`, Python names accepted), format
+//! (`LOG_FORMAT` text|json) and an optional file (`LOG_FILE`) written beside
+//! stderr. Both writers are non-blocking: a slow disk or terminal never
+//! stalls a request; lines are dropped rather than queued without bound.
+
+use std::path::Path;
+
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::config::{LogConfig, LogFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("LOG_FILE {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad log level: {0}")]
+    Level(String),
+    #[error("a global logger is already installed")]
+    AlreadySet,
+}
+
+/// Keep alive for the process's life: dropping it flushes the writers.
+#[derive(Debug)]
+pub struct LogGuards(#[allow(dead_code)] Vec<WorkerGuard>);
+
+fn writer<W: std::io::Write + Send + 'static>(w: W) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default().lossy(true).finish(w)
+}
+
+fn layer(format: LogFormat, w: NonBlocking, ansi: bool) -> Box<dyn Layer<Registry> + Send + Sync> {
+    let base = tracing_subscriber::fmt::layer()
+        .with_writer(w)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => base.boxed(),
+        LogFormat::Json => base.json().flatten_event(true).boxed(),
+    }
+}
+
+/// Installs the global subscriber.
+pub fn init(cfg: &LogConfig) -> Result<LogGuards, LogError> {
+    let filter = EnvFilter::builder()
+        .parse(&cfg.level)
+        .map_err(|e| LogError::Level(e.to_string()))?;
+    let mut guards = Vec::new();
+    let (stderr, g) = writer(std::io::stderr());
+    guards.push(g);
+    let mut layers = vec![layer(cfg.format, stderr, false)];
+    if let Some(path) = &cfg.file {
+        let file = open_log_file(path)?;
+        let (w, g) = writer(file);
+        guards.push(g);
+        layers.push(layer(cfg.format, w, false));
+    }
+    Registry::default()
+        .with(layers.with_filter(filter))
+        .try_init()
+        .map_err(|_| LogError::AlreadySet)?;
+    Ok(LogGuards(guards))
+}
+
+fn open_log_file(path: &Path) -> Result<std::fs::File, LogError> {
+    let err = |source| LogError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)
+}

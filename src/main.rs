@@ -1,0 +1,156 @@
+//! The `rag-sidecar` binary: command line, configuration, runtime, logging,
+//! signals. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rag_sidecar::config::{Config, Overrides, ProcessEnv};
+use rag_sidecar::server::Server;
+
+/// Exit status for a bad configuration (BSD `EX_USAGE`, as linkerd does).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rag-sidecar",
+    version,
+    about = "Caching, rate-limiting, retrying, observable reverse proxy for a legacy Flask RAG app"
+)]
+struct Cli {
+    /// TOML configuration file (also RAG_SIDECAR_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (LISTEN_ADDR), e.g. 0.0.0.0:5003.
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The app's URL (UPSTREAM_URL), e.g. http://127.0.0.1:5000.
+    #[arg(long, global = true, value_name = "URL")]
+    upstream: Option<String>,
+    /// Serve the sidecar's own endpoints on this address instead.
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// DEBUG, INFO, WARNING, ERROR or a tracing filter (LOG_LEVEL).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// text or json (LOG_FORMAT).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Worker threads (NUM_THREADS).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration and print it (secrets masked).
+    CheckConfig,
+    /// Run the sidecar (the default).
+    Run,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        config: cli.config,
+        listen: cli.listen,
+        upstream: cli.upstream,
+        admin_listen: cli.admin_listen,
+        log_level: cli.log_level,
+        log_format: cli.log_format,
+        threads: cli.threads,
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let (cfg, report) = match Config::load(&overrides, &ProcessEnv, &cwd) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        println!("# rag-sidecar effective configuration (secrets masked)");
+        if let Some(p) = &report.config_file {
+            println!("# file: {}", p.display());
+        }
+        if let Some(p) = &report.dotenv_file {
+            println!("# .env: {}", p.display());
+        }
+        print!("{}", cfg.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    run(cfg, report)
+}
+
+fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
+    let _guards = match rag_sidecar::logging::init(&cfg.log) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("config error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    for name in &report.ignored_env {
+        tracing::debug!("{name} is set but means nothing to a proxy; ignored");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listen = cfg.listen;
+        let upstream = cfg.upstream.to_string();
+        let threads = cfg.threads;
+        let server = match Server::bind(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            listen = %server.local_addr().map_or(listen, |a| a),
+            admin = ?server.admin_addr(),
+            %upstream,
+            threads,
+            config = ?report.config_file,
+            dotenv = ?report.dotenv_file,
+            "rag-sidecar started"
+        );
+        server.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,121 @@
+//! Header rewriting at the proxy boundary (RFC 9110 §7.6.1): hop-by-hop
+//! headers, including every name listed in `Connection`, never cross; the
+//! `X-Forwarded-*` family tells the app who the client was.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// Headers that describe one connection, not the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers and those the `Connection` header names.
+/// `Transfer-Encoding` goes too: hyper frames each side itself.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Fast path: most requests carry none of them.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`. The
+/// incoming `-Proto`/`-Host` are kept only from a trusted proxy.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    host: Option<HeaderValue>,
+    trusted: &[IpNet],
+) {
+    let peer_str = peer.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_str}"),
+        _ => peer_str,
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    let from_trusted = trusted.iter().any(|n| n.contains(&peer));
+    if !from_trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !from_trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        match host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Secret, keep-alive"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_trust() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        set_forwarded(
+            &mut h,
+            "10.1.1.1".parse().unwrap(),
+            Some(HeaderValue::from_static("app")),
+            &trusted,
+        );
+        assert_eq!(h[&X_FORWARDED_FOR], "1.2.3.4, 10.1.1.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "https");
+        set_forwarded(&mut h, "8.8.8.8".parse().unwrap(), None, &trusted);
+        assert_eq!(
+            h[&X_FORWARDED_PROTO], "http",
+            "an untrusted peer cannot claim https"
+        );
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+}

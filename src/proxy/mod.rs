@@ -1,0 +1,151 @@
+//! The innermost service: forwards a request to the upstream app over a
+//! pooled keep-alive HTTP/1.1 client and streams both bodies through.
+//!
+//! Requests from HTTP/2 clients are rewritten to HTTP/1.1 with an absolute
+//! URI (the legacy app speaks only HTTP/1.1); hop-by-hop headers are dropped
+//! both ways and `X-Forwarded-*` set. A client error becomes a typed
+//! [`UpstreamUnavailable`] unless it was caused by the request body (an
+//! over-limit upload), whose error is kept so the rescue answers 413.
+
+mod headers;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Uri};
+use http::{HeaderValue, Request, Response, Version, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+
+pub use self::headers::{
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, set_forwarded, strip_hop_by_hop,
+};
+use crate::BoxError;
+use crate::body::{self, Body};
+use crate::config::{Config, Upstream};
+use crate::error::{UpstreamUnavailable, find_cause};
+use crate::server::ClientAddr;
+
+/// The pooled HTTP/1.1 client to the upstream app (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, Body>,
+    upstream: Arc<Upstream>,
+}
+
+impl UpstreamClient {
+    pub fn new(cfg: &Config) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(cfg.max_inflight.min(1024))
+            .build(connector);
+        Self {
+            client,
+            upstream: Arc::new(cfg.upstream.clone()),
+        }
+    }
+
+    /// The absolute upstream URI for this path and query.
+    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(pq.map_or("/", |p| p.as_str()))
+            .build()
+    }
+
+    /// Sends a prepared request; connection-level failures become
+    /// [`UpstreamUnavailable`].
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
+        match self.client.request(req).await {
+            Ok(resp) => Ok(resp.map(body::boxed)),
+            Err(e) => Err(upstream_error(e)),
+        }
+    }
+}
+
+/// Keeps a body-limit error visible to the rescue; everything else from the
+/// client means the upstream could not be used.
+fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
+    if find_cause::<http_body_util::LengthLimitError>(&e).is_some() {
+        Box::new(e)
+    } else {
+        Box::new(UpstreamUnavailable(Box::new(e)))
+    }
+}
+
+/// The proxy service at the bottom of the stack.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    client: UpstreamClient,
+    trusted_proxies: Arc<[IpNet]>,
+}
+
+impl Proxy {
+    pub fn new(client: UpstreamClient, cfg: &Config) -> Self {
+        Self {
+            client,
+            trusted_proxies: cfg.trusted_proxies.clone().into(),
+        }
+    }
+
+    /// Rewrites a client request into the upstream request.
+    fn prepare(&self, req: Request<Body>) -> Result<Request<Body>, BoxError> {
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>() {
+            set_forwarded(
+                &mut parts.headers,
+                peer.ip(),
+                host.clone(),
+                &self.trusted_proxies,
+            );
+        }
+        // The app sees the Host the client asked for (as with nginx's
+        // `proxy_set_header Host $host`); HTTP/2 clients send it as :authority.
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
+        }
+        parts.uri = self.client.uri_for(parts.uri.path_and_query())?;
+        parts.version = Version::HTTP_11;
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+impl tower::Service<Request<Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let version = req.version();
+        let prepared = self.prepare(req);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let mut resp = client.send(prepared?).await?;
+            strip_hop_by_hop(resp.headers_mut());
+            *resp.version_mut() = version;
+            Ok(resp)
+        })
+    }
+}

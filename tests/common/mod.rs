@@ -1,0 +1,241 @@
+//! Test fixtures: the mock legacy app as a real process, the sidecar
+//! in-process (on a real 127.0.0.1 socket) or as the real binary.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rag_sidecar::admin::Endpoint;
+use rag_sidecar::config::{Config, Overrides};
+use rag_sidecar::server::Server;
+
+/// The mock legacy app, killed on drop.
+pub struct Mock {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Mock {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-legacy-app"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--search-latency-ms",
+                "0",
+                "--rag-latency-ms",
+                "0",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock-legacy-app");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("mock said {line:?}"));
+        Self { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/__mock/stats", self.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until the mock's stats satisfy `pred`.
+    pub async fn wait_stats(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.stats().await;
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; stats {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Loads a configuration from TOML text and env pairs, as the binary would.
+pub fn config(toml: &str, env: &[(&str, &str)]) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rag-sidecar.toml");
+    std::fs::write(&path, toml).unwrap();
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let o = Overrides {
+        config: Some(path),
+        ..Overrides::default()
+    };
+    Config::load(&o, &env, dir.path())
+        .map(|(c, _)| c)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The sidecar served in-process on 127.0.0.1:0; stopped on drop.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Sidecar {
+    pub async fn start(upstream: &str, toml: &str) -> Self {
+        Self::start_with(upstream, toml, Vec::new()).await
+    }
+
+    pub async fn start_with(upstream: &str, toml: &str, extra: Vec<Endpoint>) -> Self {
+        let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{toml}");
+        let server = Server::bind_with(config(&text, &[]), extra).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let admin_addr = server.admin_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            admin_addr,
+            stop: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Begins the graceful shutdown.
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A closed port on loopback: bound, then released.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// The real `rag-sidecar` binary, killed on drop.
+pub struct SidecarProcess {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl SidecarProcess {
+    pub fn bin() -> PathBuf {
+        PathBuf::from(env!("CARGO_BIN_EXE_rag-sidecar"))
+    }
+
+    /// Starts the binary in a fresh working directory holding `toml` as
+    /// `rag-sidecar.toml`, and waits until `addr` accepts connections.
+    pub fn start(toml: &str, env: &[(&str, &str)], addr: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rag-sidecar.toml"), toml).unwrap();
+        let child = Command::new(Self::bin())
+            .args(["--config", "rag-sidecar.toml"])
+            .current_dir(dir.path())
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sidecar did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A free port on loopback (bound then released, for a child process).
+pub fn free_addr() -> SocketAddr {
+    closed_port()
+}
