@@ -51,7 +51,7 @@ pub fn parse(text: &str) -> Result<HashMap<String, String>, DotenvError> {
         {
             return Err(err("invalid variable name"));
         }
-        let value = parse_value(value.trim_start()).map_err(|r| err(r))?;
+        let value = parse_value(value.trim_start()).map_err(err)?;
         out.insert(key.to_string(), value);
     }
     Ok(out)

@@ -646,17 +646,16 @@ impl Config {
         match &rf.cache {
             None => {}
             Some(file::RouteCacheFile::Enabled(false)) => route.cache = None,
-            Some(file::RouteCacheFile::Enabled(true)) => {
-                if route.cache.is_none() {
-                    route.cache = Some(RouteCache {
-                        namespace: route.name.clone(),
-                        ttl: Duration::ZERO,
-                        max_items: 0,
-                    });
-                    pending.cache_ttl.push(route.name.clone());
-                    pending.cache_items.push(route.name.clone());
-                }
+            Some(file::RouteCacheFile::Enabled(true)) if route.cache.is_none() => {
+                route.cache = Some(RouteCache {
+                    namespace: route.name.clone(),
+                    ttl: Duration::ZERO,
+                    max_items: 0,
+                });
+                pending.cache_ttl.push(route.name.clone());
+                pending.cache_items.push(route.name.clone());
             }
+            Some(file::RouteCacheFile::Enabled(true)) => {}
             Some(file::RouteCacheFile::Table(t)) => {
                 let fresh = route.cache.is_none();
                 let mut c = route.cache.clone().unwrap_or(RouteCache {
@@ -1296,7 +1295,7 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
 fn parse_env_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     match t.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 && secs < 1e9 => {
+        Ok(secs) if (0.0..1e9).contains(&secs) => {
             Ok(Duration::from_secs_f64(secs))
         }
         Ok(_) => Err("expected a number of seconds from 0 to 1e9".into()),
