@@ -95,11 +95,10 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
     for name in &report.ignored_env {
         tracing::debug!("{name} is set but means nothing to a proxy; ignored");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.threads)
-        .enable_all()
-        .build()
-    {
+    // Worker 0 of the thread-per-core server runs here; `Server::run` starts
+    // the other `threads - 1` on their own current-thread runtimes.
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");

@@ -113,7 +113,7 @@ async fn shutdown_grace_bounds_the_drain() {
 }
 
 #[tokio::test]
-async fn a_20mb_upload_does_not_grow_the_sidecars_memory() {
+async fn a_40mb_upload_does_not_grow_the_sidecars_memory() {
     let mock = Mock::start();
     let listen = free_addr();
     let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", mock.url());
@@ -127,7 +127,7 @@ async fn a_20mb_upload_does_not_grow_the_sidecars_memory() {
     let before = p.rss_kib();
     const CHUNK: usize = 256 * 1024;
     let chunks = futures_util::stream::iter(
-        (0..80).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; CHUNK]))),
+        (0..160).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; CHUNK]))),
     );
     let resp = client()
         .post(format!("http://{listen}/api/upload"))
@@ -136,12 +136,13 @@ async fn a_20mb_upload_does_not_grow_the_sidecars_memory() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<Value>().await.unwrap()["bytes"], 80 * CHUNK);
+    assert_eq!(resp.json::<Value>().await.unwrap()["bytes"], 160 * CHUNK);
     let after = p.rss_kib();
     assert!(before > 0);
-    // Holding the body would add 20 MiB; streaming adds a few buffers.
+    // Holding the body would add 40 MiB; streaming adds a few buffers and
+    // allocator segments (measured: ~8 MiB on a debug build).
     assert!(
-        after < before + 8 * 1024,
+        after < before + 16 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
 }

@@ -262,12 +262,10 @@ impl State {
         };
         match armed.remaining {
             None => {}
-            Some(0 | 1) => {
+            // `set_global_fault` never stores `Some(0)`: this is the last use.
+            Some(n) if n <= 1 => {
                 *slot = None;
                 self.faults_armed.store(false, Ordering::Release);
-                if armed.remaining == Some(0) {
-                    return None;
-                }
             }
             Some(n) => {
                 *slot = Some(GlobalFault {
@@ -932,17 +930,20 @@ fn main() -> Result<(), Box<dyn Error>> {
 }
 
 async fn serve(cli: Cli) -> Result<(), Box<dyn Error>> {
+    // Install the signal handlers before announcing the address, so that a
+    // SIGTERM sent right after the line is read still exits with status 0.
+    let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(cli.listen).await?;
     let addr = listener.local_addr()?;
+    let state = Arc::new(State::new(&cli));
+    // Run the accept loop on the worker threads, not on the main thread.
+    let accept = tokio::spawn(accept_loop(listener, state));
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "mock-legacy-app listening on {addr}")?;
         stdout.flush()?;
     }
-    let state = Arc::new(State::new(&cli));
-    // Run the accept loop on the worker threads, not on the main thread.
-    let accept = tokio::spawn(accept_loop(listener, state));
-    shutdown_signal().await?;
+    shutdown.await;
     accept.abort();
     Ok(())
 }
@@ -972,19 +973,24 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     }
 }
 
+/// Registers the SIGTERM / SIGINT handlers; the future completes on either.
 #[cfg(unix)]
-async fn shutdown_signal() -> std::io::Result<()> {
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
+/// Completes on Ctrl-C.
 #[cfg(not(unix))]
-async fn shutdown_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -1295,9 +1295,7 @@ fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
 fn parse_env_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     match t.parse::<f64>() {
-        Ok(secs) if (0.0..1e9).contains(&secs) => {
-            Ok(Duration::from_secs_f64(secs))
-        }
+        Ok(secs) if (0.0..1e9).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
         Ok(_) => Err("expected a number of seconds from 0 to 1e9".into()),
         Err(_) => parse_duration(t)
             .map_err(|_| "expected seconds (\"1.0\") or a duration with a unit (\"500ms\")".into()),

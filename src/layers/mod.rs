@@ -12,6 +12,7 @@ pub mod rescue;
 pub mod timeout;
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use http::{Request, Response};
 use tower::ServiceBuilder;
@@ -38,7 +39,13 @@ pub type ProxyStack = BoxCloneService<
 >;
 
 /// Assembles the per-request stack over the proxy service.
-pub fn build_stack(cfg: &Config, routes: RouteTable, proxy: Proxy) -> ProxyStack {
+/// `inflight` is shared by every worker's stack: the cap is per process.
+pub fn build_stack(
+    cfg: &Config,
+    routes: RouteTable,
+    proxy: Proxy,
+    inflight: Arc<tokio::sync::Semaphore>,
+) -> ProxyStack {
     let fallback_timeout = routes
         .routes()
         .last()
@@ -63,7 +70,9 @@ pub fn build_stack(cfg: &Config, routes: RouteTable, proxy: Proxy) -> ProxyStack
         // In-flight cap: past `max_inflight`, answer 503 at once instead of
         // queueing work the upstream cannot absorb.
         .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::ConcurrencyLimitLayer::new(cfg.max_inflight))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            inflight,
+        ))
         // (Rate limiting goes here: rejected requests never reach the cache.)
         // (The cache goes here: hits skip the body limit, timeout and upstream.)
         // Refuse oversized bodies before they are forwarded (413).

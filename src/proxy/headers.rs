@@ -26,23 +26,29 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Removes hop-by-hop headers and those the `Connection` header names.
 /// `Transfer-Encoding` goes too: hyper frames each side itself.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Fast path: most requests carry none of them.
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    // One pass over the names present (usually none of them is): cheaper
+    // than nine hashed removals on every request and response.
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    if found.contains(&header::CONNECTION) {
+        let named = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+            .filter_map(|n| HeaderName::try_from(n.trim()).ok());
+        found.extend(named);
     }
-    for name in &HOP_BY_HOP {
+    for name in found {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`. The

@@ -31,11 +31,15 @@ use crate::config::{Config, Upstream};
 use crate::error::{UpstreamUnavailable, find_cause};
 use crate::server::ClientAddr;
 
-/// The pooled HTTP/1.1 client to the upstream app (cheap to clone).
+/// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
+/// proxy clones it for every request).
 #[derive(Debug, Clone)]
-pub struct UpstreamClient {
+pub struct UpstreamClient(Arc<ClientInner>);
+
+#[derive(Debug)]
+struct ClientInner {
     client: Client<HttpConnector, Body>,
-    upstream: Arc<Upstream>,
+    upstream: Upstream,
 }
 
 impl UpstreamClient {
@@ -49,17 +53,17 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(cfg.max_inflight.min(1024))
             .build(connector);
-        Self {
+        Self(Arc::new(ClientInner {
             client,
-            upstream: Arc::new(cfg.upstream.clone()),
-        }
+            upstream: cfg.upstream.clone(),
+        }))
     }
 
     /// The absolute upstream URI for this path and query.
     pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         Uri::builder()
-            .scheme(self.upstream.scheme.clone())
-            .authority(self.upstream.authority.clone())
+            .scheme(self.0.upstream.scheme.clone())
+            .authority(self.0.upstream.authority.clone())
             .path_and_query(pq.map_or("/", |p| p.as_str()))
             .build()
     }
@@ -67,7 +71,7 @@ impl UpstreamClient {
     /// Sends a prepared request; connection-level failures become
     /// [`UpstreamUnavailable`].
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
-        match self.client.request(req).await {
+        match self.0.client.request(req).await {
             Ok(resp) => Ok(resp.map(body::boxed)),
             Err(e) => Err(upstream_error(e)),
         }
