@@ -191,3 +191,31 @@ async fn json_access_log_goes_to_log_file_and_stderr() {
         assert!(!text.contains("\"q\""), "the query text is not logged");
     }
 }
+
+#[tokio::test]
+async fn num_threads_sets_the_worker_count() {
+    let mock = Mock::start();
+    let listen = free_addr();
+    let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", mock.url());
+    let p = SidecarProcess::start(&toml, &[("NUM_THREADS", "3")], listen);
+    // Worker 0 is the main thread; workers 1 and 2 are named threads.
+    let workers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("rag-sidecar-w"))
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    // Connections spread over the workers still all get answers.
+    for _ in 0..20 {
+        let c = client(); // a new connection each time
+        assert_eq!(
+            c.get(format!("http://{listen}/api/stats"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+}
