@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::Method;
 
-use crate::config::{Config, DEFAULT_ROUTE, PathMatch, RetryMode, Route, RouteRate};
+use crate::config::{Config, DEFAULT_ROUTE, PathMatch, Route};
 
 /// The route a request matched, as a request extension.
 #[derive(Debug, Clone)]
@@ -35,21 +35,7 @@ impl RouteTable {
             .iter()
             .find(|r| r.name == DEFAULT_ROUTE)
             .cloned()
-            .unwrap_or_else(|| {
-                Arc::new(Route {
-                    name: DEFAULT_ROUTE.into(),
-                    methods: Vec::new(),
-                    path: PathMatch::Any,
-                    timeout: std::time::Duration::from_secs(30),
-                    cache: None,
-                    rate_limit: RouteRate::Default,
-                    dry_run: None,
-                    circuit: "upstream".into(),
-                    retry: RetryMode::IdempotentOnly,
-                    invalidate: Vec::new(),
-                    max_request_body: None,
-                })
-            });
+            .unwrap_or_else(|| Arc::new(Route::plain(DEFAULT_ROUTE, PathMatch::Any)));
         Self {
             routes: routes.into(),
             fallback,

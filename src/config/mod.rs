@@ -583,19 +583,7 @@ impl Config {
                     Ok(p) => p,
                     Err(e) => return errs.push(&key("path"), Some(path), e),
                 };
-                let new = Route {
-                    name: rf.name.clone(),
-                    methods: Vec::new(),
-                    path,
-                    timeout: Duration::from_secs(30),
-                    cache: None,
-                    rate_limit: RouteRate::Default,
-                    dry_run: None,
-                    circuit: "upstream".into(),
-                    retry: RetryMode::IdempotentOnly,
-                    invalidate: Vec::new(),
-                    max_request_body: None,
-                };
+                let new = Route::plain(&rf.name, path);
                 // New routes go before the catch-all, in file order.
                 let at = self
                     .routes

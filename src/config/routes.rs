@@ -123,6 +123,25 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route as a new `[[routes]]` entry starts: any method, 30 s, not
+    /// cached, the default rate limit, the `upstream` circuit, idempotent
+    /// methods retried (the `default` route's settings).
+    pub fn plain(name: &str, path: PathMatch) -> Self {
+        Self {
+            name: name.into(),
+            methods: Vec::new(),
+            path,
+            timeout: Duration::from_secs(30),
+            cache: None,
+            rate_limit: RouteRate::Default,
+            dry_run: None,
+            circuit: "upstream".into(),
+            retry: RetryMode::IdempotentOnly,
+            invalidate: Vec::new(),
+            max_request_body: None,
+        }
+    }
+
     pub fn matches(&self, method: &Method, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method)) && self.path.matches(path)
     }
@@ -141,17 +160,10 @@ fn cache(namespace: &str, ttl_secs: u64, max_items: usize) -> Option<RouteCache>
 
 fn route(name: &str, method: Option<Method>, path: PathMatch, timeout_secs: u64) -> Route {
     Route {
-        name: name.into(),
         methods: method.into_iter().collect(),
-        path,
         timeout: Duration::from_secs(timeout_secs),
-        cache: None,
-        rate_limit: RouteRate::Default,
-        dry_run: None,
-        circuit: "upstream".into(),
         retry: RetryMode::Never,
-        invalidate: Vec::new(),
-        max_request_body: None,
+        ..Route::plain(name, path)
     }
 }
 
