@@ -39,6 +39,7 @@ use tower::ServiceExt;
 use crate::admin::{Admin, AdminState, Endpoint, ready::Readiness};
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::layers::cache::store::CacheStore;
 use crate::layers::{ProxyStack, build_stack};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
@@ -55,6 +56,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cache: {0}")]
+    Cache(String),
 }
 
 type ResponseBody = Either<Body, tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::BoxError>>;
@@ -101,6 +104,7 @@ impl Server {
 
         let routes = RouteTable::new(&cfg);
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
+        let cache = CacheStore::new(&cfg).map_err(ServerError::Cache)?;
         let workers = listeners
             .into_iter()
             .map(|listener| Worker {
@@ -110,6 +114,7 @@ impl Server {
                     routes.clone(),
                     Proxy::new(UpstreamClient::new(&cfg), &cfg),
                     Arc::clone(&inflight),
+                    Arc::clone(&cache),
                 ),
             })
             .collect();
@@ -117,6 +122,7 @@ impl Server {
             readiness: Readiness::new(UpstreamClient::new(&cfg), &cfg.readiness_path),
             config: Arc::clone(&cfg),
             started: Instant::now(),
+            cache,
         });
         let mut endpoints = crate::admin::builtin_endpoints();
         endpoints.extend(extra);

@@ -5,6 +5,7 @@
 //! [`guard::authorize`] first. With `admin_listen` set they are served on
 //! that port only.
 
+pub mod cache;
 pub mod guard;
 pub mod ready;
 
@@ -49,6 +50,7 @@ pub struct AdminState {
     pub config: Arc<Config>,
     pub readiness: Readiness,
     pub started: Instant,
+    pub cache: Arc<crate::layers::cache::store::CacheStore>,
 }
 
 /// The admin router.
@@ -148,6 +150,18 @@ pub fn builtin_endpoints() -> Vec<Endpoint> {
             path: "/readyz",
             guarded: false,
             handler: |ctx| Box::pin(readyz(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/api/cache/stats",
+            guarded: false,
+            handler: |ctx| Box::pin(cache::stats(ctx)),
+        },
+        Endpoint {
+            method: Method::POST,
+            path: "/api/cache/clear",
+            guarded: true,
+            handler: |ctx| Box::pin(cache::clear(ctx)),
         },
     ]
 }

@@ -68,6 +68,8 @@ pub struct CacheFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory_items: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_if_error: Option<String>,

@@ -140,6 +140,8 @@ pub struct LogConfig {
 pub struct CacheConfig {
     pub default_ttl: Duration,
     pub max_memory_items: usize,
+    /// The memory layer's byte budget, shared by the namespaces.
+    pub max_memory_bytes: u64,
     pub max_body_bytes: u64,
     pub stale_if_error: Duration,
     pub identity_headers: Vec<String>,
@@ -249,6 +251,7 @@ impl Default for Config {
             cache: CacheConfig {
                 default_ttl: Duration::from_secs(3_600),
                 max_memory_items: 1_000,
+                max_memory_bytes: 128 * 1024 * 1024,
                 max_body_bytes: 1024 * 1024,
                 stale_if_error: Duration::from_secs(3_600),
                 identity_headers: vec![
@@ -472,6 +475,7 @@ impl Config {
                 parse_duration,
             );
             set_plain(&mut self.cache.max_memory_items, c.max_memory_items);
+            set_plain(&mut self.cache.max_memory_bytes, c.max_memory_bytes);
             set_plain(&mut self.cache.max_body_bytes, c.max_body_bytes);
             errs.set(
                 &mut self.cache.stale_if_error,
@@ -1064,6 +1068,7 @@ impl Config {
             cache: Some(CacheFile {
                 default_ttl: Some(fmt_duration(self.cache.default_ttl)),
                 max_memory_items: Some(self.cache.max_memory_items),
+                max_memory_bytes: Some(self.cache.max_memory_bytes),
                 max_body_bytes: Some(self.cache.max_body_bytes),
                 stale_if_error: Some(fmt_duration(self.cache.stale_if_error)),
                 identity_headers: Some(self.cache.identity_headers.clone()),
@@ -1230,11 +1235,15 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
 fn parse_redis_url(s: &str) -> Result<String, String> {
     let url = url::Url::parse(s.trim()).map_err(|e| format!("not a URL: {e}"))?;
     match url.scheme() {
-        "redis" | "rediss" | "redis-cluster" | "rediss-cluster" | "redis-sentinel"
-        | "rediss-sentinel" => {}
+        "redis" | "redis-cluster" | "redis-sentinel" => {}
+        "rediss" | "rediss-cluster" | "rediss-sentinel" => {
+            return Err(
+                "TLS to Redis (rediss://) is not built in; use redis:// inside the cluster".into(),
+            );
+        }
         other => {
             return Err(format!(
-                "unsupported scheme {other:?} (redis, rediss, redis-cluster, redis-sentinel)"
+                "unsupported scheme {other:?} (redis, redis-cluster, redis-sentinel)"
             ));
         }
     }

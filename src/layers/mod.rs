@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod body_limit;
+pub mod cache;
 pub mod match_route;
 pub mod rescue;
 pub mod timeout;
@@ -45,6 +46,7 @@ pub fn build_stack(
     routes: RouteTable,
     proxy: Proxy,
     inflight: Arc<tokio::sync::Semaphore>,
+    cache: Arc<cache::store::CacheStore>,
 ) -> ProxyStack {
     let fallback_timeout = routes
         .routes()
@@ -74,7 +76,9 @@ pub fn build_stack(
             inflight,
         ))
         // (Rate limiting goes here: rejected requests never reach the cache.)
-        // (The cache goes here: hits skip the body limit, timeout and upstream.)
+        // The cache: hits (and coalesced waiters) skip everything below;
+        // upstream failures below come back here to be answered stale.
+        .layer(cache::CacheLayer::new(cache, &cfg.cache.identity_headers))
         // Refuse oversized bodies before they are forwarded (413).
         .layer(BodyLimitLayer::new(cfg.max_request_body))
         // The route's overall deadline; retries will run inside it.

@@ -1,0 +1,202 @@
+//! Cache keys: `namespace:` + a 128-bit BLAKE3 digest (32 hex digits) over
+//! what makes two requests the same question for the same caller: method,
+//! path, the query string with its parameters sorted, the body in canonical
+//! form, and the values of the identity headers (so one user never receives
+//! another's answer). Query text never appears in a key, only its digest.
+//!
+//! A JSON body is canonicalised: keys sorted, no whitespace, and the
+//! top-level `query` field Unicode-NFC-normalised with whitespace trimmed and
+//! collapsed (the legacy clients send the same Vietnamese question in NFC
+//! and NFD and with stray spaces). Any other body is hashed as bytes.
+
+use http::{HeaderMap, HeaderName, Method, Uri};
+use serde_json::Value;
+use unicode_normalization::UnicodeNormalization;
+
+/// Feeds one length-prefixed field, so `("ab", "c")` and `("a", "bc")` differ.
+fn field(h: &mut blake3::Hasher, tag: u8, bytes: &[u8]) {
+    h.update(&[tag]);
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// The cache key of a request.
+pub fn cache_key(
+    namespace: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    identity_headers: &[HeaderName],
+    body: &[u8],
+) -> String {
+    let mut h = blake3::Hasher::new();
+    field(&mut h, b'm', method.as_str().as_bytes());
+    field(&mut h, b'p', uri.path().as_bytes());
+    if let Some(q) = uri.query().filter(|q| !q.is_empty()) {
+        let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+        pairs.sort_unstable();
+        for p in pairs {
+            field(&mut h, b'q', p.as_bytes());
+        }
+    }
+    match canonical_json(body) {
+        Some(canonical) => field(&mut h, b'j', &canonical),
+        None => field(&mut h, b'b', body),
+    }
+    for name in identity_headers {
+        let mut values = headers.get_all(name).iter().peekable();
+        if values.peek().is_none() {
+            field(&mut h, b'n', name.as_str().as_bytes());
+        } else {
+            field(&mut h, b'h', name.as_str().as_bytes());
+            for v in values {
+                field(&mut h, b'v', v.as_bytes());
+            }
+        }
+    }
+    let digest = h.finalize();
+    let mut key = String::with_capacity(namespace.len() + 33);
+    key.push_str(namespace);
+    key.push(':');
+    for b in &digest.as_bytes()[..16] {
+        key.push(char::from(HEX[usize::from(b >> 4)]));
+        key.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    key
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The canonical bytes of a JSON body, or `None` if it is not JSON.
+pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(first, b'{' | b'[') {
+        return None;
+    }
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    if let Some(Value::String(q)) = value.as_object_mut().and_then(|o| o.get_mut("query")) {
+        *q = normalise_query(q);
+    }
+    // serde_json's map is ordered by key, and `to_vec` writes no whitespace.
+    serde_json::to_vec(&value).ok()
+}
+
+/// NFC, trimmed, inner whitespace runs collapsed to one space.
+pub fn normalise_query(q: &str) -> String {
+    let nfc: String = q.nfc().collect();
+    let mut out = String::with_capacity(nfc.len());
+    for word in nfc.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids() -> Vec<HeaderName> {
+        ["authorization", "x-api-key", "x-user-id"]
+            .iter()
+            .map(|h| HeaderName::from_static(h))
+            .collect()
+    }
+
+    fn key(body: &str, headers: &[(&str, &str)]) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        cache_key(
+            "search",
+            &Method::POST,
+            &"/api/search".parse().unwrap(),
+            &h,
+            &ids(),
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn shape() {
+        let k = key(r#"{"query":"x"}"#, &[]);
+        assert!(k.starts_with("search:"));
+        assert_eq!(k.len(), "search:".len() + 32);
+        assert!(!k.contains('x') || k[7..].chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn vietnamese_nfc_nfd_and_whitespace_share_a_key() {
+        let nfc = "Học máy là gì?";
+        let nfd: String = nfc.nfd().collect();
+        assert_ne!(nfc, nfd);
+        let a = key(&format!(r#"{{"query": "{nfc}", "top_k": 5}}"#), &[]);
+        let b = key(&format!(r#"{{"top_k":5,"query":"  {nfd}\t "}}"#), &[]);
+        let c = key(r#"{"top_k":5,"query":"Học  máy   là gì?"}"#, &[]);
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_ne!(a, key(r#"{"query":"Học máy là gì?","top_k":6}"#, &[]));
+    }
+
+    #[test]
+    fn query_string_order_does_not_matter() {
+        let h = HeaderMap::new();
+        let k = |u: &str| cache_key("n", &Method::GET, &u.parse().unwrap(), &h, &ids(), b"");
+        assert_eq!(k("/a?x=1&y=2"), k("/a?y=2&x=1"));
+        assert_ne!(k("/a?x=1&y=2"), k("/a?x=1&y=3"));
+        assert_ne!(k("/a"), k("/b"));
+    }
+
+    #[test]
+    fn non_json_bodies_are_bytes() {
+        assert_ne!(key("query=a", &[]), key("query=b", &[]));
+        assert_eq!(key("not json {", &[]), key("not json {", &[]));
+        assert_ne!(key("{\"a\":1}", &[]), key("{\"a\": 2}", &[]));
+    }
+
+    proptest! {
+        #[test]
+        fn key_order_and_whitespace_never_matter(
+            q in "[a-zA-Z0-9 àáạảãăắằẳẵặâấầẩẫậèéẹẻẽêềếểễệđìíịỉĩòóọỏõôốồổỗộơớờởỡợùúụủũưừứửữựỳýỵỷỹ?]{0,40}",
+            top_k in 0u32..100,
+            lang in "[a-z]{0,5}",
+            pad in "[ \t\n]{0,3}",
+        ) {
+            let a = serde_json::json!({"query": q, "top_k": top_k, "language": lang}).to_string();
+            let nfd: String = q.nfd().collect();
+            let b = format!(
+                "{pad}{{{pad}\"language\":{pad}{}{pad},\"top_k\":{top_k},{pad}\"query\":{}}}{pad}",
+                serde_json::to_string(&lang).unwrap(),
+                serde_json::to_string(&format!("{pad}{nfd}{pad}")).unwrap(),
+            );
+            prop_assert_eq!(key(&a, &[]), key(&b, &[]));
+        }
+
+        #[test]
+        fn different_identities_never_share_a_key(
+            q in ".{0,20}",
+            u1 in "[a-z0-9]{1,12}",
+            u2 in "[a-z0-9]{1,12}",
+            which in 0usize..3,
+        ) {
+            prop_assume!(u1 != u2);
+            let name = ["authorization", "x-api-key", "x-user-id"][which];
+            let body = serde_json::json!({"query": q}).to_string();
+            let anon = key(&body, &[]);
+            let one = key(&body, &[(name, &u1)]);
+            let two = key(&body, &[(name, &u2)]);
+            prop_assert_ne!(&one, &two);
+            prop_assert_ne!(&one, &anon);
+            // The same value under another identity header is another caller too.
+            let other = ["authorization", "x-api-key", "x-user-id"][(which + 1) % 3];
+            prop_assert_ne!(&one, &key(&body, &[(other, &u1)]));
+        }
+    }
+}

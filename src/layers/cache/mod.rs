@@ -1,0 +1,478 @@
+//! `Cache`: answers repeated questions from memory or Redis instead of the
+//! upstream, per PRODUCT.md "Cache". For a request on a cached route:
+//!
+//! 1. `Cache-Control: no-store` → forwarded untouched (`X-Cache: BYPASS`);
+//!    `no-cache` → the lookup is skipped and the answer refreshes the entry.
+//! 2. The body is read (up to [`KEY_BODY_LIMIT`]; a larger one is forwarded
+//!    uncached, streaming) and the key computed ([`key::cache_key`]).
+//! 3. A fresh entry is replayed (`HIT`); an expired one inside the
+//!    stale-if-error window is kept aside.
+//! 4. Identical concurrent misses are coalesced: the first goes upstream,
+//!    the others wait (at most the route timeout) for its stored answer; if
+//!    it is not stored (error, uncacheable), each waiter goes upstream alone,
+//!    at once. quick_cache's own placeholder guard is not used for this: with
+//!    it, a failed loader hands the guard to one waiter at a time, so waiters
+//!    would load one after another.
+//! 5. The upstream's answer is stored when cacheable ([`policy`]); if the
+//!    upstream fails (an error from below, or a 5xx), the stale entry is
+//!    served instead (`STALE`). The circuit breaker's open-circuit error
+//!    arrives here as an error from below, so an open circuit serves stale
+//!    entries too.
+//!
+//! A 2xx from the upstream on a route with `invalidate` patterns clears them
+//! (memory, Redis, and every other sidecar's memory via pub/sub).
+
+pub mod entry;
+pub mod key;
+pub mod policy;
+mod redis;
+pub mod store;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::{HeaderName, HeaderValue, Request, Response, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use tokio::sync::watch;
+
+use self::entry::Entry;
+use self::policy::{Freshness, RequestMode};
+use self::store::{CacheStore, Counters, Namespace};
+use crate::BoxError;
+use crate::body::{self, Body};
+use crate::error::UpstreamUnavailable;
+use crate::route::MatchedRoute;
+
+pub use self::store::Clock;
+
+/// Request bodies up to this size are read to compute the key; a larger one
+/// (not a search question) is forwarded uncached.
+pub const KEY_BODY_LIMIT: u64 = 256 * 1024;
+
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+#[derive(Debug, Clone)]
+pub struct CacheLayer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: Arc<CacheStore>,
+    identity: Vec<HeaderName>,
+    inflight: Arc<Inflight>,
+}
+
+impl CacheLayer {
+    pub fn new(store: Arc<CacheStore>, identity_headers: &[String]) -> Self {
+        let identity = identity_headers
+            .iter()
+            .filter_map(|h| HeaderName::try_from(h.as_str()).ok())
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                identity,
+                inflight: Arc::new(Inflight::default()),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for CacheLayer {
+    type Service = CacheService<S>;
+
+    fn layer(&self, inner: S) -> CacheService<S> {
+        CacheService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+impl<S> tower::Service<Request<Body>> for CacheService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFut;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFut {
+        // Use the service that was made ready; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let route = req.extensions().get::<MatchedRoute>().cloned();
+            let resp = handle(&shared, inner, req, route.as_ref()).await?;
+            if let Some(route) = route.filter(|r| !r.invalidate.is_empty()) {
+                let from_upstream = resp.headers().get(&X_CACHE).is_none_or(|v| v != "HIT");
+                if resp.status().is_success() && from_upstream {
+                    shared.store.invalidate(&route.invalidate).await;
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// Calls the inner service behind a boxed future: awaiting `S::Future`
+/// directly inside the async block trips rustc's higher-ranked `Send` check
+/// over the boxed error's lifetime.
+fn call_inner<S>(inner: &mut S, req: Request<Body>) -> BoxFut
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.call(req))
+}
+
+async fn handle<S>(
+    sh: &Shared,
+    mut inner: S,
+    req: Request<Body>,
+    route: Option<&MatchedRoute>,
+) -> Result<Response<Body>, BoxError>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    let ns = route
+        .and_then(|r| r.cache.as_ref())
+        .and_then(|c| sh.store.namespace(&c.namespace))
+        .cloned();
+    let Some(ns) = ns else {
+        return call_inner(&mut inner, req).await;
+    };
+    let counters = (&sh.store.counters, &ns.counters);
+    let mode = policy::request_mode(req.headers());
+    if mode == RequestMode::Bypass {
+        count(counters, |c| &c.bypass);
+        let mut resp = call_inner(&mut inner, req).await?;
+        mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
+        return Ok(resp);
+    }
+    let (parts, req_body) = req.into_parts();
+    let req_body = match read_bounded(req_body, KEY_BODY_LIMIT).await? {
+        Buffered::Whole(b) => b,
+        Buffered::Partial(rest) => {
+            count(counters, |c| &c.bypass);
+            let mut resp = call_inner(&mut inner, Request::from_parts(parts, rest)).await?;
+            mark(
+                &mut resp,
+                "BYPASS",
+                "rag-sidecar; fwd=bypass; detail=large-request".into(),
+                None,
+            );
+            return Ok(resp);
+        }
+    };
+    let key = key::cache_key(
+        &ns.name,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &sh.identity,
+        &req_body,
+    );
+
+    let mut stale = None;
+    if mode == RequestMode::Normal {
+        if let Some(e) = sh.store.get(&ns, &key).await {
+            match policy::freshness(
+                e.stored_at_ms,
+                e.ttl_ms,
+                sh.store.stale_ms,
+                sh.store.clock.now_ms(),
+            ) {
+                Freshness::Fresh { age_secs, ttl_left } => {
+                    count(counters, |c| &c.hits);
+                    return Ok(replay(
+                        &e,
+                        "HIT",
+                        format!("rag-sidecar; hit; ttl={ttl_left}"),
+                        age_secs,
+                    ));
+                }
+                Freshness::Stale { .. } => stale = Some(e),
+                Freshness::Expired => {}
+            }
+        }
+    }
+    count(counters, |c| &c.misses);
+
+    let mut leader = None;
+    if mode == RequestMode::Normal {
+        match sh.inflight.join(&key) {
+            Join::Leader(guard) => leader = Some(guard),
+            Join::Waiter(mut rx) => {
+                let limit = route.map_or(std::time::Duration::from_secs(30), |r| r.timeout);
+                let outcome =
+                    tokio::time::timeout(limit, rx.wait_for(|o| !matches!(o, Outcome::Pending)))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .map(|o| o.clone());
+                if let Some(Outcome::Stored(e)) = outcome {
+                    count(counters, |c| &c.coalesced);
+                    return Ok(replay(
+                        &e,
+                        "MISS",
+                        "rag-sidecar; fwd=miss; collapsed".into(),
+                        0,
+                    ));
+                }
+                // The shared call stored nothing: go upstream alone.
+            }
+        }
+    }
+
+    let fwd = if stale.is_some() {
+        "stale"
+    } else if mode == RequestMode::Refresh {
+        "request"
+    } else {
+        "miss"
+    };
+    let result = call_inner(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
+    let resp = match (result, &stale) {
+        (Err(e), Some(s)) => {
+            tracing::debug!("serving stale: upstream failed: {e}");
+            return Ok(serve_stale(sh, &ns, s, "upstream-error"));
+        }
+        (Err(e), None) => return Err(e),
+        (Ok(r), Some(s)) if r.status().is_server_error() => {
+            return Ok(serve_stale(sh, &ns, s, r.status().as_str()));
+        }
+        (Ok(r), _) => r,
+    };
+    let declared = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    if let Err(why) =
+        policy::response_cacheable(resp.status(), resp.headers(), declared, ns.max_body)
+    {
+        let mut resp = resp;
+        mark(
+            &mut resp,
+            "MISS",
+            format!("rag-sidecar; fwd={fwd}; detail={}", why.as_str()),
+            None,
+        );
+        return Ok(resp);
+    }
+    let (rparts, rbody) = resp.into_parts();
+    let bytes = match read_bounded(rbody, ns.max_body).await {
+        Ok(Buffered::Whole(b)) => b,
+        Ok(Buffered::Partial(rest)) => {
+            let mut resp = Response::from_parts(rparts, rest);
+            mark(
+                &mut resp,
+                "MISS",
+                format!("rag-sidecar; fwd={fwd}; detail=too-large"),
+                None,
+            );
+            return Ok(resp);
+        }
+        Err(e) => return Err(Box::new(UpstreamUnavailable(e))),
+    };
+    let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
+    let entry = Arc::new(Entry::new(
+        rparts.status,
+        policy::stored_headers(&rparts.headers),
+        bytes,
+        sh.store.clock.now_ms(),
+        ttl_ms,
+    ));
+    sh.store.put(&ns, key, Arc::clone(&entry)).await;
+    if let Some(guard) = leader {
+        guard.finish(Outcome::Stored(Arc::clone(&entry)));
+    }
+    let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
+    mark(
+        &mut resp,
+        "MISS",
+        format!("rag-sidecar; fwd={fwd}; stored; ttl={}", ns.ttl.as_secs()),
+        None,
+    );
+    Ok(resp)
+}
+
+fn count(
+    counters: (&Counters, &Counters),
+    which: impl Fn(&Counters) -> &std::sync::atomic::AtomicU64,
+) {
+    Counters::add(which(counters.0));
+    Counters::add(which(counters.1));
+}
+
+fn serve_stale(sh: &Shared, ns: &Namespace, e: &Entry, why: &str) -> Response<Body> {
+    count((&sh.store.counters, &ns.counters), |c| &c.stale);
+    let (age, over) =
+        match policy::freshness(e.stored_at_ms, e.ttl_ms, u64::MAX, sh.store.clock.now_ms()) {
+            Freshness::Stale { age_secs, over } => (age_secs, over),
+            Freshness::Fresh { age_secs, .. } => (age_secs, 0),
+            Freshness::Expired => (0, 0),
+        };
+    let detail = if why.chars().all(|c| c.is_ascii_digit()) {
+        format!("fwd-status={why}")
+    } else {
+        format!("detail={why}")
+    };
+    replay(
+        e,
+        "STALE",
+        format!("rag-sidecar; fwd=stale; {detail}; ttl=-{over}"),
+        age,
+    )
+}
+
+/// The stored answer, with the cache's headers.
+fn replay(e: &Entry, x_cache: &'static str, status: String, age_secs: u64) -> Response<Body> {
+    let mut resp = Response::new(body::full(e.body.clone()));
+    *resp.status_mut() = e.status;
+    *resp.headers_mut() = e.headers.clone();
+    mark(&mut resp, x_cache, status, Some(age_secs));
+    resp
+}
+
+fn mark(resp: &mut Response<Body>, x_cache: &'static str, status: String, age: Option<u64>) {
+    let h = resp.headers_mut();
+    h.insert(X_CACHE, HeaderValue::from_static(x_cache));
+    if let Ok(v) = HeaderValue::try_from(status) {
+        h.insert(CACHE_STATUS, v);
+    }
+    if let Some(age) = age {
+        h.insert(header::AGE, HeaderValue::from(age));
+    }
+}
+
+enum Buffered {
+    Whole(Bytes),
+    /// Over the limit: what was read, followed by the rest, still streaming.
+    Partial(Body),
+}
+
+/// Reads a body up to `limit` bytes without ever holding more.
+async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = b.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers are not kept
+        };
+        total += data.len() as u64;
+        chunks.push(data);
+        if total > limit {
+            let read = futures_util::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, BoxError>(Frame::data(c))),
+            );
+            let rest = BodyStream::new(b);
+            return Ok(Buffered::Partial(body::boxed(StreamBody::new(
+                read.chain(rest),
+            ))));
+        }
+    }
+    Ok(Buffered::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    }))
+}
+
+/// What the leader of a coalesced miss tells its waiters.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Pending,
+    Stored(Arc<Entry>),
+    NotShared,
+}
+
+/// Misses under way, by key.
+#[derive(Debug, Default)]
+struct Inflight {
+    map: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+}
+
+enum Join {
+    Leader(LeaderGuard),
+    Waiter(watch::Receiver<Outcome>),
+}
+
+impl Inflight {
+    fn join(self: &Arc<Self>, key: &str) -> Join {
+        // Held only for one map operation, never across an await.
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = map.get(key) {
+            return Join::Waiter(rx.clone());
+        }
+        let (tx, rx) = watch::channel(Outcome::Pending);
+        map.insert(key.to_string(), rx);
+        Join::Leader(LeaderGuard {
+            inflight: Arc::clone(self),
+            key: key.to_string(),
+            tx,
+        })
+    }
+}
+
+/// Held by the request that went upstream; dropping it without an answer
+/// (error, uncacheable, client gone) releases the waiters to go alone.
+struct LeaderGuard {
+    inflight: Arc<Inflight>,
+    key: String,
+    tx: watch::Sender<Outcome>,
+}
+
+impl LeaderGuard {
+    fn finish(self, outcome: Outcome) {
+        self.tx.send_replace(outcome);
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.inflight
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+        if matches!(*self.tx.borrow(), Outcome::Pending) {
+            self.tx.send_replace(Outcome::NotShared);
+        }
+    }
+}

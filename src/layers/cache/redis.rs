@@ -1,0 +1,226 @@
+//! The Redis layer of the cache, on fred. Every command is sent with
+//! `fail_fast` and a short timeout (`redis.timeout`, 50 ms), and one attempt:
+//! fred's default is to queue commands forever while Redis is down, which
+//! would stall requests. A failed call is an error for the caller to count
+//! and fall back from; fred reconnects by itself in the background
+//! (constant 500 ms policy) and [`RedisStore::is_connected`] follows it.
+//!
+//! Invalidation patterns are published on `<prefix>invalidate`; every
+//! sidecar's subscriber clears its memory layer when one arrives.
+
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::scan::Scanner;
+use futures_util::StreamExt;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("redis: {0}")]
+    Command(#[from] fred::error::Error),
+    #[error("redis: no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    subscriber: SubscriberClient,
+    prefix: String,
+    timeout: Duration,
+    /// Identifies this process's own invalidation messages.
+    origin: String,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("connected", &self.client.is_connected())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Builds the clients and starts connecting in the background; never
+    /// waits for Redis, so a sidecar starts (memory-only) while it is down.
+    pub fn start(url: &str, timeout: Duration, prefix: &str) -> Result<Self, RedisError> {
+        let mut config = Config::from_url(url)?;
+        // Reconnect on the first connection too, rather than giving up.
+        config.fail_fast = false;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(1);
+                c.internal_command_timeout = Duration::from_secs(1);
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 500));
+        let client = builder.build()?;
+        let subscriber = builder.build_subscriber_client()?;
+        // The connection tasks run detached: dropping a JoinHandle does not
+        // stop its task.
+        drop(client.connect());
+        drop(subscriber.connect());
+        drop(subscriber.manage_subscriptions());
+        Ok(Self {
+            client,
+            subscriber,
+            prefix: prefix.to_string(),
+            timeout,
+            origin: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.is_connected()
+    }
+
+    fn opts(&self) -> Options {
+        Options {
+            fail_fast: true,
+            timeout: Some(self.timeout),
+            max_attempts: Some(1),
+            ..Options::default()
+        }
+    }
+
+    /// Bounds a call by the timeout even if fred's own does not fire.
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, RedisError> {
+        match tokio::time::timeout(self.timeout + Duration::from_millis(5), fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(RedisError::Timeout(self.timeout)),
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RedisError> {
+        if !self.is_connected() {
+            return Err(RedisError::Timeout(Duration::ZERO));
+        }
+        let c = self.client.with_options(&self.opts());
+        self.bounded(c.get::<Option<Vec<u8>>, _>(self.full_key(key)))
+            .await
+    }
+
+    /// `SET key value PX ttl`.
+    pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), RedisError> {
+        if !self.is_connected() {
+            return Err(RedisError::Timeout(Duration::ZERO));
+        }
+        let px = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let c = self.client.with_options(&self.opts());
+        self.bounded(c.set::<(), _, _>(
+            self.full_key(key),
+            value,
+            Some(Expiration::PX(px)),
+            None,
+            false,
+        ))
+        .await
+    }
+
+    /// Deletes the keys matching a glob (under the prefix) with SCAN MATCH and
+    /// UNLINK in pages of 100, never KEYS. Returns how many were removed.
+    pub async fn clear(&self, pattern: &str) -> Result<usize, RedisError> {
+        if !self.is_connected() {
+            return Err(RedisError::Timeout(Duration::ZERO));
+        }
+        let full = self.full_key(pattern);
+        let mut removed = 0usize;
+        let mut pages = if self.client.is_clustered() {
+            self.client.scan_cluster(full, Some(100), None).boxed()
+        } else {
+            self.client.scan(full, Some(100), None).boxed()
+        };
+        loop {
+            let page = match tokio::time::timeout(self.timeout * 4, pages.next()).await {
+                Ok(Some(p)) => p?,
+                Ok(None) => break,
+                Err(_) => return Err(RedisError::Timeout(self.timeout * 4)),
+            };
+            let mut page = page;
+            if let Some(keys) = page.take_results() {
+                if !keys.is_empty() {
+                    let c = self.client.with_options(&self.opts());
+                    let n: i64 = self.bounded(c.unlink(keys)).await?;
+                    removed += usize::try_from(n).unwrap_or(0);
+                }
+            }
+            page.next();
+        }
+        Ok(removed)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}invalidate", self.prefix)
+    }
+
+    /// Tells every sidecar (this one included: it ignores its own) to clear
+    /// these patterns from its memory layer.
+    pub async fn publish_invalidation(&self, patterns: &[String]) -> Result<(), RedisError> {
+        let msg = json!({"origin": self.origin, "patterns": patterns}).to_string();
+        let c = self.client.with_options(&self.opts());
+        self.bounded(c.publish::<i64, _, _>(self.channel(), msg))
+            .await
+            .map(|_| ())
+    }
+
+    /// Calls `on_patterns` for every invalidation another sidecar publishes.
+    /// Subscribes as soon as Redis is reachable; fred re-subscribes after a
+    /// reconnect.
+    pub fn listen(&self, on_patterns: impl Fn(Vec<String>) + Send + 'static) {
+        let sub = self.subscriber.clone();
+        let channel = self.channel();
+        tokio::spawn(async move {
+            loop {
+                if sub.is_connected() && sub.subscribe(channel.clone()).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let mut rx = self.subscriber.message_rx();
+        let origin = self.origin.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(msg) => {
+                        let Some(text) = msg.value.as_string() else {
+                            continue;
+                        };
+                        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                            continue;
+                        };
+                        if v["origin"].as_str() == Some(origin.as_str()) {
+                            continue;
+                        }
+                        let patterns = v["patterns"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|p| p.as_str().map(str::to_string))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        on_patterns(patterns);
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+}

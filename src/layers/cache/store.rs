@@ -1,0 +1,371 @@
+//! The cache's storage: a memory layer (quick_cache, one cache per
+//! namespace) always, and a Redis layer when configured. Reads go memory
+//! first, then Redis (a Redis hit fills memory); writes go to both. Redis
+//! failures never fail a read or write: they are counted and the memory
+//! layer answers alone.
+//!
+//! Memory bounds: each namespace holds at most its route's `max_items`
+//! entries and its share (by `max_items`) of `cache.max_memory_bytes`. Both
+//! hold through one weight: an entry weighs `max(its bytes, budget /
+//! max_items)`, so small entries count as one slot each and large ones as
+//! several. quick_cache evicts by its CLOCK-Pro-like policy (hot/cold/ghost
+//! entries), not strict LRU: a burst of one-off queries does not flush the
+//! answers that are asked again and again, which is the access pattern of a
+//! RAG front end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
+use serde_json::{Value, json};
+
+use super::entry::Entry;
+use super::redis::RedisStore;
+use crate::config::Config;
+
+/// Wall-clock milliseconds derived from tokio's clock: comparable across
+/// replicas (entries in Redis carry it), and paused/advanced in tests.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    base_unix_ms: u64,
+    base: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            base_unix_ms: u64::try_from(unix.as_millis()).unwrap_or(0),
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.base_unix_ms + u64::try_from(self.base.elapsed().as_millis()).unwrap_or(0)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SlotWeighter {
+    slot: u64,
+}
+
+impl Weighter<String, Arc<Entry>> for SlotWeighter {
+    fn weight(&self, _key: &String, val: &Arc<Entry>) -> u64 {
+        val.weight.max(self.slot)
+    }
+}
+
+type MemCache = Cache<
+    String,
+    Arc<Entry>,
+    SlotWeighter,
+    DefaultHashBuilder,
+    DefaultLifecycle<String, Arc<Entry>>,
+>;
+
+/// Counters, process-wide and per namespace (relaxed atomics: figures, not
+/// synchronisation).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub stale: AtomicU64,
+    pub bypass: AtomicU64,
+    pub coalesced: AtomicU64,
+    pub sets: AtomicU64,
+    pub deletes: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn to_json(&self) -> serde_json::Map<String, Value> {
+        let (hits, misses) = (Self::get(&self.hits), Self::get(&self.misses));
+        let rate = if hits + misses == 0 {
+            0.0
+        } else {
+            (hits as f64 * 10_000.0 / (hits + misses) as f64).round() / 100.0
+        };
+        let v = json!({
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": rate,
+            "stale": Self::get(&self.stale),
+            "bypass": Self::get(&self.bypass),
+            "coalesced": Self::get(&self.coalesced),
+            "sets": Self::get(&self.sets),
+            "deletes": Self::get(&self.deletes),
+            "errors": Self::get(&self.errors),
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        }
+    }
+}
+
+/// One namespace's memory cache and figures.
+#[derive(Debug)]
+pub struct Namespace {
+    pub name: String,
+    pub ttl: Duration,
+    pub max_items: usize,
+    cache: MemCache,
+    pub counters: Counters,
+    /// Largest body this namespace stores: the route's limit, capped so an
+    /// entry always fits one quick_cache shard (a heavier one would be
+    /// dropped silently).
+    pub max_body: u64,
+}
+
+/// The hybrid store.
+#[derive(Debug)]
+pub struct CacheStore {
+    namespaces: HashMap<String, Arc<Namespace>>,
+    redis: Option<RedisStore>,
+    pub counters: Counters,
+    pub clock: Clock,
+    pub stale_ms: u64,
+}
+
+impl CacheStore {
+    /// Builds the memory layer for every cached route, and starts the Redis
+    /// client (without waiting for it) when configured.
+    pub fn new(cfg: &Config) -> Result<Arc<Self>, String> {
+        let cached: Vec<_> = cfg.routes.iter().filter_map(|r| r.cache.as_ref()).collect();
+        let total_items: u64 = cached
+            .iter()
+            .map(|c| c.max_items.max(1) as u64)
+            .sum::<u64>()
+            .max(1);
+        let mut namespaces = HashMap::new();
+        for c in cached {
+            if namespaces.contains_key(&c.namespace) {
+                continue;
+            }
+            let items = c.max_items.max(1) as u64;
+            let budget =
+                (cfg.cache.max_memory_bytes.saturating_mul(items) / total_items).max(64 * 1024);
+            let slot = (budget / items).max(1);
+            // Enough shards for concurrency, few enough that a shard holds
+            // the largest entry.
+            let default_shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
+            let max_body = cfg.cache.max_body_bytes.min(budget);
+            let shards = (budget / max_body.max(1)).clamp(1, default_shards as u64);
+            let shards = 1usize << (63 - shards.leading_zeros()); // a power of two
+            let options = OptionsBuilder::new()
+                .estimated_items_capacity(c.max_items.max(1))
+                .weight_capacity(budget)
+                .shards(shards)
+                .build()
+                .map_err(|e| format!("cache {}: {e}", c.namespace))?;
+            let cache = Cache::with_options(
+                options,
+                SlotWeighter { slot },
+                DefaultHashBuilder::default(),
+                DefaultLifecycle::default(),
+            );
+            let max_body = max_body.min(cache.shard_capacity());
+            namespaces.insert(
+                c.namespace.clone(),
+                Arc::new(Namespace {
+                    name: c.namespace.clone(),
+                    ttl: c.ttl,
+                    max_items: c.max_items,
+                    cache,
+                    counters: Counters::default(),
+                    max_body,
+                }),
+            );
+        }
+        let redis = match &cfg.redis.url {
+            Some(url) => Some(
+                RedisStore::start(url, cfg.redis.timeout, &cfg.redis.key_prefix)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let store = Arc::new(Self {
+            namespaces,
+            redis,
+            counters: Counters::default(),
+            clock: Clock::new(),
+            stale_ms: u64::try_from(cfg.cache.stale_if_error.as_millis()).unwrap_or(u64::MAX),
+        });
+        if let Some(r) = &store.redis {
+            let weak = Arc::downgrade(&store);
+            r.listen(move |patterns| {
+                if let Some(s) = weak.upgrade() {
+                    for p in &patterns {
+                        s.clear_memory(Some(p));
+                    }
+                    tracing::debug!(?patterns, "cleared on another sidecar's invalidation");
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
+        self.namespaces.get(name)
+    }
+
+    fn error(&self, what: &str, e: &dyn std::fmt::Display) {
+        Counters::add(&self.counters.errors);
+        tracing::debug!("cache {what}: {e}");
+    }
+
+    /// Memory first, then Redis; a Redis hit fills memory.
+    pub async fn get(&self, ns: &Namespace, key: &str) -> Option<Arc<Entry>> {
+        if let Some(e) = ns.cache.get(key) {
+            return Some(e);
+        }
+        let redis = self.redis.as_ref()?;
+        match redis.get(key).await {
+            Ok(Some(bytes)) => match Entry::decode(&bytes) {
+                Ok(e) => {
+                    let e = Arc::new(e);
+                    ns.cache.insert(key.to_string(), Arc::clone(&e));
+                    Some(e)
+                }
+                Err(err) => {
+                    self.error("decode", &err);
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(err) => {
+                self.error("get", &err);
+                None
+            }
+        }
+    }
+
+    /// Writes to memory and Redis (where it lives for TTL + stale window).
+    pub async fn put(&self, ns: &Namespace, key: String, entry: Arc<Entry>) {
+        Counters::add(&self.counters.sets);
+        Counters::add(&ns.counters.sets);
+        if let Some(redis) = &self.redis {
+            let ttl = Duration::from_millis(entry.ttl_ms.saturating_add(self.stale_ms));
+            if let Err(err) = redis.set(&key, entry.encode(), ttl).await {
+                self.error("set", &err);
+            }
+        }
+        ns.cache.insert(key, entry);
+    }
+
+    /// Removes matching keys from memory; `None` clears everything.
+    pub fn clear_memory(&self, pattern: Option<&str>) -> usize {
+        let mut removed = 0;
+        let glob = pattern.and_then(|p| glob::Pattern::new(p).ok());
+        for ns in self.namespaces.values() {
+            match (&glob, pattern) {
+                (None, None) => {
+                    removed += ns.cache.len();
+                    ns.cache.clear();
+                }
+                (Some(g), Some(p)) => {
+                    // `search:*` clears the whole namespace at once.
+                    if p.strip_suffix(":*") == Some(ns.name.as_str()) || p == "*" {
+                        removed += ns.cache.len();
+                        ns.cache.clear();
+                    } else if g.matches(&format!("{}:", ns.name))
+                        || p.starts_with(&format!("{}:", ns.name))
+                    {
+                        let before = ns.cache.len();
+                        ns.cache.retain(|k, _| !g.matches(k));
+                        removed += before.saturating_sub(ns.cache.len());
+                    }
+                }
+                _ => {}
+            }
+        }
+        removed
+    }
+
+    /// Clears a pattern (or everything) in memory and Redis; returns
+    /// `(memory, redis)` counts.
+    pub async fn clear(&self, pattern: Option<&str>) -> (usize, usize) {
+        let memory = self.clear_memory(pattern);
+        let mut redis_removed = 0;
+        if let Some(redis) = &self.redis {
+            match redis.clear(pattern.unwrap_or("*")).await {
+                Ok(n) => redis_removed = n,
+                Err(err) => self.error("clear", &err),
+            }
+        }
+        let n = memory.max(redis_removed) as u64;
+        self.counters.deletes.fetch_add(n, Ordering::Relaxed);
+        (memory, redis_removed)
+    }
+
+    /// After a corpus change: clear here and in Redis, and tell the other
+    /// sidecars to clear their memory.
+    pub async fn invalidate(&self, patterns: &[String]) {
+        for p in patterns {
+            self.clear(Some(p)).await;
+        }
+        if let Some(redis) = &self.redis {
+            if let Err(err) = redis.publish_invalidation(patterns).await {
+                self.error("publish", &err);
+            }
+        }
+    }
+
+    pub fn redis_connected(&self) -> bool {
+        self.redis.as_ref().is_some_and(RedisStore::is_connected)
+    }
+
+    pub fn memory_items(&self) -> usize {
+        self.namespaces.values().map(|n| n.cache.len()).sum()
+    }
+
+    /// The `/api/cache/stats` body: the legacy fields plus per-namespace ones.
+    pub fn stats_json(&self) -> Value {
+        let mut m = self.counters.to_json();
+        m.insert(
+            "backend".into(),
+            json!(if self.redis.is_some() {
+                "redis"
+            } else {
+                "memory"
+            }),
+        );
+        m.insert("memory_items".into(), json!(self.memory_items()));
+        m.insert("redis_connected".into(), json!(self.redis_connected()));
+        let mut names: Vec<_> = self.namespaces.values().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        let per: serde_json::Map<String, Value> = names
+            .into_iter()
+            .map(|n| {
+                let mut v = n.counters.to_json();
+                v.insert("items".into(), json!(n.cache.len()));
+                v.insert("bytes".into(), json!(n.cache.weight()));
+                v.insert("max_items".into(), json!(n.max_items));
+                v.insert("ttl_seconds".into(), json!(n.ttl.as_secs()));
+                (n.name.clone(), Value::Object(v))
+            })
+            .collect();
+        m.insert("namespaces".into(), Value::Object(per));
+        Value::Object(m)
+    }
+}
