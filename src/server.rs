@@ -39,6 +39,7 @@ use tower::ServiceExt;
 use crate::admin::{Admin, AdminState, Endpoint, ready::Readiness};
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::{ProxyStack, build_stack};
 use crate::proxy::{Proxy, UpstreamClient};
@@ -105,6 +106,7 @@ impl Server {
         let routes = RouteTable::new(&cfg);
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
         let cache = CacheStore::new(&cfg).map_err(ServerError::Cache)?;
+        let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
         let workers = listeners
             .into_iter()
             .map(|listener| Worker {
@@ -114,7 +116,7 @@ impl Server {
                     routes.clone(),
                     Proxy::new(UpstreamClient::new(&cfg), &cfg),
                     Arc::clone(&inflight),
-                    Arc::clone(&cache),
+                    cache_layer.clone(),
                 ),
             })
             .collect();

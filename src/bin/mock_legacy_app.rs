@@ -562,7 +562,29 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             return Ok(injected(status));
         }
     }
-    Ok(api(req, &state).await)
+    let extra = extra_response_headers(req.headers());
+    let mut resp = api(req, &state).await;
+    for (name, value) in extra {
+        resp.headers_mut().append(name, value);
+    }
+    Ok(resp)
+}
+
+/// `X-Mock-Response-Header: Name: value` (repeatable) adds that header to the
+/// answer, e.g. `Set-Cookie` or `Cache-Control: private` for cache tests.
+fn extra_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .get_all("x-mock-response-header")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split_once(':'))
+        .filter_map(|(n, v)| {
+            Some((
+                HeaderName::try_from(n.trim()).ok()?,
+                HeaderValue::try_from(v.trim()).ok()?,
+            ))
+        })
+        .collect()
 }
 
 async fn api(req: Request<Incoming>, state: &State) -> Resp {

@@ -40,13 +40,14 @@ pub type ProxyStack = BoxCloneService<
 >;
 
 /// Assembles the per-request stack over the proxy service.
-/// `inflight` is shared by every worker's stack: the cap is per process.
+/// `inflight` and `cache` are shared by every worker's stack: the in-flight
+/// cap, the cache and its coalescing are per process.
 pub fn build_stack(
     cfg: &Config,
     routes: RouteTable,
     proxy: Proxy,
     inflight: Arc<tokio::sync::Semaphore>,
-    cache: Arc<cache::store::CacheStore>,
+    cache: cache::CacheLayer,
 ) -> ProxyStack {
     let fallback_timeout = routes
         .routes()
@@ -78,7 +79,7 @@ pub fn build_stack(
         // (Rate limiting goes here: rejected requests never reach the cache.)
         // The cache: hits (and coalesced waiters) skip everything below;
         // upstream failures below come back here to be answered stale.
-        .layer(cache::CacheLayer::new(cache, &cfg.cache.identity_headers))
+        .layer(cache)
         // Refuse oversized bodies before they are forwarded (413).
         .layer(BodyLimitLayer::new(cfg.max_request_body))
         // The route's overall deadline; retries will run inside it.

@@ -27,14 +27,13 @@ impl Mock {
 
     pub fn start_with(extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mock-legacy-app"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--search-latency-ms",
-                "0",
-                "--rag-latency-ms",
-                "0",
-            ])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(
+                ["--search-latency-ms", "--rag-latency-ms"]
+                    .into_iter()
+                    .filter(|flag| !extra.contains(flag))
+                    .flat_map(|flag| [flag, "0"]),
+            )
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -126,8 +125,21 @@ impl Sidecar {
     }
 
     pub async fn start_with(upstream: &str, toml: &str, extra: Vec<Endpoint>) -> Self {
+        Self::start_full(upstream, toml, &[], extra).await
+    }
+
+    pub async fn start_env(upstream: &str, toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_full(upstream, toml, env, Vec::new()).await
+    }
+
+    pub async fn start_full(
+        upstream: &str,
+        toml: &str,
+        env: &[(&str, &str)],
+        extra: Vec<Endpoint>,
+    ) -> Self {
         let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{toml}");
-        let server = Server::bind_with(config(&text, &[]), extra).await.unwrap();
+        let server = Server::bind_with(config(&text, env), extra).await.unwrap();
         let addr = server.local_addr().unwrap();
         let admin_addr = server.admin_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
