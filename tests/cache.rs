@@ -105,7 +105,8 @@ async fn no_cache_refreshes_and_no_store_bypasses() {
 async fn uncacheable_answers_are_not_stored() {
     let mock = Mock::start();
     let sc = Sidecar::start(&mock.url(), "[cache]\nmax_body_bytes = 600\n").await;
-    let cases: [(&str, &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
         ("404", &[("X-Mock-Status", "404")], "detail=status"),
         (
             "cookie",
