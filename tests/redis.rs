@@ -1,0 +1,212 @@
+//! The cache's Redis layer against a real redis-server the test starts on a
+//! free port: shared entries between sidecars, TTLs in Redis, fallback to
+//! memory while Redis is down or slow, reconnection by itself, clearing with
+//! SCAN, and invalidation through pub/sub.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Mock, Redis, Sidecar, client, eventually};
+use serde_json::{Value, json};
+
+async fn search(sc: &Sidecar, q: &str) -> reqwest::Response {
+    client()
+        .post(sc.url("/api/search"))
+        .json(&json!({"query": q, "top_k": 2}))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn x_cache(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn stats(sc: &Sidecar) -> Value {
+    client()
+        .get(sc.url("/api/cache/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn sidecar(mock: &Mock, redis: &Redis) -> Sidecar {
+    Sidecar::start(
+        &mock.url(),
+        &format!("[redis]\nurl = \"{}\"\n", redis.url()),
+    )
+    .await
+}
+
+async fn connected(sc: &Sidecar) {
+    eventually("redis_connected", async || {
+        stats(sc).await["redis_connected"] == true
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn entries_are_shared_through_redis_with_their_ttl() {
+    let (mock, redis) = (Mock::start(), Redis::start());
+    let a = sidecar(&mock, &redis).await;
+    let b = sidecar(&mock, &redis).await;
+    connected(&a).await;
+    connected(&b).await;
+    assert_eq!(x_cache(&search(&a, "shared").await), "MISS");
+    let keys = redis.keys("rag-sidecar:search:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    // TTL + stale_if_error: 1 h + 1 h.
+    let pttl: u64 = redis.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
+    assert!(pttl > 7_100_000 && pttl <= 7_200_000, "{pttl}");
+    // B has never seen it: a Redis hit, which fills B's memory...
+    let hit = search(&b, "shared").await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(mock.stats().await["by_path"]["/api/search"], 1);
+    assert_eq!(stats(&b).await["memory_items"], 1);
+    let s = stats(&b).await;
+    assert_eq!(
+        (s["backend"].as_str(), s["redis_connected"].as_bool()),
+        (Some("redis"), Some(true))
+    );
+    // ...so B answers from memory even with Redis gone.
+    drop(redis);
+    assert_eq!(x_cache(&search(&b, "shared").await), "HIT");
+}
+
+#[tokio::test]
+async fn redis_down_or_slow_never_fails_or_stalls_a_request() {
+    let (mock, mut redis) = (Mock::start(), Redis::start());
+    let sc = sidecar(&mock, &redis).await;
+    connected(&sc).await;
+    redis.stop();
+    eventually("redis_connected false", async || {
+        stats(&sc).await["redis_connected"] == false
+    })
+    .await;
+    for (i, expect) in [(0, "MISS"), (1, "HIT")] {
+        let t = Instant::now();
+        let r = search(&sc, "while down").await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(x_cache(&r), expect);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert!(stats(&sc).await["errors"].as_u64().unwrap() >= 1);
+
+    // Back on the same port: the sidecar reconnects by itself.
+    redis.restart();
+    connected(&sc).await;
+    assert_eq!(x_cache(&search(&sc, "after restart").await), "MISS");
+    assert_eq!(redis.keys("rag-sidecar:search:*").len(), 1);
+
+    // Slow (blocked for 2 s): requests go on within the 50 ms timeout.
+    let blocker = {
+        let port = redis.port.to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port, "DEBUG", "SLEEP", "2"])
+                .output()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    let r = search(&sc, "while slow").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(600),
+        "stalled {:?}",
+        t.elapsed()
+    );
+    let _ = blocker.join();
+}
+
+#[tokio::test]
+async fn a_sidecar_starts_while_redis_is_down() {
+    let (mock, mut redis) = (Mock::start(), Redis::start());
+    redis.stop();
+    let sc = sidecar(&mock, &redis).await;
+    let r = search(&sc, "no redis yet").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(stats(&sc).await["redis_connected"], false);
+    redis.restart();
+    connected(&sc).await;
+}
+
+#[tokio::test]
+async fn clear_uses_scan_in_redis_and_counts() {
+    let (mock, redis) = (Mock::start(), Redis::start());
+    let sc = sidecar(&mock, &redis).await;
+    connected(&sc).await;
+    for q in ["a", "b", "c"] {
+        search(&sc, q).await;
+    }
+    client()
+        .post(sc.url("/api/rag/query"))
+        .json(&json!({"query": "r"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redis.keys("rag-sidecar:*").len(), 4);
+    let r: Value = client()
+        .post(sc.url("/api/cache/clear"))
+        .json(&json!({"pattern": "search:*"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r["memory_cleared"].as_u64(),
+            r["redis_cleared"].as_u64(),
+            r["cleared"].as_u64()
+        ),
+        (Some(3), Some(3), Some(3))
+    );
+    assert!(redis.keys("rag-sidecar:search:*").is_empty());
+    assert_eq!(redis.keys("rag-sidecar:rag:*").len(), 1);
+}
+
+#[tokio::test]
+async fn invalidation_reaches_every_sidecar() {
+    let (mock, redis) = (Mock::start(), Redis::start());
+    let a = sidecar(&mock, &redis).await;
+    let b = sidecar(&mock, &redis).await;
+    connected(&a).await;
+    connected(&b).await;
+    search(&a, "corpus question").await;
+    assert_eq!(x_cache(&search(&b, "corpus question").await), "HIT"); // now in B's memory too
+    // Give B's subscriber time to be subscribed (it subscribes once connected).
+    eventually("B subscribed", async || {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "rag-sidecar:invalidate"])
+            .lines()
+            .nth(1)
+            == Some("2")
+    })
+    .await;
+    let up = client()
+        .post(a.url("/api/upload"))
+        .body("new doc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), 200);
+    assert!(redis.keys("rag-sidecar:search:*").is_empty());
+    eventually("B's memory cleared", async || {
+        stats(&b).await["namespaces"]["search"]["items"] == 0
+    })
+    .await;
+    assert_eq!(x_cache(&search(&b, "corpus question").await), "MISS");
+}
