@@ -34,65 +34,118 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-up=$(free_port); ngx=$(free_port); sc=$(free_port)
+up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
 pids+=($!); wait_port "$up"
 
-mkdir -p "$work"/{body,proxy,fastcgi,uwsgi,scgi}
+mkdir -p "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
+# nginx's workers drop to an unprivileged user: let them into the temp dirs.
+chmod 755 "$work"; chmod 777 "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 sed -e "s|@DIR@|$work|g" -e "s|@UPSTREAM@|127.0.0.1:$up|" -e "s|@LISTEN@|127.0.0.1:$ngx|" \
-    -e "s|@WORKERS@|$WORKERS|" bench/nginx.conf.in > "$work/nginx.conf"
+    -e "s|@CACHE_LISTEN@|127.0.0.1:$ngxc|" -e "s|@WORKERS@|$WORKERS|" bench/nginx.conf.in > "$work/nginx.conf"
 "$NGINX" -c "$work/nginx.conf" -p "$work" &
-pids+=($!); wait_port "$ngx"
+pids+=($!); wait_port "$ngx"; wait_port "$ngxc"
 
-# The sidecar as shipped, access log off (nginx's is off too).
-(cd "$work" && exec env LOG_LEVEL=warn NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+# The sidecar as shipped, access log off (nginx's is off too), rate limits
+# off (they would turn a load test into a 429 test).
+(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
     --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") &
 scpid=$!; pids+=($scpid); wait_port "$sc"
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 curl -fsS "http://127.0.0.1:$sc$PATH_" >/dev/null
 idle_rss=$(rss $scpid)
 
-declare -A url=([direct]="http://127.0.0.1:$up$PATH_" [nginx]="http://127.0.0.1:$ngx$PATH_" [rag-sidecar]="http://127.0.0.1:$sc$PATH_")
-order=(direct nginx rag-sidecar)
-results="$work/results.txt"
-# Warm every path once, unrecorded.
-for c in "${order[@]}"; do wrk -t1 -c"$CONNECTIONS" -d1s "${url[$c]}" >/dev/null; done
-for r in $(seq "$ROUNDS"); do
-  for c in "${order[@]}"; do
-    line=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s bench/report.lua "${url[$c]}" | grep '^RESULT')
-    echo "$c $line" >> "$results"
-    echo "round $r/$ROUNDS $c: $line" >&2
+run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
+  local out=$1 script=$2; shift 2
+  local -A url=(); local order=()
+  for kv in "$@"; do url[${kv%%=*}]=${kv#*=}; order+=("${kv%%=*}"); done
+  for c in "${order[@]}"; do wrk -t1 -c"$CONNECTIONS" -d1s -s "$script" "${url[$c]}" >/dev/null; done  # warm-up
+  for r in $(seq "$ROUNDS"); do
+    for c in "${order[@]}"; do
+      line=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$script" "${url[$c]}" | grep '^RESULT')
+      echo "$c $line" >> "$out"
+      echo "round $r/$ROUNDS $c: $line" >&2
+    done
+    order=("${order[@]:1}" "${order[0]}")   # rotate who goes first
   done
-  order=("${order[@]:1}" "${order[0]}")   # rotate who goes first
-done
+}
+
+results="$work/results.txt"
+run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
+  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_"
 load_rss=$(rss $scpid)
 
-python3 - "$results" "$idle_rss" "$load_rss" <<'PY'
+# Cache hits: the same POST /api/search answered from nginx's proxy_cache and
+# from the sidecar's cache ("direct" is the app computing it every time).
+cache_results="$work/cache.txt"
+run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up/api/search" \
+  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
+hit_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+  -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$sc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
+ngx_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+  -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$ngxc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
+
+# Memory with 10 000 cached ~4 KiB answers, on a sidecar whose search route
+# may hold that many.
+cat > "$work/10k.toml" <<TOML
+[[routes]]
+name = "search"
+cache = { max_items = 10000 }
+TOML
+(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+    --config "$work/10k.toml" --listen "127.0.0.1:$sc10k" --upstream "http://127.0.0.1:$up") &
+sc10kpid=$!; pids+=($sc10kpid); wait_port "$sc10k"
+rss_10k_before=$(rss $sc10kpid)
+python3 - "$sc10k" <<'PY'
+import http.client, json, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for i in range(10_000):
+    body = json.dumps({"query": f"benchmark question {i}", "top_k": 32})
+    conn.request("POST", "/api/search", body, {"Content-Type": "application/json"})
+    r = conn.getresponse(); r.read()
+    assert r.status == 200, r.status
+conn.request("GET", "/api/cache/stats"); s = json.loads(conn.getresponse().read())
+ns = s["namespaces"]["search"]
+print(f"filled: {ns['items']} items, {ns['bytes']/1048576:.1f} MiB of entries", file=sys.stderr)
+PY
+rss_10k=$(rss $sc10kpid)
+items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
+
+python3 - "$results" "$cache_results" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" <<'PY'
 import sys, statistics, collections
-rows = collections.defaultdict(list)
-for line in open(sys.argv[1]):
-    name, _, *kv = line.split()
-    d = dict(x.split("=") for x in kv)
-    rows[name].append(d)
-med = {}
-for name, runs in rows.items():
-    rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in runs)
-    p50 = statistics.median(int(r["p50_us"]) for r in runs) / 1000
-    p99 = statistics.median(int(r["p99_us"]) for r in runs) / 1000
-    errs = sum(int(r["errors"]) for r in runs)
-    med[name] = (rps, p50, p99, errs, len(runs))
-print("| contender | requests/s (median) | p50 ms | p99 ms | errors | runs |")
-print("|---|---:|---:|---:|---:|---:|")
-for name in ("direct", "nginx", "rag-sidecar"):
-    rps, p50, p99, errs, n = med[name]
-    print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {n} |")
-s, n, d = med["rag-sidecar"], med["nginx"], med["direct"]
-print()
+def table(path, names):
+    rows = collections.defaultdict(list)
+    for line in open(path):
+        name, _, *kv = line.split()
+        rows[name].append(dict(x.split("=") for x in kv))
+    med = {}
+    print("| contender | requests/s (median) | p50 ms | p99 ms | errors | runs |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        runs = rows[name]
+        rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in runs)
+        p50 = statistics.median(int(r["p50_us"]) for r in runs) / 1000
+        p99 = statistics.median(int(r["p99_us"]) for r in runs) / 1000
+        errs = sum(int(r["errors"]) for r in runs)
+        med[name] = (rps, p50, p99)
+        print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {len(runs)} |")
+    print()
+    return med
+print("Proxying (GET /api/stats, default route, not cached):\n")
+m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar"))
+s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
 print(f"- p99 sidecar/nginx: {s[2]/n[2]:.2f}x; p50 sidecar/nginx: {s[1]/n[1]:.2f}x")
-print(f"- sidecar RSS: idle {int(sys.argv[2])/1024:.1f} MiB, after the load {int(sys.argv[3])/1024:.1f} MiB")
+print(f"- sidecar RSS: idle {int(sys.argv[3])/1024:.1f} MiB, after the load {int(sys.argv[4])/1024:.1f} MiB")
+print()
+print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {sys.argv[8]}, nginx {sys.argv[9]}):\n")
+m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache"))
+s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
+print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+items, mib = sys.argv[7].split()
+print(f"- 10 000 cached ~4 KiB answers: {items} items ({mib} MiB of entries), RSS {int(sys.argv[5])/1024:.1f} MiB before, {int(sys.argv[6])/1024:.1f} MiB after")
 PY
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%Y-%m-%d); wrk -t1 -c$CONNECTIONS -d$DURATION x $ROUNDS rounds, $WORKERS workers each, GET $PATH_"

@@ -303,10 +303,12 @@ where
         Err(e) => return Err(Box::new(UpstreamUnavailable(e))),
     };
     let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
+    // An exact-size copy: the body read from the upstream may be a slice of a
+    // larger connection buffer that the entry would otherwise pin.
     let entry = Arc::new(Entry::new(
         rparts.status,
         policy::stored_headers(&rparts.headers),
-        bytes,
+        Bytes::copy_from_slice(&bytes),
         sh.store.clock.now_ms(),
         ttl_ms,
     ));

@@ -103,11 +103,20 @@ const NOT_STORED: [HeaderName; 7] = [
 ];
 
 /// The headers kept in an entry (hop-by-hop ones are already gone: the proxy
-/// strips them).
+/// strips them). Names and values are copied: parsed ones point into the
+/// connection's read buffer, which an entry would otherwise keep alive.
 pub fn stored_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = headers.clone();
-    for h in &NOT_STORED {
-        out.remove(h);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if NOT_STORED.contains(name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            out.append(n, v);
+        }
     }
     out
 }

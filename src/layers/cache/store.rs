@@ -359,7 +359,9 @@ impl CacheStore {
             .map(|n| {
                 let mut v = n.counters.to_json();
                 v.insert("items".into(), json!(n.cache.len()));
-                v.insert("bytes".into(), json!(n.cache.weight()));
+                // Entry bytes (the weights are rounded up to slots).
+                let bytes: u64 = n.cache.iter().map(|(_, e)| e.weight).sum();
+                v.insert("bytes".into(), json!(bytes));
                 v.insert("max_items".into(), json!(n.max_items));
                 v.insert("ttl_seconds".into(), json!(n.ttl.as_secs()));
                 (n.name.clone(), Value::Object(v))

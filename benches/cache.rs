@@ -1,0 +1,92 @@
+//! Criterion benches for the cache's hot path: the key of a 1 KiB JSON
+//! search body (target < 5 µs), and a memory hit at 1 000, 10 000 and
+//! 100 000 entries (target: flat).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
+use rag_sidecar::config::Config;
+use rag_sidecar::layers::cache::entry::Entry;
+use rag_sidecar::layers::cache::key::cache_key;
+use rag_sidecar::layers::cache::store::CacheStore;
+
+fn one_kib_body() -> Vec<u8> {
+    let filler: String = "ngữ cảnh tài liệu ".repeat(40);
+    let body = serde_json::json!({
+        "query": "  Học máy là gì và   nó khác gì với học sâu? ",
+        "top_k": 5,
+        "language": "auto",
+        "filters": {"source": "docs", "year": 2025, "tags": ["ml", "dl", "rag"]},
+        "context": filler,
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+fn key_bench(c: &mut Criterion) {
+    let body = one_kib_body();
+    assert!((900..1300).contains(&body.len()), "{}", body.len());
+    let ids: Vec<HeaderName> = ["authorization", "x-api-key", "x-user-id"]
+        .iter()
+        .map(|h| HeaderName::from_static(h))
+        .collect();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-user-id", "user-42".parse().unwrap_or(http::HeaderValue::from_static("u")));
+    let uri: Uri = Uri::from_static("/api/search");
+    c.bench_function("cache_key/1KiB_json", |b| {
+        b.iter(|| cache_key("search", &Method::POST, &uri, &headers, &ids, black_box(&body)))
+    });
+}
+
+fn hit_bench(c: &mut Criterion) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let mut group = c.benchmark_group("memory_hit");
+    for n in [1_000usize, 10_000, 100_000] {
+        let toml = format!("[cache]\nmax_memory_bytes = 1073741824\n[[routes]]\nname = \"search\"\ncache = {{ max_items = {n} }}\n");
+        let cfg = config_from(&toml);
+        let store = rt.block_on(async { CacheStore::new(&cfg) }).unwrap_or_else(|e| panic!("{e}"));
+        let Some(ns) = store.namespace("search").map(Arc::clone) else { return };
+        let body = Bytes::from(vec![b'x'; 256]);
+        let keys: Vec<String> = (0..n).map(|i| format!("search:{i:032x}")).collect();
+        rt.block_on(async {
+            for k in &keys {
+                let e = Arc::new(Entry::new(StatusCode::OK, HeaderMap::new(), body.clone(), 0, 3_600_000));
+                store.put(&ns, k.clone(), e).await;
+            }
+        });
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 7919) % keys.len();
+                // The memory path completes without awaiting anything.
+                store.get(&ns, black_box(&keys[i])).now_or_never()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn config_from(toml: &str) -> Config {
+    let dir = std::env::temp_dir().join(format!("rag-sidecar-bench-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("bench.toml");
+    let _ = std::fs::write(&path, toml);
+    let o = rag_sidecar::config::Overrides {
+        config: Some(path),
+        ..Default::default()
+    };
+    let env = std::collections::HashMap::new();
+    match Config::load(&o, &env, &dir) {
+        Ok((c, _)) => c,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+criterion_group!(benches, key_bench, hit_bench);
+criterion_main!(benches);
