@@ -31,9 +31,11 @@ lint:
 unit:
 	$(CARGO) test -j$(JOBS) --all-targets
 
-## Throughput/latency against nginx and a direct connection (installs wrk, nginx).
+## Throughput/latency against nginx and a direct connection (installs wrk,
+## nginx), then the criterion benches of the cache's hot path.
 bench: release
 	bench/bench.sh
+	$(CARGO) bench -j$(JOBS) --bench cache -- --warm-up-time 1 --measurement-time 3
 
 clean:
 	$(CARGO) clean

@@ -82,6 +82,11 @@ load_rss=$(rss $scpid)
 cache_results="$work/cache.txt"
 run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up/api/search" \
   nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
+# Moderate load (4 connections, far from saturation): the hit latency a
+# user sees.
+moderate="$work/moderate.txt"
+CONNECTIONS=4 run_rounds "$moderate" bench/post.lua \
+  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
 hit_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
   -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$sc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
 ngx_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
@@ -113,7 +118,7 @@ PY
 rss_10k=$(rss $sc10kpid)
 items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-python3 - "$results" "$cache_results" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" <<'PY'
+python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" <<'PY'
 import sys, statistics, collections
 def table(path, names):
     rows = collections.defaultdict(list)
@@ -138,14 +143,18 @@ m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar"))
 s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
 print(f"- p99 sidecar/nginx: {s[2]/n[2]:.2f}x; p50 sidecar/nginx: {s[1]/n[1]:.2f}x")
-print(f"- sidecar RSS: idle {int(sys.argv[3])/1024:.1f} MiB, after the load {int(sys.argv[4])/1024:.1f} MiB")
+idle, loaded, before_10k, after_10k, items_10k, hit_h, ngx_h = sys.argv[4:11]
+print(f"- sidecar RSS: idle {int(idle)/1024:.1f} MiB, after the load {int(loaded)/1024:.1f} MiB")
 print()
-print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {sys.argv[8]}, nginx {sys.argv[9]}):\n")
+print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {hit_h}, nginx {ngx_h}):\n")
 m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache"))
 s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
 print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
-items, mib = sys.argv[7].split()
-print(f"- 10 000 cached ~4 KiB answers: {items} items ({mib} MiB of entries), RSS {int(sys.argv[5])/1024:.1f} MiB before, {int(sys.argv[6])/1024:.1f} MiB after")
+print()
+print("Cache hits at moderate load (4 connections):\n")
+m = table(sys.argv[3], ("nginx-proxy_cache", "rag-sidecar-cache"))
+items, mib = items_10k.split()
+print(f"- 10 000 cached ~4 KiB answers: {items} items ({mib} MiB of entries), RSS {int(before_10k)/1024:.1f} MiB before, {int(after_10k)/1024:.1f} MiB after")
 PY
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%Y-%m-%d); wrk -t1 -c$CONNECTIONS -d$DURATION x $ROUNDS rounds, $WORKERS workers each, GET $PATH_"

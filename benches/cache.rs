@@ -6,8 +6,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use rag_sidecar::config::Config;
 use rag_sidecar::layers::cache::entry::Entry;
@@ -34,29 +34,58 @@ fn key_bench(c: &mut Criterion) {
         .map(|h| HeaderName::from_static(h))
         .collect();
     let mut headers = HeaderMap::new();
-    headers.insert("x-user-id", "user-42".parse().unwrap_or(http::HeaderValue::from_static("u")));
+    headers.insert(
+        "x-user-id",
+        "user-42"
+            .parse()
+            .unwrap_or(http::HeaderValue::from_static("u")),
+    );
     let uri: Uri = Uri::from_static("/api/search");
     c.bench_function("cache_key/1KiB_json", |b| {
-        b.iter(|| cache_key("search", &Method::POST, &uri, &headers, &ids, black_box(&body)))
+        b.iter(|| {
+            cache_key(
+                "search",
+                &Method::POST,
+                &uri,
+                &headers,
+                &ids,
+                black_box(&body),
+            )
+        })
     });
 }
 
 fn hit_bench(c: &mut Criterion) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => panic!("runtime: {e}"),
     };
     let mut group = c.benchmark_group("memory_hit");
     for n in [1_000usize, 10_000, 100_000] {
-        let toml = format!("[cache]\nmax_memory_bytes = 1073741824\n[[routes]]\nname = \"search\"\ncache = {{ max_items = {n} }}\n");
+        let toml = format!(
+            "[cache]\nmax_memory_bytes = 1073741824\n[[routes]]\nname = \"search\"\ncache = {{ max_items = {n} }}\n"
+        );
         let cfg = config_from(&toml);
-        let store = rt.block_on(async { CacheStore::new(&cfg) }).unwrap_or_else(|e| panic!("{e}"));
-        let Some(ns) = store.namespace("search").map(Arc::clone) else { return };
+        let store = rt
+            .block_on(async { CacheStore::new(&cfg) })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Some(ns) = store.namespace("search").map(Arc::clone) else {
+            return;
+        };
         let body = Bytes::from(vec![b'x'; 256]);
         let keys: Vec<String> = (0..n).map(|i| format!("search:{i:032x}")).collect();
         rt.block_on(async {
             for k in &keys {
-                let e = Arc::new(Entry::new(StatusCode::OK, HeaderMap::new(), body.clone(), 0, 3_600_000));
+                let e = Arc::new(Entry::new(
+                    StatusCode::OK,
+                    HeaderMap::new(),
+                    body.clone(),
+                    0,
+                    3_600_000,
+                ));
                 store.put(&ns, k.clone(), e).await;
             }
         });

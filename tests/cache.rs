@@ -469,11 +469,27 @@ async fn embedding_cache_can_be_switched_off() {
 #[tokio::test]
 async fn namespaces_hold_at_most_their_max_items() {
     let mock = Mock::start();
-    let sc = Sidecar::start(&mock.url(), "[[routes]]\nname = \"search\"\ncache = { max_items = 8 }\n").await;
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\ncache = { max_items = 8 }\n",
+    )
+    .await;
     for i in 0..40 {
-        assert_eq!(search(&sc, &search_body(&format!("q{i}")), &[]).await.status(), 200);
+        assert_eq!(
+            search(&sc, &search_body(&format!("q{i}")), &[])
+                .await
+                .status(),
+            200
+        );
     }
-    let stats: Value = client().get(sc.url("/api/cache/stats")).send().await.unwrap().json().await.unwrap();
+    let stats: Value = client()
+        .get(sc.url("/api/cache/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let items = stats["namespaces"]["search"]["items"].as_u64().unwrap();
     assert!((1..=8).contains(&items), "{items} items for max_items = 8");
     assert_eq!(stats["namespaces"]["search"]["sets"], 40);

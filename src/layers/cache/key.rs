@@ -83,6 +83,18 @@ pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
 
 /// NFC, trimmed, inner whitespace runs collapsed to one space.
 pub fn normalise_query(q: &str) -> String {
+    // Most queries are already NFC and tidy: check before rebuilding.
+    let is_nfc =
+        unicode_normalization::is_nfc_quick(q.chars()) == unicode_normalization::IsNormalized::Yes;
+    let tidy = || {
+        !q.starts_with(char::is_whitespace)
+            && !q.ends_with(char::is_whitespace)
+            && !q.contains(|c: char| c.is_whitespace() && c != ' ')
+            && !q.contains("  ")
+    };
+    if is_nfc && tidy() {
+        return q.to_string();
+    }
     let nfc: String = q.nfc().collect();
     let mut out = String::with_capacity(nfc.len());
     for word in nfc.split_whitespace() {

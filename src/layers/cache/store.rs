@@ -379,7 +379,13 @@ mod tests {
     use http::{HeaderMap, StatusCode};
 
     fn entry(body_len: usize) -> Arc<Entry> {
-        Arc::new(Entry::new(StatusCode::OK, HeaderMap::new(), Bytes::from(vec![b'x'; body_len]), 0, 60_000))
+        Arc::new(Entry::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; body_len]),
+            0,
+            60_000,
+        ))
     }
 
     #[tokio::test]
@@ -400,10 +406,16 @@ mod tests {
         // Large entries: the byte budget binds well before 500 items.
         store.clear_memory(None);
         for i in 0..200 {
-            store.put(&ns, format!("search:big{i}"), entry(64 * 1024)).await;
+            store
+                .put(&ns, format!("search:big{i}"), entry(64 * 1024))
+                .await;
         }
         assert!(ns.cache.weight() <= budget);
-        assert!(ns.cache.len() <= (budget / (64 * 1024)) as usize, "{}", ns.cache.len());
+        assert!(
+            ns.cache.len() <= (budget / (64 * 1024)) as usize,
+            "{}",
+            ns.cache.len()
+        );
         // An entry never exceeds what one shard can hold (else quick_cache
         // would drop it silently).
         assert!(ns.max_body <= ns.cache.shard_capacity());
