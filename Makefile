@@ -28,8 +28,9 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
 
+# Benches are compiled by clippy --all-targets above and run by `make bench`.
 unit:
-	$(CARGO) test -j$(JOBS) --all-targets
+	$(CARGO) test -j$(JOBS) --lib --bins --tests
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
 ## nginx), then the criterion benches of the cache's hot path.
