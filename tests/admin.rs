@@ -38,15 +38,7 @@ async fn healthz_and_readyz_are_answered_not_proxied() {
 #[tokio::test]
 async fn readyz_is_503_while_the_upstream_is_down() {
     let sc = Sidecar::start(&format!("http://{}", closed_port()), "").await;
-    assert_eq!(
-        client()
-            .get(sc.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.get_status("/healthz").await, 200);
     let resp = client().get(sc.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.unwrap();
@@ -132,15 +124,7 @@ async fn guard_needs_loopback_or_the_bearer_token() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["success"], true);
     // Unguarded endpoints stay open.
-    assert_eq!(
-        client()
-            .get(strict.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(strict.get_status("/healthz").await, 200);
     assert_eq!(mock.stats().await["requests"], 0, "nothing was proxied");
 }
 

@@ -145,14 +145,7 @@ async fn uncacheable_answers_are_not_stored() {
         assert_eq!(v["count"], 50);
     }
     assert_eq!(upstream_searches(&mock).await, 10);
-    let stats: Value = client()
-        .get(sc.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = sc.get_json("/api/cache/stats").await;
     assert_eq!(stats["memory_items"], 0);
 }
 
@@ -331,14 +324,7 @@ async fn cache_stats_and_clear_endpoints() {
         .await
         .unwrap();
 
-    let stats: Value = client()
-        .get(sc.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = sc.get_json("/api/cache/stats").await;
     for field in [
         "backend",
         "hits",
@@ -395,14 +381,7 @@ async fn cache_stats_and_clear_endpoints() {
     let bad = clear("{not json").await.unwrap();
     assert_eq!(bad.status(), 400);
     assert_eq!(bad.json::<Value>().await.unwrap()["error"], "Bad request");
-    let stats: Value = client()
-        .get(sc.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = sc.get_json("/api/cache/stats").await;
     assert_eq!(stats["memory_items"], 0);
     assert_eq!(stats["deletes"], 4);
 }
@@ -429,15 +408,7 @@ async fn clear_is_guarded() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // Stats are read-only and open.
-    assert_eq!(
-        client()
-            .get(sc.url("/api/cache/stats"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.get_status("/api/cache/stats").await, 200);
 }
 
 #[tokio::test]
@@ -455,14 +426,7 @@ async fn embedding_cache_can_be_switched_off() {
     assert_eq!(h(&embed(&on).await.unwrap(), "x-cache"), "HIT");
     let r = embed(&off).await.unwrap();
     assert!(r.headers().get("x-cache").is_none());
-    let stats: Value = client()
-        .get(off.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = off.get_json("/api/cache/stats").await;
     assert!(stats["namespaces"].get("embedding").is_none(), "{stats}");
 }
 
@@ -482,14 +446,7 @@ async fn namespaces_hold_at_most_their_max_items() {
             200
         );
     }
-    let stats: Value = client()
-        .get(sc.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = sc.get_json("/api/cache/stats").await;
     let items = stats["namespaces"]["search"]["items"].as_u64().unwrap();
     assert!((1..=8).contains(&items), "{items} items for max_items = 8");
     assert_eq!(stats["namespaces"]["search"]["sets"], 40);

@@ -324,26 +324,10 @@ async fn inflight_cap_sheds_with_503_json() {
     assert_eq!(resp.headers()["retry-after"], "1");
     assert_eq!(json_of(resp).await["error"], "Service unavailable");
     // The admin endpoints are not behind the cap.
-    assert_eq!(
-        client()
-            .get(sc.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.get_status("/healthz").await, 200);
     assert_eq!(a.await.unwrap(), 200);
     assert_eq!(b.await.unwrap(), 200);
-    assert_eq!(
-        client()
-            .get(sc.url("/api/stats"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.get_status("/api/stats").await, 200);
 }
 
 #[tokio::test]
@@ -365,13 +349,5 @@ async fn slowloris_connections_are_closed() {
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(mock.stats().await["requests"], 0);
     // The server still serves others.
-    assert_eq!(
-        client()
-            .get(sc.url("/api/stats"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sc.get_status("/api/stats").await, 200);
 }

@@ -27,14 +27,7 @@ fn x_cache(r: &reqwest::Response) -> String {
 }
 
 async fn stats(sc: &Sidecar) -> Value {
-    client()
-        .get(sc.url("/api/cache/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    sc.get_json("/api/cache/stats").await
 }
 
 async fn sidecar(mock: &Mock, redis: &Redis) -> Sidecar {

@@ -158,6 +158,29 @@ impl Sidecar {
         format!("http://{}{path}", self.addr)
     }
 
+    /// GET a sidecar path and parse its JSON answer.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// GET a sidecar path and return its status.
+    pub async fn get_status(&self, path: &str) -> u16 {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     /// Begins the graceful shutdown.
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
