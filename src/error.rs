@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::BoxError;
 use crate::body::{self, Body};
+use crate::layers::rate_limit::RateLimited;
 
 /// The upstream could not be reached (connection refused, reset, DNS).
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,7 @@ pub struct BodyTooLarge(pub u64);
 /// The bounded kinds of failure, for responses and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
+    RateLimited,
     BodyTooLarge,
     Overloaded,
     UpstreamTimeout,
@@ -43,6 +45,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::RateLimited => "rate_limited",
             Self::BodyTooLarge => "body_too_large",
             Self::Overloaded => "overloaded",
             Self::UpstreamTimeout => "timeout",
@@ -53,6 +56,7 @@ impl ErrorKind {
 
     pub fn status(self) -> StatusCode {
         match self {
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -63,6 +67,7 @@ impl ErrorKind {
 
     fn title(self) -> &'static str {
         match self {
+            Self::RateLimited => "Rate limit exceeded",
             Self::BodyTooLarge => "Payload too large",
             Self::Overloaded => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
@@ -89,7 +94,9 @@ pub fn find_cause<'a, T: std::error::Error + 'static>(
 /// The kind of an error from the stack. Body limits are looked for first: a
 /// body that overflowed mid-upload surfaces as a client error wrapping it.
 pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
-    if find_cause::<BodyTooLarge>(err).is_some()
+    if find_cause::<RateLimited>(err).is_some() {
+        ErrorKind::RateLimited
+    } else if find_cause::<BodyTooLarge>(err).is_some()
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()
     {
         ErrorKind::BodyTooLarge
@@ -106,6 +113,17 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
 
 /// Turns an error from the stack into its JSON response.
 pub fn rescue(err: &BoxError) -> Response<Body> {
+    if let Some(r) = find_cause::<RateLimited>(err.as_ref()) {
+        // The legacy 429: its body, Retry-After and the rate-limit headers.
+        let mut resp = body::json(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"error": "Rate limit exceeded", "message": r.message, "retry_after": r.retry_after}),
+        );
+        resp.headers_mut().extend(r.headers.clone());
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
+        return resp;
+    }
     let kind = classify(err.as_ref());
     let message = match kind {
         ErrorKind::Overloaded => "Too many requests in flight; try again shortly".to_string(),
@@ -113,7 +131,7 @@ pub fn rescue(err: &BoxError) -> Response<Body> {
             Some(e) => capitalise(&e.to_string()),
             None => "Request body exceeds the configured limit".to_string(),
         },
-        ErrorKind::Internal => "Internal proxy error".to_string(),
+        ErrorKind::Internal | ErrorKind::RateLimited => "Internal proxy error".to_string(),
         _ => capitalise(&err.to_string()),
     };
     let mut resp = body::json(

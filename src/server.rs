@@ -41,6 +41,7 @@ use crate::body::{self, Body};
 use crate::config::Config;
 use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
+use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::{ProxyStack, build_stack};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
@@ -107,6 +108,16 @@ impl Server {
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
         let cache = CacheStore::new(&cfg).map_err(ServerError::Cache)?;
         let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
+        let rate_limit = RateLimitLayer::new(&cfg);
+        // Forget clients whose limits have recovered, once a minute.
+        let sweeper = rate_limit.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                sweeper.sweep();
+            }
+        });
         let workers = listeners
             .into_iter()
             .map(|listener| Worker {
@@ -117,6 +128,7 @@ impl Server {
                     Proxy::new(UpstreamClient::new(&cfg), &cfg),
                     Arc::clone(&inflight),
                     cache_layer.clone(),
+                    rate_limit.clone(),
                 ),
             })
             .collect();

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod body_limit;
 pub mod cache;
 pub mod match_route;
+pub mod rate_limit;
 pub mod rescue;
 pub mod timeout;
 
@@ -40,14 +41,16 @@ pub type ProxyStack = BoxCloneService<
 >;
 
 /// Assembles the per-request stack over the proxy service.
-/// `inflight` and `cache` are shared by every worker's stack: the in-flight
-/// cap, the cache and its coalescing are per process.
+/// `inflight`, `cache` and `rate_limit` are shared by every worker's stack:
+/// the in-flight cap, the cache, its coalescing and the limiters are per
+/// process.
 pub fn build_stack(
     cfg: &Config,
     routes: RouteTable,
     proxy: Proxy,
     inflight: Arc<tokio::sync::Semaphore>,
     cache: cache::CacheLayer,
+    rate_limit: rate_limit::RateLimitLayer,
 ) -> ProxyStack {
     let fallback_timeout = routes
         .routes()
@@ -76,7 +79,9 @@ pub fn build_stack(
         .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
             inflight,
         ))
-        // (Rate limiting goes here: rejected requests never reach the cache.)
+        // Rate limiting, before the cache: rejected requests reach neither
+        // the cache nor the upstream (nor, later, the retry layer).
+        .layer(rate_limit)
         // The cache: hits (and coalesced waiters) skip everything below;
         // upstream failures below come back here to be answered stale.
         .layer(cache)

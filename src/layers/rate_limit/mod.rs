@@ -1,0 +1,479 @@
+//! `RateLimit`: Flask-Limiter-compatible per-client limits, per PRODUCT.md
+//! "Rate limiting", checked before the cache so rejected requests reach
+//! neither the cache, the upstream nor the retry layer.
+//!
+//! Each route has its own limiters (Flask-Limiter applies default limits per
+//! route): its own limits, or the global default, one GCRA limiter per limit
+//! string part, keyed by the client key ([`key::client_key`]). The limiters
+//! are governor's keyed `RateLimiter` (a `DashMap` of GCRA cells, ~30 ns a
+//! check) inside this layer rather than tower_governor's: that crate's
+//! service only works with axum's or tonic's body types, holds one quota per
+//! layer (no per-route dispatch) and rounds sub-second `Retry-After` down to
+//! 0. A limit of `N per P` is a GCRA with burst `N` and one cell every
+//! `P / N`: N quick requests pass, the next is rejected, and capacity comes
+//! back gradually (Flask-Limiter's default is a fixed window; GCRA gives the
+//! same answer to a burst without a window edge that admits 2N).
+//!
+//! Allowed responses of a limited route carry `X-RateLimit-*` and the IETF
+//! `RateLimit-Policy` / `RateLimit` fields; rejections are a typed
+//! [`RateLimited`] error the rescue answers with 429 and the legacy body.
+//! `dry_run` computes and counts everything but lets requests through.
+
+pub mod key;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::{Either, Ready, ready};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use ipnet::IpNet;
+
+use self::key::{ClientKey, client_key};
+use crate::BoxError;
+use crate::config::{Config, Rate, RateLimitKey, RouteRate};
+use crate::route::MatchedRoute;
+use crate::server::ClientAddr;
+
+type Limiter = RateLimiter<
+    ClientKey,
+    DefaultKeyedStateStore<ClientKey>,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// A request over its limit (answered 429 by the rescue).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RateLimited {
+    /// `30 requests per minute limit reached`
+    pub message: String,
+    /// Whole seconds, at least 1.
+    pub retry_after: u64,
+    /// The rate-limit headers of the answer.
+    pub headers: HeaderMap,
+}
+
+/// One part of a route's limit string, with its limiter.
+#[derive(Debug)]
+struct Limit {
+    rate: Rate,
+    /// The IETF policy name: the route's name, with `-2`, `-3`… for further parts.
+    name: String,
+    limiter: Limiter,
+}
+
+/// A route's limits and figures.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    limits: Vec<Limit>,
+    dry_run: bool,
+    /// Rejections (would-be rejections in dry run are counted separately).
+    pub rejected: AtomicU64,
+    pub dry_run_rejected: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    routes: HashMap<String, Arc<RoutePolicy>>,
+    trusted: Vec<IpNet>,
+    key: RateLimitKey,
+}
+
+/// Shared by every worker's stack: one set of counters per process.
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    shared: Option<Arc<Shared>>,
+}
+
+fn quota(rate: Rate) -> Option<Quota> {
+    let burst = u32::try_from(rate.count).ok().and_then(NonZeroU32::new)?;
+    Quota::with_period(rate.period / burst.get()).map(|q| q.allow_burst(burst))
+}
+
+impl RateLimitLayer {
+    /// `None` inside when `ENABLE_RATE_LIMIT=False`: the layer passes through.
+    pub fn new(cfg: &Config) -> Self {
+        if !cfg.rate_limit.enabled {
+            return Self { shared: None };
+        }
+        let mut routes = HashMap::new();
+        for r in &cfg.routes {
+            let limits = match &r.rate_limit {
+                RouteRate::Exempt => continue,
+                RouteRate::Default => &cfg.rate_limit.default,
+                RouteRate::Limits(l) => l,
+            };
+            let limits = limits
+                .limits()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, rate)| {
+                    let q = quota(*rate)?;
+                    Some(Limit {
+                        rate: *rate,
+                        name: if i == 0 {
+                            r.name.clone()
+                        } else {
+                            format!("{}-{}", r.name, i + 1)
+                        },
+                        limiter: RateLimiter::keyed(q)
+                            .with_middleware::<StateInformationMiddleware>(),
+                    })
+                })
+                .collect();
+            routes.insert(
+                r.name.clone(),
+                Arc::new(RoutePolicy {
+                    limits,
+                    dry_run: r.dry_run.unwrap_or(cfg.rate_limit.dry_run),
+                    rejected: AtomicU64::new(0),
+                    dry_run_rejected: AtomicU64::new(0),
+                }),
+            );
+        }
+        Self {
+            shared: Some(Arc::new(Shared {
+                routes,
+                trusted: cfg.trusted_proxies.clone(),
+                key: cfg.rate_limit.key.clone(),
+            })),
+        }
+    }
+
+    /// Drops the state of clients whose limits have fully recovered, so the
+    /// maps do not grow with every address ever seen. Run on a timer.
+    pub fn sweep(&self) {
+        for policy in self.shared.iter().flat_map(|s| s.routes.values()) {
+            for l in &policy.limits {
+                l.limiter.retain_recent();
+                l.limiter.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Client keys currently tracked, over every limiter.
+    pub fn tracked_keys(&self) -> usize {
+        self.shared
+            .iter()
+            .flat_map(|s| s.routes.values())
+            .flat_map(|p| p.limits.iter())
+            .map(|l| l.limiter.len())
+            .sum()
+    }
+
+    /// The policy of a route, for its counters.
+    pub fn route(&self, name: &str) -> Option<Arc<RoutePolicy>> {
+        self.shared.as_ref()?.routes.get(name).cloned()
+    }
+}
+
+impl<S> tower::Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Option<Arc<Shared>>,
+}
+
+/// What one limit said about one request.
+struct Verdict<'a> {
+    limit: &'a Limit,
+    remaining: u64,
+    reset: Duration,
+    /// `Some(wait)` when rejected.
+    wait: Option<Duration>,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `30 requests per minute`, `2 requests per 5 minutes`.
+pub fn describe(rate: Rate) -> String {
+    let secs = rate.period.as_secs();
+    let (n, unit) = [
+        (86_400, "day"),
+        (3_600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ]
+    .into_iter()
+    .find(|(u, _)| secs >= *u && secs % u == 0)
+    .map_or((secs, "second"), |(u, name)| (secs / u, name));
+    let what = if rate.count == 1 {
+        "request"
+    } else {
+        "requests"
+    };
+    if n == 1 {
+        format!("{} {what} per {unit}", rate.count)
+    } else {
+        format!("{} {what} per {n} {unit}s", rate.count)
+    }
+}
+
+impl Shared {
+    fn check<'p>(&self, policy: &'p RoutePolicy, key: &ClientKey) -> Vec<Verdict<'p>> {
+        policy
+            .limits
+            .iter()
+            .map(|l| {
+                let interval =
+                    l.rate.period / u32::try_from(l.rate.count).unwrap_or(u32::MAX).max(1);
+                match l.limiter.check_key(key) {
+                    Ok(snap) => {
+                        let remaining = u64::from(snap.remaining_burst_capacity());
+                        let used = l.rate.count.saturating_sub(remaining);
+                        Verdict {
+                            limit: l,
+                            remaining,
+                            reset: interval * u32::try_from(used).unwrap_or(u32::MAX),
+                            wait: None,
+                        }
+                    }
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(l.limiter.clock().now());
+                        let rest =
+                            u32::try_from(l.rate.count.saturating_sub(1)).unwrap_or(u32::MAX);
+                        Verdict {
+                            limit: l,
+                            remaining: 0,
+                            reset: wait + interval * rest,
+                            wait: Some(wait),
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// The rate-limit headers for these verdicts: `X-RateLimit-*` and
+/// `RateLimit` from the most restrictive limit, `RateLimit-Policy` for all.
+fn headers(verdicts: &[Verdict<'_>]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let Some(worst) = verdicts
+        .iter()
+        .min_by_key(|v| (v.wait.is_none(), v.remaining))
+    else {
+        return h;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let reset = ceil_secs(worst.reset);
+    h.insert(X_RATELIMIT_LIMIT, HeaderValue::from(worst.limit.rate.count));
+    h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(worst.remaining));
+    h.insert(X_RATELIMIT_RESET, HeaderValue::from(now.as_secs() + reset));
+    let policy = verdicts
+        .iter()
+        .map(|v| {
+            format!(
+                "\"{}\";q={};w={}",
+                v.limit.name,
+                v.limit.rate.count,
+                v.limit.rate.period.as_secs()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = HeaderValue::try_from(policy) {
+        h.insert(RATELIMIT_POLICY, v);
+    }
+    if let Ok(v) = HeaderValue::try_from(format!(
+        "\"{}\";r={};t={}",
+        worst.limit.name, worst.remaining, reset
+    )) {
+        h.insert(RATELIMIT, v);
+    }
+    h
+}
+
+impl<S, B> tower::Service<Request<B>> for RateLimit<S>
+where
+    S: tower::Service<Request<B>, Response = Response<crate::body::Body>, Error = BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Either<Ready<Result<S::Response, BoxError>>, AddHeaders<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(shared) = &self.shared else {
+            return Either::Right(AddHeaders {
+                inner: self.inner.call(req),
+                headers: None,
+            });
+        };
+        let policy = req
+            .extensions()
+            .get::<MatchedRoute>()
+            .and_then(|r| shared.routes.get(&r.name));
+        let (Some(policy), Some(ClientAddr(peer))) = (policy, req.extensions().get::<ClientAddr>())
+        else {
+            return Either::Right(AddHeaders {
+                inner: self.inner.call(req),
+                headers: None,
+            });
+        };
+        let key = client_key(peer.ip(), req.headers(), &shared.trusted, &shared.key);
+        let verdicts = shared.check(policy, &key);
+        let headers = headers(&verdicts);
+        if let Some(v) = verdicts.iter().find(|v| v.wait.is_some()) {
+            let message = format!("{} limit reached", describe(v.limit.rate));
+            let retry_after = ceil_secs(v.wait.unwrap_or_default()).max(1);
+            if policy.dry_run {
+                policy.dry_run_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(route = %v.limit.name, retry_after, "dry run: would reject: {message}");
+            } else {
+                policy.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(route = %v.limit.name, retry_after, "rejected: {message}");
+                return Either::Left(ready(Err(Box::new(RateLimited {
+                    message,
+                    retry_after,
+                    headers,
+                }))));
+            }
+        }
+        Either::Right(AddHeaders {
+            inner: self.inner.call(req),
+            headers: Some(headers),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Adds the rate-limit headers to the inner service's answer.
+    #[derive(Debug)]
+    pub struct AddHeaders<F> {
+        #[pin]
+        inner: F,
+        headers: Option<HeaderMap>,
+    }
+}
+
+impl<F, B> Future for AddHeaders<F>
+where
+    F: Future<Output = Result<Response<B>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut out = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(resp), Some(h)) = (&mut out, this.headers.take()) {
+            resp.headers_mut().extend(h);
+        }
+        Poll::Ready(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_like_flask_limiter() {
+        let r = |count, secs| Rate {
+            count,
+            period: Duration::from_secs(secs),
+        };
+        assert_eq!(describe(r(30, 60)), "30 requests per minute");
+        assert_eq!(describe(r(2, 300)), "2 requests per 5 minutes");
+        assert_eq!(describe(r(1, 1)), "1 request per second");
+        assert_eq!(describe(r(100, 86_400)), "100 requests per day");
+        assert_eq!(describe(r(5, 90)), "5 requests per 90 seconds");
+    }
+
+    #[test]
+    fn burst_then_reject_then_headers() {
+        let mut cfg = Config::default();
+        cfg.rate_limit.default = crate::config::rate::parse("3 per minute; 100 per hour").unwrap();
+        let layer = RateLimitLayer::new(&cfg);
+        let shared = layer.shared.as_ref().unwrap();
+        let policy = shared.routes.get("default").unwrap();
+        let key = ClientKey::Ip("192.0.2.1".parse().unwrap());
+        for expect_remaining in [2, 1, 0] {
+            let v = shared.check(policy, &key);
+            assert!(v.iter().all(|v| v.wait.is_none()));
+            let h = headers(&v);
+            assert_eq!(h[&X_RATELIMIT_LIMIT], "3");
+            assert_eq!(
+                h[&X_RATELIMIT_REMAINING],
+                expect_remaining.to_string().as_str()
+            );
+            assert_eq!(
+                h[&RATELIMIT_POLICY],
+                "\"default\";q=3;w=60, \"default-2\";q=100;w=3600"
+            );
+        }
+        let v = shared.check(policy, &key);
+        let rejected = v.iter().find(|v| v.wait.is_some()).unwrap();
+        assert_eq!(rejected.limit.name, "default");
+        let wait = ceil_secs(rejected.wait.unwrap());
+        assert!((1..=20).contains(&wait), "{wait}");
+        // Another client is not affected.
+        let other = ClientKey::Ip("192.0.2.2".parse().unwrap());
+        assert!(
+            shared
+                .check(policy, &other)
+                .iter()
+                .all(|v| v.wait.is_none())
+        );
+        // Exempt and own limits: search has its own 30 per minute.
+        assert_eq!(shared.routes["search"].limits[0].rate.count, 30);
+    }
+
+    #[test]
+    fn idle_clients_are_forgotten() {
+        let mut cfg = Config::default();
+        cfg.rate_limit.default = crate::config::rate::parse("1000 per second").unwrap();
+        let layer = RateLimitLayer::new(&cfg);
+        let shared = layer.shared.as_ref().unwrap();
+        let policy = shared.routes.get("default").unwrap();
+        for i in 0..200_000u32 {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+            shared.check(policy, &ClientKey::Ip(ip.into()));
+        }
+        assert_eq!(layer.tracked_keys(), 200_000);
+        // Once every client's limit has recovered (one period), a sweep drops them.
+        std::thread::sleep(Duration::from_millis(1100));
+        layer.sweep();
+        assert_eq!(layer.tracked_keys(), 0);
+    }
+
+    #[test]
+    fn disabled_means_no_limiters() {
+        let mut cfg = Config::default();
+        cfg.rate_limit.enabled = false;
+        assert!(RateLimitLayer::new(&cfg).shared.is_none());
+    }
+}

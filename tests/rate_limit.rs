@@ -1,0 +1,224 @@
+//! Rate limiting end to end, memory mode: Flask-Limiter's burst behaviour,
+//! the legacy 429, the headers on every answer of a limited route, per-route
+//! limits, client keys (address, trusted X-Forwarded-For, header), dry run,
+//! exemptions, and switching it off.
+
+mod common;
+
+use common::{Mock, Sidecar, client};
+use serde_json::{Value, json};
+
+async fn search(sc: &Sidecar, i: usize, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut req = client()
+        .post(sc.url("/api/search"))
+        .json(&json!({"query": format!("q{i}"), "top_k": 1}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+fn h(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn thirty_pass_and_the_thirty_first_gets_the_legacy_429() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    for i in 0..30 {
+        let r = search(&sc, i, &[]).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(h(&r, "x-ratelimit-limit"), "30");
+        assert_eq!(h(&r, "x-ratelimit-remaining"), (29 - i).to_string());
+        assert_eq!(h(&r, "ratelimit-policy"), "\"search\";q=30;w=60");
+        assert!(h(&r, "ratelimit").starts_with(&format!("\"search\";r={};t=", 29 - i)));
+        let reset: u64 = h(&r, "x-ratelimit-reset").parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(reset >= now && reset <= now + 61, "{reset} vs {now}");
+    }
+    let before = mock.stats().await["requests"].as_u64().unwrap();
+    let r = search(&sc, 30, &[]).await;
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = h(&r, "retry-after").parse().unwrap();
+    assert!(
+        (1..=2).contains(&retry_after),
+        "one cell every 2 s: {retry_after}"
+    );
+    assert_eq!(h(&r, "x-ratelimit-remaining"), "0");
+    assert_eq!(h(&r, "x-ratelimit-limit"), "30");
+    assert!(r.headers().contains_key("ratelimit"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error": "Rate limit exceeded", "message": "30 requests per minute limit reached", "retry_after": retry_after})
+    );
+    // The rejected request reached neither the cache nor the app.
+    assert_eq!(mock.stats().await["requests"].as_u64().unwrap(), before);
+    // A repeated (cacheable) question is limited too: the limit sits before the cache.
+    assert_eq!(search(&sc, 0, &[]).await.status(), 429);
+}
+
+#[tokio::test]
+async fn routes_have_their_own_limits_and_the_default_applies_elsewhere() {
+    let mock = Mock::start();
+    let sc = Sidecar::start_env(&mock.url(), "", &[("DEFAULT_RATE_LIMIT", "3 per minute")]).await;
+    for _ in 0..3 {
+        assert_eq!(sc.get_status("/api/stats").await, 200);
+    }
+    let r = client().get(sc.url("/api/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["message"],
+        "3 requests per minute limit reached"
+    );
+    // Every path of the default route shares its counter...
+    assert_eq!(sc.get_status("/api/documents").await, 429);
+    // ...while another route class with the default limit counts on its own.
+    let del = client()
+        .delete(sc.url("/api/documents/doc-1.pdf"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
+    // Search has its own 30 per minute, untouched by the default's exhaustion.
+    assert_eq!(search(&sc, 0, &[]).await.status(), 200);
+    // The sidecar's own endpoints are exempt.
+    for _ in 0..10 {
+        assert_eq!(sc.get_status("/healthz").await, 200);
+    }
+}
+
+#[tokio::test]
+async fn several_limits_all_hold() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\nrate_limit = \"100 per minute; 2 per hour\"\n",
+    )
+    .await;
+    let r = search(&sc, 0, &[]).await;
+    assert_eq!(
+        h(&r, "ratelimit-policy"),
+        "\"search\";q=100;w=60, \"search-2\";q=2;w=3600"
+    );
+    assert_eq!(
+        h(&r, "x-ratelimit-limit"),
+        "2",
+        "the most restrictive is reported"
+    );
+    assert_eq!(search(&sc, 1, &[]).await.status(), 200);
+    let r = search(&sc, 2, &[]).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["message"],
+        "2 requests per hour limit reached"
+    );
+}
+
+#[tokio::test]
+async fn client_keys_address_trusted_forwarded_for_and_header() {
+    let mock = Mock::start();
+    let limit = "[[routes]]\nname = \"search\"\nrate_limit = \"2 per minute\"\n";
+    // Untrusted peer: a spoofed X-Forwarded-For does not buy a new key.
+    let sc = Sidecar::start(&mock.url(), limit).await;
+    for (i, ip) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+        .iter()
+        .enumerate()
+    {
+        let status = search(&sc, i, &[("X-Forwarded-For", ip)]).await.status();
+        assert_eq!(status, if i < 2 { 200 } else { 429 }, "{ip}");
+    }
+    // Loopback trusted as a proxy: the forwarded client is the key.
+    let behind = Sidecar::start(
+        &mock.url(),
+        &format!("trusted_proxies = [\"127.0.0.0/8\"]\n{limit}"),
+    )
+    .await;
+    for i in 0..2 {
+        assert_eq!(
+            search(&behind, i, &[("X-Forwarded-For", "198.51.100.1")])
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        search(&behind, 2, &[("X-Forwarded-For", "198.51.100.1")])
+            .await
+            .status(),
+        429
+    );
+    assert_eq!(
+        search(&behind, 3, &[("X-Forwarded-For", "198.51.100.2")])
+            .await
+            .status(),
+        200
+    );
+    // A header key, falling back to the address without it.
+    let keyed = Sidecar::start(
+        &mock.url(),
+        &format!("[rate_limit]\nkey = \"header:X-API-Key\"\n{limit}"),
+    )
+    .await;
+    for i in 0..2 {
+        assert_eq!(
+            search(&keyed, i, &[("X-API-Key", "alice")]).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        search(&keyed, 2, &[("X-API-Key", "alice")]).await.status(),
+        429
+    );
+    assert_eq!(
+        search(&keyed, 3, &[("X-API-Key", "bob")]).await.status(),
+        200
+    );
+    assert_eq!(search(&keyed, 4, &[]).await.status(), 200);
+}
+
+#[tokio::test]
+async fn dry_run_exempt_and_disabled_let_everything_through() {
+    let mock = Mock::start();
+    let dry = Sidecar::start(&mock.url(), "[rate_limit]\ndry_run = true\n[[routes]]\nname = \"search\"\nrate_limit = \"2 per minute\"\n").await;
+    for i in 0..5 {
+        let r = search(&dry, i, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            h(&r, "x-ratelimit-remaining"),
+            if i < 2 {
+                (1 - i).to_string()
+            } else {
+                "0".into()
+            }
+        );
+    }
+    let exempt = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\nrate_limit = \"exempt\"\n",
+    )
+    .await;
+    let off = Sidecar::start_env(
+        &mock.url(),
+        "",
+        &[
+            ("ENABLE_RATE_LIMIT", "False"),
+            ("SEARCH_RATE_LIMIT", "1 per hour"),
+        ],
+    )
+    .await;
+    for sc in [&exempt, &off] {
+        for i in 0..40 {
+            let r = search(sc, i, &[]).await;
+            assert_eq!(r.status(), 200);
+            assert!(r.headers().get("x-ratelimit-limit").is_none());
+        }
+    }
+}
