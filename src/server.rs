@@ -108,7 +108,7 @@ impl Server {
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
         let cache = CacheStore::new(&cfg).map_err(ServerError::Cache)?;
         let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
-        let rate_limit = RateLimitLayer::new(&cfg);
+        let rate_limit = RateLimitLayer::new(&cfg, cache.redis().cloned());
         // Forget clients whose limits have recovered, once a minute.
         let sweeper = rate_limit.clone();
         tokio::spawn(async move {

@@ -37,7 +37,8 @@ async fn healthz_and_readyz_are_answered_not_proxied() {
 
 #[tokio::test]
 async fn readyz_is_503_while_the_upstream_is_down() {
-    let sc = Sidecar::start(&format!("http://{}", closed_port()), "").await;
+    let dead = closed_port();
+    let sc = Sidecar::start(&dead.url(), "").await;
     assert_eq!(sc.get_status("/healthz").await, 200);
     let resp = client().get(sc.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), 503);

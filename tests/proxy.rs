@@ -133,7 +133,8 @@ async fn request_id_is_kept_or_generated_and_sent_both_ways() {
     );
 
     // The sidecar's own error answers carry it too.
-    let down = Sidecar::start(&format!("http://{}", closed_port()), "").await;
+    let dead = closed_port();
+    let down = Sidecar::start(&dead.url(), "").await;
     let resp = client()
         .get(down.url("/api/stats"))
         .header("X-Request-Id", "req-43")
@@ -214,7 +215,8 @@ fn tokio_stream_from<T: Send + 'static>(
 
 #[tokio::test]
 async fn upstream_refused_is_502_json() {
-    let sc = Sidecar::start(&format!("http://{}", closed_port()), "").await;
+    let dead = closed_port();
+    let sc = Sidecar::start(&dead.url(), "").await;
     let resp = client().get(sc.url("/api/documents")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["content-type"], "application/json");

@@ -222,3 +222,86 @@ async fn dry_run_exempt_and_disabled_let_everything_through() {
         }
     }
 }
+
+mod shared {
+    //! Redis mode: one limit for every replica, local fallback while Redis
+    //! is away.
+
+    use super::*;
+    use common::{Redis, eventually};
+
+    async fn with_redis(mock: &Mock, redis: &Redis, limit: &str) -> Sidecar {
+        let sc = Sidecar::start(
+            &mock.url(),
+            &format!(
+                "[redis]\nurl = \"{}\"\n[[routes]]\nname = \"search\"\nrate_limit = \"{limit}\"\n",
+                redis.url()
+            ),
+        )
+        .await;
+        eventually("redis_connected", async || {
+            sc.get_json("/api/cache/stats").await["redis_connected"] == true
+        })
+        .await;
+        sc
+    }
+
+    #[tokio::test]
+    async fn two_replicas_share_one_limit() {
+        let (mock, redis) = (Mock::start(), Redis::start());
+        let a = with_redis(&mock, &redis, "10 per minute").await;
+        let b = with_redis(&mock, &redis, "10 per minute").await;
+        let mut rejected = 0;
+        for i in 0..6 {
+            for sc in [&a, &b] {
+                let r = search(sc, i, &[]).await;
+                if r.status() == 429 {
+                    rejected += 1;
+                } else {
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        }
+        // 12 requests against one shared 10 per minute: exactly 2 rejected
+        // (each replica alone would have let all 6 through).
+        assert_eq!(rejected, 2);
+        let keys = redis.keys("rag-sidecar:rl:search:*");
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        assert!(
+            !keys[0].contains("127.0.0.1"),
+            "the client key is hashed: {}",
+            keys[0]
+        );
+        let pttl: i64 = redis.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
+        assert!(pttl > 0 && pttl <= 60_000, "expires by itself: {pttl}");
+    }
+
+    #[tokio::test]
+    async fn replicas_fall_back_to_local_limits_while_redis_is_down() {
+        let (mock, mut redis) = (Mock::start(), Redis::start());
+        let sc = with_redis(&mock, &redis, "3 per minute").await;
+        redis.stop();
+        eventually("redis_connected false", async || {
+            sc.get_json("/api/cache/stats").await["redis_connected"] == false
+        })
+        .await;
+        for i in 0..3 {
+            let t = std::time::Instant::now();
+            assert_eq!(search(&sc, i, &[]).await.status(), 200);
+            assert!(t.elapsed() < std::time::Duration::from_millis(500));
+        }
+        assert_eq!(
+            search(&sc, 3, &[]).await.status(),
+            429,
+            "the local limiter still limits"
+        );
+        // Back: the shared limiter answers again (a fresh Redis: allowed).
+        redis.restart();
+        eventually("redis_connected", async || {
+            sc.get_json("/api/cache/stats").await["redis_connected"] == true
+        })
+        .await;
+        assert_eq!(search(&sc, 4, &[]).await.status(), 200);
+        assert_eq!(redis.keys("rag-sidecar:rl:search:*").len(), 1);
+    }
+}

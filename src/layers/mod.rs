@@ -33,6 +33,22 @@ use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::route::RouteTable;
 
+/// A boxed response future, for layers that await the inner service inside
+/// their own async logic.
+pub type BoxResponseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+
+/// Calls the inner service behind a boxed future: awaiting `S::Future`
+/// directly inside an async block trips rustc's higher-ranked `Send` check
+/// over the boxed error's lifetime.
+pub fn call_boxed<S>(inner: &mut S, req: Request<Body>) -> BoxResponseFuture
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    Box::pin(inner.call(req))
+}
+
 /// The assembled stack, type-erased once; never fails (errors are answers).
 pub type ProxyStack = BoxCloneService<
     Request<Body>,

@@ -195,10 +195,29 @@ impl Drop for Sidecar {
     }
 }
 
-/// A closed port on loopback: bound, then released.
-pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// A loopback port that refuses connections: bound but not listening, and
+/// held for as long as the value lives, so no other test can take it.
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    ClosedPort {
+        _socket: socket,
+        addr,
+    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -272,7 +291,8 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// A free port on loopback (bound then released, for a child process).
 pub fn free_addr() -> SocketAddr {
-    closed_port()
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 /// A real `redis-server` on a free 127.0.0.1 port, killed on drop; `stop`

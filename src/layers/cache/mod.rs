@@ -25,12 +25,10 @@
 pub mod entry;
 pub mod key;
 pub mod policy;
-mod redis;
+pub mod redis;
 pub mod store;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -44,6 +42,7 @@ use tokio::sync::watch;
 use self::entry::Entry;
 use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace};
+use super::call_boxed;
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::error::UpstreamUnavailable;
@@ -103,7 +102,7 @@ pub struct CacheService<S> {
     shared: Arc<Shared>,
 }
 
-type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
+type BoxFut = super::BoxResponseFuture;
 
 impl<S> tower::Service<Request<Body>> for CacheService<S>
 where
@@ -140,17 +139,6 @@ where
     }
 }
 
-/// Calls the inner service behind a boxed future: awaiting `S::Future`
-/// directly inside the async block trips rustc's higher-ranked `Send` check
-/// over the boxed error's lifetime.
-fn call_inner<S>(inner: &mut S, req: Request<Body>) -> BoxFut
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.call(req))
-}
-
 async fn handle<S>(
     sh: &Shared,
     mut inner: S,
@@ -166,13 +154,13 @@ where
         .and_then(|c| sh.store.namespace(&c.namespace))
         .cloned();
     let Some(ns) = ns else {
-        return call_inner(&mut inner, req).await;
+        return call_boxed(&mut inner, req).await;
     };
     let counters = (&sh.store.counters, &ns.counters);
     let mode = policy::request_mode(req.headers());
     if mode == RequestMode::Bypass {
         count(counters, |c| &c.bypass);
-        let mut resp = call_inner(&mut inner, req).await?;
+        let mut resp = call_boxed(&mut inner, req).await?;
         mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
         return Ok(resp);
     }
@@ -181,7 +169,7 @@ where
         Buffered::Whole(b) => b,
         Buffered::Partial(rest) => {
             count(counters, |c| &c.bypass);
-            let mut resp = call_inner(&mut inner, Request::from_parts(parts, rest)).await?;
+            let mut resp = call_boxed(&mut inner, Request::from_parts(parts, rest)).await?;
             mark(
                 &mut resp,
                 "BYPASS",
@@ -258,7 +246,7 @@ where
     } else {
         "miss"
     };
-    let result = call_inner(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
+    let result = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
     let resp = match (result, &stale) {
         (Err(e), Some(s)) => {
             tracing::debug!("serving stale: upstream failed: {e}");

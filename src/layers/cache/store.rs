@@ -331,6 +331,11 @@ impl CacheStore {
         }
     }
 
+    /// The Redis client, shared with the rate limiter's shared mode.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        self.redis.as_ref()
+    }
+
     pub fn redis_connected(&self) -> bool {
         self.redis.as_ref().is_some_and(RedisStore::is_connected)
     }

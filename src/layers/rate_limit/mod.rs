@@ -18,6 +18,14 @@
 //! `RateLimit-Policy` / `RateLimit` fields; rejections are a typed
 //! [`RateLimited`] error the rescue answers with 429 and the legacy body.
 //! `dry_run` computes and counts everything but lets requests through.
+//!
+//! With Redis configured, the limits are shared by every replica: each check
+//! runs a GCRA Lua script on the Redis server ([`GCRA_LUA`](crate::layers::cache::redis::GCRA_LUA): atomic, on the
+//! server's clock, keys expiring once the client's allowance is whole). The
+//! client key is hashed in the Redis key name (an API key never appears
+//! there). While Redis is down or slow (the cache's short timeout), each
+//! replica falls back to its local limiter, and returns to the shared one as
+//! soon as Redis answers again.
 
 pub mod key;
 
@@ -40,7 +48,10 @@ use ipnet::IpNet;
 
 use self::key::{ClientKey, client_key};
 use crate::BoxError;
+use crate::body::Body;
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
+use crate::layers::cache::redis::RedisStore;
+use crate::layers::{BoxResponseFuture, call_boxed};
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
 
@@ -93,6 +104,10 @@ struct Shared {
     routes: HashMap<String, Arc<RoutePolicy>>,
     trusted: Vec<IpNet>,
     key: RateLimitKey,
+    /// Shared limits across replicas when Redis is configured.
+    redis: Option<RedisStore>,
+    /// Checks answered by the local limiter because Redis did not.
+    pub fallbacks: AtomicU64,
 }
 
 /// Shared by every worker's stack: one set of counters per process.
@@ -108,7 +123,8 @@ fn quota(rate: Rate) -> Option<Quota> {
 
 impl RateLimitLayer {
     /// `None` inside when `ENABLE_RATE_LIMIT=False`: the layer passes through.
-    pub fn new(cfg: &Config) -> Self {
+    /// With `redis`, limits are shared through it (local while it is down).
+    pub fn new(cfg: &Config, redis: Option<RedisStore>) -> Self {
         if !cfg.rate_limit.enabled {
             return Self { shared: None };
         }
@@ -152,6 +168,8 @@ impl RateLimitLayer {
                 routes,
                 trusted: cfg.trusted_proxies.clone(),
                 key: cfg.rate_limit.key.clone(),
+                redis,
+                fallbacks: AtomicU64::new(0),
             })),
         }
     }
@@ -175,6 +193,13 @@ impl RateLimitLayer {
             .flat_map(|p| p.limits.iter())
             .map(|l| l.limiter.len())
             .sum()
+    }
+
+    /// Checks the local limiter answered because Redis did not.
+    pub fn fallbacks(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |s| s.fallbacks.load(Ordering::Relaxed))
     }
 
     /// The policy of a route, for its counters.
@@ -237,39 +262,105 @@ pub fn describe(rate: Rate) -> String {
     }
 }
 
+fn interval(rate: Rate) -> Duration {
+    rate.period / u32::try_from(rate.count).unwrap_or(u32::MAX).max(1)
+}
+
+fn check_local<'p>(l: &'p Limit, key: &ClientKey) -> Verdict<'p> {
+    let interval = interval(l.rate);
+    match l.limiter.check_key(key) {
+        Ok(snap) => {
+            let remaining = u64::from(snap.remaining_burst_capacity());
+            let used = l.rate.count.saturating_sub(remaining);
+            Verdict {
+                limit: l,
+                remaining,
+                reset: interval * u32::try_from(used).unwrap_or(u32::MAX),
+                wait: None,
+            }
+        }
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(l.limiter.clock().now());
+            let rest = u32::try_from(l.rate.count.saturating_sub(1)).unwrap_or(u32::MAX);
+            Verdict {
+                limit: l,
+                remaining: 0,
+                reset: wait + interval * rest,
+                wait: Some(wait),
+            }
+        }
+    }
+}
+
+/// The Redis key part for a client: a digest, so API keys and addresses do
+/// not appear in key names.
+fn key_digest(key: &ClientKey) -> String {
+    let mut h = blake3::Hasher::new();
+    match key {
+        ClientKey::Ip(ip) => h.update(ip.to_string().as_bytes()),
+        ClientKey::Header(v) => h.update(b"h:").update(v.as_bytes()),
+    };
+    h.finalize().to_hex()[..32].to_string()
+}
+
 impl Shared {
     fn check<'p>(&self, policy: &'p RoutePolicy, key: &ClientKey) -> Vec<Verdict<'p>> {
-        policy
-            .limits
-            .iter()
-            .map(|l| {
-                let interval =
-                    l.rate.period / u32::try_from(l.rate.count).unwrap_or(u32::MAX).max(1);
-                match l.limiter.check_key(key) {
-                    Ok(snap) => {
-                        let remaining = u64::from(snap.remaining_burst_capacity());
-                        let used = l.rate.count.saturating_sub(remaining);
-                        Verdict {
-                            limit: l,
-                            remaining,
-                            reset: interval * u32::try_from(used).unwrap_or(u32::MAX),
-                            wait: None,
-                        }
-                    }
-                    Err(not_until) => {
-                        let wait = not_until.wait_time_from(l.limiter.clock().now());
-                        let rest =
-                            u32::try_from(l.rate.count.saturating_sub(1)).unwrap_or(u32::MAX);
-                        Verdict {
-                            limit: l,
-                            remaining: 0,
-                            reset: wait + interval * rest,
-                            wait: Some(wait),
-                        }
-                    }
+        policy.limits.iter().map(|l| check_local(l, key)).collect()
+    }
+
+    /// Each limit on the Redis server; a limit Redis cannot answer in time
+    /// is checked locally instead.
+    async fn check_shared<'p>(
+        &self,
+        redis: &RedisStore,
+        policy: &'p RoutePolicy,
+        key: &ClientKey,
+    ) -> Vec<Verdict<'p>> {
+        let digest = key_digest(key);
+        let mut out = Vec::with_capacity(policy.limits.len());
+        for l in &policy.limits {
+            let redis_key = format!("rl:{}:{}", l.name, digest);
+            match redis.gcra(&redis_key, interval(l.rate), l.rate.count).await {
+                Ok(o) => out.push(Verdict {
+                    limit: l,
+                    remaining: o.remaining,
+                    reset: o.reset,
+                    wait: (!o.allowed).then_some(o.wait),
+                }),
+                Err(e) => {
+                    self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("rate limit: local fallback: {e}");
+                    out.push(check_local(l, key));
                 }
-            })
-            .collect()
+            }
+        }
+        out
+    }
+
+    /// Turns the verdicts into the answer: the headers to add, or the
+    /// rejection (not in dry run).
+    fn decide(
+        policy: &RoutePolicy,
+        verdicts: &[Verdict<'_>],
+    ) -> Result<HeaderMap, Box<RateLimited>> {
+        let headers = headers(verdicts);
+        if let Some(v) = verdicts.iter().find(|v| v.wait.is_some()) {
+            let message = format!("{} limit reached", describe(v.limit.rate));
+            let retry_after = ceil_secs(v.wait.unwrap_or_default()).max(1);
+            if policy.dry_run {
+                policy.dry_run_rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(route = %v.limit.name, retry_after, "dry run: would reject: {message}");
+            } else {
+                policy.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(route = %v.limit.name, retry_after, "rejected: {message}");
+                return Err(Box::new(RateLimited {
+                    message,
+                    retry_after,
+                    headers,
+                }));
+            }
+        }
+        Ok(headers)
     }
 }
 
@@ -314,24 +405,34 @@ fn headers(verdicts: &[Verdict<'_>]) -> HeaderMap {
     h
 }
 
-impl<S, B> tower::Service<Request<B>> for RateLimit<S>
+impl<S> tower::Service<Request<Body>> for RateLimit<S>
 where
-    S: tower::Service<Request<B>, Response = Response<crate::body::Body>, Error = BoxError>,
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = Response<Body>;
     type Error = BoxError;
-    type Future = Either<Ready<Result<S::Response, BoxError>>, AddHeaders<S::Future>>;
+    type Future = Either<
+        Either<Ready<Result<Response<Body>, BoxError>>, AddHeaders<S::Future>>,
+        BoxResponseFuture,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let pass = |inner: &mut S, req, headers| {
+            Either::Left(Either::Right(AddHeaders {
+                inner: inner.call(req),
+                headers,
+            }))
+        };
         let Some(shared) = &self.shared else {
-            return Either::Right(AddHeaders {
-                inner: self.inner.call(req),
-                headers: None,
-            });
+            return pass(&mut self.inner, req, None);
         };
         let policy = req
             .extensions()
@@ -339,34 +440,29 @@ where
             .and_then(|r| shared.routes.get(&r.name));
         let (Some(policy), Some(ClientAddr(peer))) = (policy, req.extensions().get::<ClientAddr>())
         else {
-            return Either::Right(AddHeaders {
-                inner: self.inner.call(req),
-                headers: None,
-            });
+            return pass(&mut self.inner, req, None);
         };
         let key = client_key(peer.ip(), req.headers(), &shared.trusted, &shared.key);
-        let verdicts = shared.check(policy, &key);
-        let headers = headers(&verdicts);
-        if let Some(v) = verdicts.iter().find(|v| v.wait.is_some()) {
-            let message = format!("{} limit reached", describe(v.limit.rate));
-            let retry_after = ceil_secs(v.wait.unwrap_or_default()).max(1);
-            if policy.dry_run {
-                policy.dry_run_rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(route = %v.limit.name, retry_after, "dry run: would reject: {message}");
-            } else {
-                policy.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(route = %v.limit.name, retry_after, "rejected: {message}");
-                return Either::Left(ready(Err(Box::new(RateLimited {
-                    message,
-                    retry_after,
-                    headers,
-                }))));
-            }
+        if shared.redis.is_none() {
+            return match Shared::decide(policy, &shared.check(policy, &key)) {
+                Ok(headers) => pass(&mut self.inner, req, Some(headers)),
+                Err(limited) => Either::Left(Either::Left(ready(Err(limited)))),
+            };
         }
-        Either::Right(AddHeaders {
-            inner: self.inner.call(req),
-            headers: Some(headers),
-        })
+        // Shared mode: the check awaits Redis; use the ready service, leave a clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (shared, policy) = (Arc::clone(shared), Arc::clone(policy));
+        Either::Right(Box::pin(async move {
+            let verdicts = match &shared.redis {
+                Some(redis) => shared.check_shared(redis, &policy, &key).await,
+                None => shared.check(&policy, &key),
+            };
+            let headers = Shared::decide(&policy, &verdicts).map_err(|e| -> BoxError { e })?;
+            let mut resp = call_boxed(&mut inner, req).await?;
+            resp.headers_mut().extend(headers);
+            Ok(resp)
+        }))
     }
 }
 
@@ -417,7 +513,7 @@ mod tests {
     fn burst_then_reject_then_headers() {
         let mut cfg = Config::default();
         cfg.rate_limit.default = crate::config::rate::parse("3 per minute; 100 per hour").unwrap();
-        let layer = RateLimitLayer::new(&cfg);
+        let layer = RateLimitLayer::new(&cfg, None);
         let shared = layer.shared.as_ref().unwrap();
         let policy = shared.routes.get("default").unwrap();
         let key = ClientKey::Ip("192.0.2.1".parse().unwrap());
@@ -456,7 +552,7 @@ mod tests {
     fn idle_clients_are_forgotten() {
         let mut cfg = Config::default();
         cfg.rate_limit.default = crate::config::rate::parse("1000 per second").unwrap();
-        let layer = RateLimitLayer::new(&cfg);
+        let layer = RateLimitLayer::new(&cfg, None);
         let shared = layer.shared.as_ref().unwrap();
         let policy = shared.routes.get("default").unwrap();
         for i in 0..200_000u32 {
@@ -474,6 +570,6 @@ mod tests {
     fn disabled_means_no_limiters() {
         let mut cfg = Config::default();
         cfg.rate_limit.enabled = false;
-        assert!(RateLimitLayer::new(&cfg).shared.is_none());
+        assert!(RateLimitLayer::new(&cfg, None).shared.is_none());
     }
 }
