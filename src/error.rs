@@ -26,6 +26,11 @@ pub struct UpstreamUnavailable(#[source] pub BoxError);
 #[error("upstream did not answer within {}", crate::config::fmt_duration(*.0))]
 pub struct UpstreamTimeout(pub Duration);
 
+/// The client did not send its request body within the route's timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {}", crate::config::fmt_duration(*.0))]
+pub struct ClientTimeout(pub Duration);
+
 /// The request body is larger than allowed.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds {0} bytes")]
@@ -35,6 +40,7 @@ pub struct BodyTooLarge(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
     RateLimited,
+    ClientTimeout,
     BodyTooLarge,
     Overloaded,
     UpstreamTimeout,
@@ -46,6 +52,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RateLimited => "rate_limited",
+            Self::ClientTimeout => "client_timeout",
             Self::BodyTooLarge => "body_too_large",
             Self::Overloaded => "overloaded",
             Self::UpstreamTimeout => "timeout",
@@ -57,6 +64,7 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -68,6 +76,7 @@ impl ErrorKind {
     fn title(self) -> &'static str {
         match self {
             Self::RateLimited => "Rate limit exceeded",
+            Self::ClientTimeout => "Request timeout",
             Self::BodyTooLarge => "Payload too large",
             Self::Overloaded => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
@@ -96,6 +105,8 @@ pub fn find_cause<'a, T: std::error::Error + 'static>(
 pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     if find_cause::<RateLimited>(err).is_some() {
         ErrorKind::RateLimited
+    } else if find_cause::<ClientTimeout>(err).is_some() {
+        ErrorKind::ClientTimeout
     } else if find_cause::<BodyTooLarge>(err).is_some()
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()
     {

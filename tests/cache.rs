@@ -115,7 +115,12 @@ async fn uncacheable_answers_are_not_stored() {
     let mock = Mock::start();
     let sc = Sidecar::start(&mock.url(), "[cache]\nmax_body_bytes = 600\n").await;
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case<'_>; 4] = [
+    let cases: [Case<'_>; 5] = [
+        (
+            "vary",
+            &[("X-Mock-Response-Header", "Vary: Cookie")],
+            "detail=vary",
+        ),
         ("404", &[("X-Mock-Status", "404")], "detail=status"),
         (
             "cookie",
@@ -153,7 +158,7 @@ async fn uncacheable_answers_are_not_stored() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["count"], 50);
     }
-    assert_eq!(upstream_searches(&mock).await, 10);
+    assert_eq!(upstream_searches(&mock).await, 12);
     let stats: Value = sc.get_json("/api/cache/stats").await;
     assert_eq!(stats["memory_items"], 0);
 }
@@ -460,4 +465,102 @@ async fn namespaces_hold_at_most_their_max_items() {
     let items = stats["namespaces"]["search"]["items"].as_u64().unwrap();
     assert!((1..=8).contains(&items), "{items} items for max_items = 8");
     assert_eq!(stats["namespaces"]["search"]["sets"], 40);
+}
+
+#[tokio::test]
+async fn an_answer_fetched_across_a_corpus_change_is_not_stored() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    let body = search_body("asked during an upload");
+    let slow = {
+        let (url, body) = (sc.url("/api/search"), body.clone());
+        tokio::spawn(async move {
+            client()
+                .post(url)
+                .header("X-Mock-Delay-Ms", "500")
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    mock.wait_stats("the search upstream", |s| s["in_flight"] == 1)
+        .await;
+    let up = client()
+        .post(sc.url("/api/upload"))
+        .body("new")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), 200);
+    let r = slow.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        h(&r, "cache-status").ends_with("detail=invalidated"),
+        "{}",
+        h(&r, "cache-status")
+    );
+    assert_eq!(h(&search(&sc, &body, &[]).await, "x-cache"), "MISS");
+}
+
+#[tokio::test]
+async fn waiters_serve_stale_at_once_when_the_shared_call_fails() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\ncache = { ttl = \"200ms\" }\n",
+    )
+    .await;
+    let body = search_body("stale herd");
+    search(&sc, &body, &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = upstream_searches(&mock).await;
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let (url, body) = (sc.url("/api/search"), body.clone());
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("X-Mock-Status", "503")
+                    .header("X-Mock-Delay-Ms", "300")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status(), h(&r, "x-cache").to_string())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            (reqwest::StatusCode::OK, "STALE".to_string())
+        );
+    }
+    // One call went to the failing app; the waiters did not retry it.
+    assert_eq!(upstream_searches(&mock).await, before + 1);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\ntimeout = \"300ms\"\n",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    s.write_all(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"query\":")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("Request timeout"), "{text}");
+    assert_eq!(upstream_searches(&mock).await, 0);
 }

@@ -198,13 +198,21 @@ async fn num_threads_sets_the_worker_count() {
     let listen = free_addr();
     let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", mock.url());
     let p = SidecarProcess::start(&toml, &[("NUM_THREADS", "3")], listen);
-    // Worker 0 is the main thread; workers 1 and 2 are named threads.
-    let workers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|c| c.trim().to_string())
-        .filter(|c| c.starts_with("rag-sidecar-w"))
-        .collect();
+    // Worker 0 is the main thread; workers 1 and 2 are named threads (the
+    // port accepts as soon as it is bound, so wait for them to start).
+    let workers = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_string())
+            .filter(|c| c.starts_with("rag-sidecar-w"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workers().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let workers = workers();
     assert_eq!(workers.len(), 2, "{workers:?}");
     // Connections spread over the workers still all get answers.
     for _ in 0..20 {

@@ -45,7 +45,7 @@ use self::store::{CacheStore, Counters, Namespace};
 use super::call_boxed;
 use crate::BoxError;
 use crate::body::{self, Body};
-use crate::error::UpstreamUnavailable;
+use crate::error::{ClientTimeout, UpstreamTimeout, UpstreamUnavailable};
 use crate::route::MatchedRoute;
 
 pub use self::store::Clock;
@@ -164,8 +164,12 @@ where
         mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
         return Ok(resp);
     }
+    let limit = route.map_or(std::time::Duration::from_secs(30), |r| r.timeout);
     let (parts, req_body) = req.into_parts();
-    let req_body = match read_bounded(req_body, KEY_BODY_LIMIT).await? {
+    // A client that stops sending its body must not hold an in-flight slot.
+    let read = tokio::time::timeout(limit, read_bounded(req_body, KEY_BODY_LIMIT)).await;
+    let read = read.map_err(|_| -> BoxError { Box::new(ClientTimeout(limit)) })?;
+    let req_body = match read? {
         Buffered::Whole(b) => b,
         Buffered::Partial(rest) => {
             count(counters, |c| &c.bypass);
@@ -218,23 +222,30 @@ where
         match sh.inflight.join(&key) {
             Join::Leader(guard) => leader = Some(guard),
             Join::Waiter(mut rx) => {
-                let limit = route.map_or(std::time::Duration::from_secs(30), |r| r.timeout);
                 let outcome =
                     tokio::time::timeout(limit, rx.wait_for(|o| !matches!(o, Outcome::Pending)))
                         .await
                         .ok()
                         .and_then(Result::ok)
                         .map(|o| o.clone());
-                if let Some(Outcome::Stored(e)) = outcome {
-                    count(counters, |c| &c.coalesced);
-                    return Ok(replay(
-                        &e,
-                        "MISS",
-                        "rag-sidecar; fwd=miss; collapsed".into(),
-                        0,
-                    ));
+                match (outcome, &stale) {
+                    (Some(Outcome::Stored(e)), _) => {
+                        count(counters, |c| &c.coalesced);
+                        return Ok(replay(
+                            &e,
+                            "MISS",
+                            "rag-sidecar; fwd=miss; collapsed".into(),
+                            0,
+                        ));
+                    }
+                    // The shared call failed (or never answered) and an old
+                    // answer is at hand: serve it now rather than try again.
+                    (Some(Outcome::Failed) | None, Some(s)) => {
+                        return Ok(serve_stale(sh, &ns, s, "upstream-error"));
+                    }
+                    // It stored nothing: go upstream alone.
+                    _ => {}
                 }
-                // The shared call stored nothing: go upstream alone.
             }
         }
     }
@@ -246,7 +257,18 @@ where
     } else {
         "miss"
     };
+    // A corpus change during the call makes its answer unfit to store.
+    let generation = ns.generation();
     let result = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
+    let failed = match &result {
+        Err(_) => true,
+        Ok(r) => r.status().is_server_error(),
+    };
+    if failed {
+        if let Some(guard) = leader.take() {
+            guard.finish(Outcome::Failed);
+        }
+    }
     let resp = match (result, &stale) {
         (Err(e), Some(s)) => {
             tracing::debug!("serving stale: upstream failed: {e}");
@@ -263,9 +285,13 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    if let Err(why) =
-        policy::response_cacheable(resp.status(), resp.headers(), declared, ns.max_body)
-    {
+    if let Err(why) = policy::response_cacheable(
+        resp.status(),
+        resp.headers(),
+        declared,
+        ns.max_body,
+        &sh.identity,
+    ) {
         let mut resp = resp;
         mark(
             &mut resp,
@@ -276,7 +302,9 @@ where
         return Ok(resp);
     }
     let (rparts, rbody) = resp.into_parts();
-    let bytes = match read_bounded(rbody, ns.max_body).await {
+    let read = tokio::time::timeout(limit, read_bounded(rbody, ns.max_body)).await;
+    let read = read.map_err(|_| -> BoxError { Box::new(UpstreamTimeout(limit)) })?;
+    let bytes = match read {
         Ok(Buffered::Whole(b)) => b,
         Ok(Buffered::Partial(rest)) => {
             let mut resp = Response::from_parts(rparts, rest);
@@ -300,11 +328,22 @@ where
         sh.store.clock.now_ms(),
         ttl_ms,
     ));
-    sh.store.put(&ns, key, Arc::clone(&entry)).await;
+    let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
+    if ns.generation() != generation {
+        mark(
+            &mut resp,
+            "MISS",
+            format!("rag-sidecar; fwd={fwd}; detail=invalidated"),
+            None,
+        );
+        return Ok(resp);
+    }
+    // Memory first and the waiters released; then Redis (bounded by its timeout).
+    sh.store.put_memory(&ns, key.clone(), Arc::clone(&entry));
     if let Some(guard) = leader {
         guard.finish(Outcome::Stored(Arc::clone(&entry)));
     }
-    let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
+    sh.store.put_redis(&key, &entry).await;
     mark(
         &mut resp,
         "MISS",
@@ -409,6 +448,8 @@ async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError> {
 enum Outcome {
     Pending,
     Stored(Arc<Entry>),
+    /// The upstream failed: waiters holding a stale entry serve it.
+    Failed,
     NotShared,
 }
 

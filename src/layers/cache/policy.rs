@@ -46,6 +46,9 @@ pub enum NotCacheable {
     Private,
     EventStream,
     TooLarge,
+    /// `Vary` names a header outside the key: the answer could be another
+    /// caller's (a session cookie, an origin, an encoding).
+    Vary,
 }
 
 impl NotCacheable {
@@ -56,6 +59,7 @@ impl NotCacheable {
             Self::Private => "private",
             Self::EventStream => "event-stream",
             Self::TooLarge => "too-large",
+            Self::Vary => "vary",
         }
     }
 }
@@ -67,6 +71,7 @@ pub fn response_cacheable(
     headers: &HeaderMap,
     declared: Option<u64>,
     max_body: u64,
+    keyed_headers: &[HeaderName],
 ) -> Result<(), NotCacheable> {
     if !status.is_success() {
         return Err(NotCacheable::Status);
@@ -86,6 +91,22 @@ pub fn response_cacheable(
     }
     if declared.is_some_and(|n| n > max_body) {
         return Err(NotCacheable::TooLarge);
+    }
+    let varies_outside_key = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .any(|n| {
+            n == "*"
+                || !keyed_headers
+                    .iter()
+                    .any(|k| k.as_str().eq_ignore_ascii_case(n))
+        });
+    if varies_outside_key {
+        return Err(NotCacheable::Vary);
     }
     Ok(())
 }
@@ -192,40 +213,56 @@ mod tests {
     fn cacheability_table() {
         let ok = StatusCode::OK;
         let max = 1024;
-        assert_eq!(response_cacheable(ok, &h(&[]), None, max), Ok(()));
+        let ids = [
+            HeaderName::from_static("authorization"),
+            HeaderName::from_static("x-user-id"),
+        ];
+        assert_eq!(response_cacheable(ok, &h(&[]), None, max, &ids), Ok(()));
         assert_eq!(
-            response_cacheable(StatusCode::CREATED, &h(&[]), Some(10), max),
+            response_cacheable(StatusCode::CREATED, &h(&[]), Some(10), max, &ids),
             Ok(())
         );
         for s in [301, 400, 404, 429, 500, 503] {
             let s = StatusCode::from_u16(s).unwrap();
             assert_eq!(
-                response_cacheable(s, &h(&[]), None, max),
+                response_cacheable(s, &h(&[]), None, max, &ids),
                 Err(NotCacheable::Status)
             );
         }
         assert_eq!(
-            response_cacheable(ok, &h(&[("set-cookie", "a=b")]), None, max),
+            response_cacheable(ok, &h(&[("set-cookie", "a=b")]), None, max, &ids),
             Err(NotCacheable::SetCookie)
         );
         assert_eq!(
-            response_cacheable(ok, &h(&[("cache-control", "private")]), None, max),
+            response_cacheable(ok, &h(&[("cache-control", "private")]), None, max, &ids),
             Err(NotCacheable::Private)
         );
         assert_eq!(
-            response_cacheable(ok, &h(&[("cache-control", "public, no-store")]), None, max),
+            response_cacheable(
+                ok,
+                &h(&[("cache-control", "public, no-store")]),
+                None,
+                max,
+                &ids
+            ),
             Err(NotCacheable::Private)
         );
         assert_eq!(
-            response_cacheable(ok, &h(&[("cache-control", "max-age=60")]), None, max),
+            response_cacheable(ok, &h(&[("cache-control", "max-age=60")]), None, max, &ids),
             Ok(())
         );
         assert_eq!(
-            response_cacheable(ok, &h(&[("content-type", "text/event-stream")]), None, max),
+            response_cacheable(
+                ok,
+                &h(&[("content-type", "text/event-stream")]),
+                None,
+                max,
+                &ids
+            ),
             Err(NotCacheable::EventStream)
         );
         assert_eq!(
-            response_cacheable(ok, &h(&[]), Some(1025), max),
+            response_cacheable(ok, &h(&[]), Some(1025), max, &ids),
             Err(NotCacheable::TooLarge)
         );
     }

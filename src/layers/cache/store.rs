@@ -135,6 +135,19 @@ pub struct Namespace {
     /// entry always fits one quick_cache shard (a heavier one would be
     /// dropped silently).
     pub max_body: u64,
+    /// Bumped by every clear: a fetch that started before a clear does not
+    /// store its (possibly outdated) answer.
+    generation: AtomicU64,
+}
+
+impl Namespace {
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// The hybrid store.
@@ -194,6 +207,7 @@ impl CacheStore {
                     cache,
                     counters: Counters::default(),
                     max_body,
+                    generation: AtomicU64::new(0),
                 }),
             );
         }
@@ -262,42 +276,54 @@ impl CacheStore {
 
     /// Writes to memory and Redis (where it lives for TTL + stale window).
     pub async fn put(&self, ns: &Namespace, key: String, entry: Arc<Entry>) {
+        self.put_memory(ns, key.clone(), Arc::clone(&entry));
+        self.put_redis(&key, &entry).await;
+    }
+
+    pub fn put_memory(&self, ns: &Namespace, key: String, entry: Arc<Entry>) {
         Counters::add(&self.counters.sets);
         Counters::add(&ns.counters.sets);
+        ns.cache.insert(key, entry);
+    }
+
+    pub async fn put_redis(&self, key: &str, entry: &Entry) {
         if let Some(redis) = &self.redis {
             let ttl = Duration::from_millis(entry.ttl_ms.saturating_add(self.stale_ms));
-            if let Err(err) = redis.set(&key, entry.encode(), ttl).await {
+            if let Err(err) = redis.set(key, entry.encode(), ttl).await {
                 self.error("set", &err);
             }
         }
-        ns.cache.insert(key, entry);
     }
 
     /// Removes matching keys from memory; `None` clears everything.
     pub fn clear_memory(&self, pattern: Option<&str>) -> usize {
+        let glob = match pattern {
+            None => None,
+            Some(p) => match glob::Pattern::new(p) {
+                Ok(g) => Some((p, g)),
+                Err(_) => return 0,
+            },
+        };
         let mut removed = 0;
-        let glob = pattern.and_then(|p| glob::Pattern::new(p).ok());
         for ns in self.namespaces.values() {
-            match (&glob, pattern) {
-                (None, None) => {
-                    removed += ns.cache.len();
-                    ns.cache.clear();
+            let before = ns.cache.len();
+            match &glob {
+                // `search:*` (or everything) clears the whole namespace at once.
+                None => ns.cache.clear(),
+                Some((p, _)) if *p == "*" || p.strip_suffix(":*") == Some(ns.name.as_str()) => {
+                    ns.cache.clear()
                 }
-                (Some(g), Some(p)) => {
-                    // `search:*` clears the whole namespace at once.
-                    if p.strip_suffix(":*") == Some(ns.name.as_str()) || p == "*" {
-                        removed += ns.cache.len();
-                        ns.cache.clear();
-                    } else if g.matches(&format!("{}:", ns.name))
-                        || p.starts_with(&format!("{}:", ns.name))
-                    {
-                        let before = ns.cache.len();
-                        ns.cache.retain(|k, _| !g.matches(k));
-                        removed += before.saturating_sub(ns.cache.len());
-                    }
+                // A pattern for another namespace leaves this one alone.
+                Some((p, _))
+                    if p.split_once(':')
+                        .is_some_and(|(n, _)| !n.contains(['*', '?', '[']) && n != ns.name) =>
+                {
+                    continue;
                 }
-                _ => {}
+                Some((_, g)) => ns.cache.retain(|k, _| !g.matches(k)),
             }
+            ns.bump();
+            removed += before.saturating_sub(ns.cache.len());
         }
         removed
     }
