@@ -92,6 +92,16 @@ impl Server {
     /// Like [`Self::bind`], serving extra admin endpoints besides the built-in ones.
     pub async fn bind_with(cfg: Config, extra: Vec<Endpoint>) -> Result<Self, ServerError> {
         let cfg = Arc::new(cfg);
+        // SO_REUSEPORT would let us share a port another process holds:
+        // probe it with a plain bind first, so "in use" is an error.
+        if cfg.listen.port() != 0 {
+            drop(
+                std::net::TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?,
+            );
+        }
         // The first bind picks the port when it is 0; the others share it.
         let first = bind_reuseport(cfg.listen)?;
         let addr = first.local_addr().map_err(|source| ServerError::Bind {
@@ -102,7 +112,14 @@ impl Server {
         for _ in 1..cfg.threads.max(1) {
             listeners.push(bind_reuseport(addr)?);
         }
-        let admin_listener = cfg.admin_listen.map(bind_reuseport).transpose()?;
+        let admin_listener = cfg
+            .admin_listen
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| ServerError::Bind { addr, source })
+            })
+            .transpose()?;
 
         let routes = RouteTable::new(&cfg);
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
@@ -192,6 +209,7 @@ impl Server {
             })))
         });
         let admin_on_proxy_port = admin_task.is_none().then(|| admin.clone());
+        let moved = admin_task.is_some().then(|| admin.clone());
 
         let mut workers = workers.into_iter();
         let Some(first) = workers.next() else {
@@ -201,7 +219,10 @@ impl Server {
         for (i, w) in workers.enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (svc, builder, stop) = (
-                Dispatch::new(admin_on_proxy_port.clone(), Some(w.stack)),
+                Dispatch {
+                    moved: moved.clone(),
+                    ..Dispatch::new(admin_on_proxy_port.clone(), Some(w.stack))
+                },
                 builder.clone(),
                 stop_rx.clone(),
             );
@@ -222,7 +243,10 @@ impl Server {
                 Err(e) => tracing::error!("cannot start a worker thread: {e}"),
             }
         }
-        let svc = Dispatch::new(admin_on_proxy_port, Some(first.stack));
+        let svc = Dispatch {
+            moved,
+            ..Dispatch::new(admin_on_proxy_port, Some(first.stack))
+        };
         let own = worker(first.listener, svc, builder, stop_rx, grace);
         let signal = async {
             shutdown.await;
@@ -355,11 +379,17 @@ fn serve(
 struct Dispatch {
     admin: Option<Admin>,
     stack: Option<ProxyStack>,
+    /// The admin router that `admin_listen` moved away, to refuse its paths.
+    moved: Option<Admin>,
 }
 
 impl Dispatch {
     fn new(admin: Option<Admin>, stack: Option<ProxyStack>) -> Self {
-        Self { admin, stack }
+        Self {
+            admin,
+            stack,
+            moved: None,
+        }
     }
 }
 
@@ -376,15 +406,34 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        let Dispatch { admin, stack } = &self.svc;
+        let Dispatch {
+            admin,
+            stack,
+            moved,
+        } = &self.svc;
         if let Some(admin) = admin {
             if stack.is_none() || admin.handles(req.uri().path()) {
                 let fut = admin.call(req, self.peer);
                 return Box::pin(async move { Ok(fut.await.map(Either::Left)) });
             }
         }
+        // With `admin_listen`, the sidecar's endpoints are not on this port,
+        // and not the app's either: never proxied.
+        if let Some(admin) = moved {
+            if admin.handles(req.uri().path()) {
+                let resp = body::json(
+                    http::StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "Not found", "message": "the sidecar's endpoints are served on admin_listen"}),
+                );
+                return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+            }
+        }
         match stack {
             Some(stack) => {
+                // Hop-by-hop headers (and those `Connection` names) are gone
+                // before any layer reads the request: the cache must not key
+                // on a header the app will never see.
+                crate::proxy::strip_hop_by_hop(req.headers_mut());
                 req.extensions_mut().insert(ClientAddr(self.peer));
                 let req: Request<Body> = req.map(body::boxed);
                 let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);

@@ -147,8 +147,31 @@ async fn admin_listen_moves_the_endpoints() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    // On the proxy port the path is the app's now.
-    let resp = client().get(sc.url("/healthz")).send().await.unwrap();
-    assert_eq!(resp.status(), 404);
-    assert_eq!(mock.stats().await["by_path"]["/healthz"], 1);
+    // On the proxy port these paths are refused, never proxied to the app
+    // (percent-encoded spellings included).
+    for path in ["/healthz", "/api/cache/stats", "/api/cache/%63lear"] {
+        let resp = client().post(sc.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], "Not found");
+    }
+    assert_eq!(mock.stats().await["requests"], 0);
+    // Other paths are the app's as usual.
+    assert_eq!(sc.get_status("/api/stats").await, 200);
+}
+
+#[tokio::test]
+async fn percent_encoded_admin_paths_are_still_admin_paths() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[admin]\ntoken = \"t\"\ntrust_loopback = false\n",
+    )
+    .await;
+    let resp = client()
+        .post(sc.url("/api/cache/%63lear"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "guarded, not proxied around the guard");
+    assert_eq!(mock.stats().await["requests"], 0);
 }

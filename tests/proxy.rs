@@ -353,3 +353,19 @@ async fn slowloris_connections_are_closed() {
     // The server still serves others.
     assert_eq!(sc.get_status("/api/stats").await, 200);
 }
+
+#[tokio::test]
+async fn a_port_another_sidecar_holds_is_an_error_not_shared() {
+    let mock = Mock::start();
+    let addr = common::free_addr();
+    let toml = format!("listen = \"{addr}\"\nupstream = \"{}\"\n", mock.url());
+    let first = rag_sidecar::server::Server::bind(common::config(&toml, &[]))
+        .await
+        .unwrap();
+    // Both would set SO_REUSEPORT; the second must still be refused, or the
+    // kernel would split connections between two configurations.
+    let second = rag_sidecar::server::Server::bind(common::config(&toml, &[])).await;
+    let err = second.expect_err("second bind refused");
+    assert!(err.to_string().contains("cannot listen"), "{err}");
+    drop(first);
+}

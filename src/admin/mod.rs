@@ -77,15 +77,21 @@ impl Admin {
         &self.state
     }
 
-    /// Whether this path is one of the sidecar's own (any method).
+    /// Whether this path is one of the sidecar's own (any method). The path
+    /// is percent-decoded first: `/api/cache/%63lear` is `/api/cache/clear`
+    /// to the app behind us, so it is to us too.
     pub fn handles(&self, path: &str) -> bool {
-        self.endpoints.iter().any(|e| e.path == path)
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        self.endpoints.iter().any(|e| e.path == decoded)
     }
 
     /// Answers a request for one of [`Self::handles`]' paths; anything else
     /// gets a JSON 404 (on the admin port).
     pub fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> HandlerFuture {
-        let path = req.uri().path();
+        let decoded = percent_encoding::percent_decode_str(req.uri().path())
+            .decode_utf8_lossy()
+            .into_owned();
+        let path = decoded.as_str();
         let mut allowed = Vec::new();
         let mut found = None;
         for e in self.endpoints.iter().filter(|e| e.path == path) {

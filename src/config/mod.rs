@@ -1129,9 +1129,17 @@ struct Errors(Vec<ConfigError>);
 
 impl Errors {
     fn push(&mut self, key: &str, value: Option<&str>, reason: String) {
+        // A Redis URL may carry its password: never print it.
+        let secret = matches!(key, "redis.url" | "REDIS_URL" | "REDIS_HOST");
         self.0.push(ConfigError {
             key: key.to_string(),
-            value: value.map(str::to_string),
+            value: value.map(|v| {
+                if secret {
+                    mask_url_password(v)
+                } else {
+                    v.to_string()
+                }
+            }),
             reason,
         });
     }
@@ -1253,14 +1261,21 @@ fn parse_redis_url(s: &str) -> Result<String, String> {
     Ok(s.trim().to_string())
 }
 
-/// Replaces the password of a URL with `***` for display.
+/// Replaces the password of a URL with `***` for display; a URL too broken
+/// to parse loses everything between `://` and `@` instead.
 pub fn mask_url_password(s: &str) -> String {
     match url::Url::parse(s) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some(SECRET_MASK));
             u.to_string()
         }
-        _ => s.to_string(),
+        Ok(_) => s.to_string(),
+        Err(_) => match (s.find("://"), s.rfind('@')) {
+            (Some(start), Some(at)) if at > start + 3 => {
+                format!("{}{SECRET_MASK}{}", &s[..start + 3], &s[at..])
+            }
+            _ => s.to_string(),
+        },
     }
 }
 

@@ -480,3 +480,24 @@ fn all_errors_are_reported_together() {
     ));
     assert_eq!(errs.len(), 3);
 }
+
+#[test]
+fn redis_passwords_never_appear_in_errors() {
+    let d = Dir::new();
+    for (k, v) in [
+        ("REDIS_URL", "mysql://:hunter2@db:1"),
+        ("REDIS_URL", "redis://:hunter2@a b:1"),
+    ] {
+        let e = one_error(d.load(&Overrides::default(), &[(k, v)]));
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+    let e = one_error(d.load(
+        &Overrides::default(),
+        &[
+            ("USE_REDIS", "True"),
+            ("REDIS_HOST", "a b"),
+            ("REDIS_PASSWORD", "hunter2"),
+        ],
+    ));
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}

@@ -131,7 +131,11 @@ where
             if let Some(route) = route.filter(|r| !r.invalidate.is_empty()) {
                 let from_upstream = resp.headers().get(&X_CACHE).is_none_or(|v| v != "HIT");
                 if resp.status().is_success() && from_upstream {
-                    shared.store.invalidate(&route.invalidate).await;
+                    // In its own task: a client that hangs up now must not
+                    // cancel the invalidation half way.
+                    let store = Arc::clone(&shared.store);
+                    let patterns = route.invalidate.clone();
+                    let _ = tokio::spawn(async move { store.invalidate(&patterns).await }).await;
                 }
             }
             Ok(resp)

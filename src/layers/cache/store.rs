@@ -344,17 +344,27 @@ impl CacheStore {
         (memory, redis_removed)
     }
 
-    /// After a corpus change: clear here and in Redis, and tell the other
-    /// sidecars to clear their memory.
+    /// After a corpus change: clear memory here, tell the other sidecars to
+    /// clear theirs, then clear Redis.
     pub async fn invalidate(&self, patterns: &[String]) {
+        let mut removed = 0;
         for p in patterns {
-            self.clear(Some(p)).await;
+            removed += self.clear_memory(Some(p));
         }
         if let Some(redis) = &self.redis {
             if let Err(err) = redis.publish_invalidation(patterns).await {
                 self.error("publish", &err);
             }
+            for p in patterns {
+                match redis.clear(p).await {
+                    Ok(n) => removed = removed.max(n),
+                    Err(err) => self.error("clear", &err),
+                }
+            }
         }
+        self.counters
+            .deletes
+            .fetch_add(removed as u64, Ordering::Relaxed);
     }
 
     /// The Redis client, shared with the rate limiter's shared mode.
