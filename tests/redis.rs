@@ -149,7 +149,10 @@ async fn clear_uses_scan_in_redis_and_counts() {
         .send()
         .await
         .unwrap();
-    assert_eq!(redis.keys("rag-sidecar:*").len(), 4);
+    assert_eq!(redis.keys("rag-sidecar:search:*").len(), 3);
+    assert_eq!(redis.keys("rag-sidecar:rag:*").len(), 1);
+    let limiter_keys = redis.keys("rag-sidecar:rl:*").len();
+    assert!(limiter_keys > 0);
     let r: Value = client()
         .post(sc.url("/api/cache/clear"))
         .json(&json!({"pattern": "search:*"}))
@@ -169,6 +172,14 @@ async fn clear_uses_scan_in_redis_and_counts() {
     );
     assert!(redis.keys("rag-sidecar:search:*").is_empty());
     assert_eq!(redis.keys("rag-sidecar:rag:*").len(), 1);
+    // Clearing everything clears the cache, not the rate limiter's state.
+    client()
+        .post(sc.url("/api/cache/clear"))
+        .send()
+        .await
+        .unwrap();
+    assert!(redis.keys("rag-sidecar:rag:*").is_empty());
+    assert_eq!(redis.keys("rag-sidecar:rl:*").len(), limiter_keys);
 }
 
 #[tokio::test]

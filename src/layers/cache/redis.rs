@@ -48,6 +48,9 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
 return {1, math.floor((window - (new_tat - now)) / interval), 0, new_tat - now}
 "#;
 
+/// The key space (after the prefix) of the rate limiter's keys.
+pub const RATE_LIMIT_SPACE: &str = "rl:";
+
 /// What the shared limiter said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcraOutcome {
@@ -187,7 +190,11 @@ impl RedisStore {
                 Err(_) => return Err(RedisError::Timeout(self.timeout * 4)),
             };
             let mut page = page;
-            if let Some(keys) = page.take_results() {
+            if let Some(mut keys) = page.take_results() {
+                // The rate limiter's keys share the prefix: a cache clear
+                // must not reset anyone's limits.
+                let limiter = format!("{}{RATE_LIMIT_SPACE}", self.prefix);
+                keys.retain(|k| k.as_str().is_none_or(|k| !k.starts_with(&limiter)));
                 if !keys.is_empty() {
                     let c = self.client.with_options(&self.opts());
                     let n: i64 = self.bounded(c.unlink(keys)).await?;

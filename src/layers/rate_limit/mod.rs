@@ -50,7 +50,7 @@ use self::key::{ClientKey, client_key};
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
-use crate::layers::cache::redis::RedisStore;
+use crate::layers::cache::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::layers::{BoxResponseFuture, call_boxed};
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
@@ -319,7 +319,7 @@ impl Shared {
         let digest = key_digest(key);
         let mut out = Vec::with_capacity(policy.limits.len());
         for l in &policy.limits {
-            let redis_key = format!("rl:{}:{}", l.name, digest);
+            let redis_key = format!("{RATE_LIMIT_SPACE}{}:{}", l.name, digest);
             match redis.gcra(&redis_key, interval(l.rate), l.rate.count).await {
                 Ok(o) => out.push(Verdict {
                     limit: l,
