@@ -34,7 +34,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port)
+up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port); scrl=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
@@ -77,6 +77,14 @@ run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
   nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_"
 load_rss=$(rss $scpid)
 
+# Rate limiting on (a limit too high to reject) vs off, same route.
+(cd "$work" && exec env LOG_LEVEL=warn DEFAULT_RATE_LIMIT="1000000000 per minute" NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scrl" --upstream "http://127.0.0.1:$up") &
+pids+=($!); wait_port "$scrl"
+rl_results="$work/ratelimit.txt"
+run_rounds "$rl_results" bench/report.lua rate-limit-off="http://127.0.0.1:$sc$PATH_" \
+  rate-limit-on="http://127.0.0.1:$scrl$PATH_"
+
 # Cache hits: the same POST /api/search answered from nginx's proxy_cache and
 # from the sidecar's cache ("direct" is the app computing it every time).
 cache_results="$work/cache.txt"
@@ -118,7 +126,7 @@ PY
 rss_10k=$(rss $sc10kpid)
 items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" <<'PY'
+python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" <<'PY'
 import sys, statistics, collections
 def table(path, names):
     rows = collections.defaultdict(list)
@@ -143,13 +151,18 @@ m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar"))
 s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
 print(f"- p99 sidecar/nginx: {s[2]/n[2]:.2f}x; p50 sidecar/nginx: {s[1]/n[1]:.2f}x")
-idle, loaded, before_10k, after_10k, items_10k, hit_h, ngx_h = sys.argv[4:11]
+idle, loaded, before_10k, after_10k, items_10k, hit_h, ngx_h, rl_path = sys.argv[4:12]
 print(f"- sidecar RSS: idle {int(idle)/1024:.1f} MiB, after the load {int(loaded)/1024:.1f} MiB")
 print()
 print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {hit_h}, nginx {ngx_h}):\n")
 m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache"))
 s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
 print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+print()
+print("Rate limiting on (a limit that never rejects) vs off, GET default route:\n")
+m = table(rl_path, ("rate-limit-off", "rate-limit-on"))
+on, off = m["rate-limit-on"], m["rate-limit-off"]
+print(f"- throughput with rate limiting on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
 print()
 print("Cache hits at moderate load (4 connections):\n")
 m = table(sys.argv[3], ("nginx-proxy_cache", "rag-sidecar-cache"))

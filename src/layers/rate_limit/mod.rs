@@ -87,12 +87,16 @@ struct Limit {
     /// The IETF policy name: the route's name, with `-2`, `-3`… for further parts.
     name: String,
     limiter: Limiter,
+    /// `X-RateLimit-Limit`, rendered once.
+    limit_header: HeaderValue,
 }
 
 /// A route's limits and figures.
 #[derive(Debug)]
 pub struct RoutePolicy {
     limits: Vec<Limit>,
+    /// `RateLimit-Policy`, rendered once: it never changes.
+    policy_header: Option<HeaderValue>,
     dry_run: bool,
     /// Rejections (would-be rejections in dry run are counted separately).
     pub rejected: AtomicU64,
@@ -150,13 +154,30 @@ impl RateLimitLayer {
                         },
                         limiter: RateLimiter::keyed(q)
                             .with_middleware::<StateInformationMiddleware>(),
+                        limit_header: HeaderValue::from(rate.count),
                     })
                 })
-                .collect();
+                .collect::<Vec<Limit>>();
+            let policy_header = HeaderValue::try_from(
+                limits
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "\"{}\";q={};w={}",
+                            l.name,
+                            l.rate.count,
+                            l.rate.period.as_secs()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+            .ok();
             routes.insert(
                 r.name.clone(),
                 Arc::new(RoutePolicy {
                     limits,
+                    policy_header,
                     dry_run: r.dry_run.unwrap_or(cfg.rate_limit.dry_run),
                     rejected: AtomicU64::new(0),
                     dry_run_rejected: AtomicU64::new(0),
@@ -343,7 +364,7 @@ impl Shared {
         policy: &RoutePolicy,
         verdicts: &[Verdict<'_>],
     ) -> Result<HeaderMap, Box<RateLimited>> {
-        let headers = headers(verdicts);
+        let headers = headers(policy, verdicts);
         if let Some(v) = verdicts.iter().find(|v| v.wait.is_some()) {
             let message = format!("{} limit reached", describe(v.limit.rate));
             let retry_after = ceil_secs(v.wait.unwrap_or_default()).max(1);
@@ -366,8 +387,8 @@ impl Shared {
 
 /// The rate-limit headers for these verdicts: `X-RateLimit-*` and
 /// `RateLimit` from the most restrictive limit, `RateLimit-Policy` for all.
-fn headers(verdicts: &[Verdict<'_>]) -> HeaderMap {
-    let mut h = HeaderMap::new();
+fn headers(policy: &RoutePolicy, verdicts: &[Verdict<'_>]) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(5);
     let Some(worst) = verdicts
         .iter()
         .min_by_key(|v| (v.wait.is_none(), v.remaining))
@@ -378,23 +399,11 @@ fn headers(verdicts: &[Verdict<'_>]) -> HeaderMap {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let reset = ceil_secs(worst.reset);
-    h.insert(X_RATELIMIT_LIMIT, HeaderValue::from(worst.limit.rate.count));
+    h.insert(X_RATELIMIT_LIMIT, worst.limit.limit_header.clone());
     h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(worst.remaining));
     h.insert(X_RATELIMIT_RESET, HeaderValue::from(now.as_secs() + reset));
-    let policy = verdicts
-        .iter()
-        .map(|v| {
-            format!(
-                "\"{}\";q={};w={}",
-                v.limit.name,
-                v.limit.rate.count,
-                v.limit.rate.period.as_secs()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Ok(v) = HeaderValue::try_from(policy) {
-        h.insert(RATELIMIT_POLICY, v);
+    if let Some(p) = &policy.policy_header {
+        h.insert(RATELIMIT_POLICY, p.clone());
     }
     if let Ok(v) = HeaderValue::try_from(format!(
         "\"{}\";r={};t={}",
@@ -520,7 +529,7 @@ mod tests {
         for expect_remaining in [2, 1, 0] {
             let v = shared.check(policy, &key);
             assert!(v.iter().all(|v| v.wait.is_none()));
-            let h = headers(&v);
+            let h = headers(policy, &v);
             assert_eq!(h[&X_RATELIMIT_LIMIT], "3");
             assert_eq!(
                 h[&X_RATELIMIT_REMAINING],
