@@ -81,6 +81,8 @@ pub struct Server {
     admin: Admin,
     builder: auto::Builder<TokioExecutor>,
     grace: Duration,
+    /// How long a new connection may take to start its first request.
+    head_timeout: Duration,
 }
 
 impl Server {
@@ -166,7 +168,13 @@ impl Server {
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .keep_alive(true);
-        builder.http2().timer(TokioTimer::new());
+        // Idle h2c connections are pinged; a peer that stopped answering is
+        // closed instead of holding its slot forever.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
         Ok(Self {
             workers,
             addr,
@@ -174,6 +182,7 @@ impl Server {
             admin,
             builder,
             grace: cfg.shutdown_grace,
+            head_timeout: cfg.header_read_timeout,
         })
     }
 
@@ -197,6 +206,7 @@ impl Server {
             admin,
             builder,
             grace,
+            head_timeout,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -204,9 +214,16 @@ impl Server {
         let admin_task = admin_listener.and_then(|l| {
             let l = to_tokio(l)?;
             let svc = Dispatch::new(Some(admin.clone()), None);
-            Some(tokio::spawn(accept_until(l, svc, builder.clone(), async {
+            let stop = async {
                 let _ = admin_stopped.await;
-            })))
+            };
+            Some(tokio::spawn(accept_until(
+                l,
+                svc,
+                builder.clone(),
+                stop,
+                head_timeout,
+            )))
         });
         let admin_on_proxy_port = admin_task.is_none().then(|| admin.clone());
         let moved = admin_task.is_some().then(|| admin.clone());
@@ -233,7 +250,9 @@ impl Server {
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(worker(w.listener, svc, builder, stop, grace)),
+                        Ok(rt) => {
+                            rt.block_on(worker(w.listener, svc, builder, stop, grace, head_timeout))
+                        }
                         Err(e) => tracing::error!("worker runtime: {e}"),
                     }
                     let _ = tx.send(());
@@ -247,7 +266,7 @@ impl Server {
             moved,
             ..Dispatch::new(admin_on_proxy_port, Some(first.stack))
         };
-        let own = worker(first.listener, svc, builder, stop_rx, grace);
+        let own = worker(first.listener, svc, builder, stop_rx, grace, head_timeout);
         let signal = async {
             shutdown.await;
             admin.state().readiness.begin_drain();
@@ -295,6 +314,7 @@ async fn worker(
     builder: auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
+    head_timeout: Duration,
 ) {
     let Some(listener) = to_tokio(listener) else {
         return;
@@ -303,7 +323,15 @@ async fn worker(
     let stop_signal = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    accept_loop(listener, svc, &builder, stop_signal, Some(&graceful)).await;
+    accept_loop(
+        listener,
+        svc,
+        &builder,
+        stop_signal,
+        Some(&graceful),
+        head_timeout,
+    )
+    .await;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -318,8 +346,9 @@ async fn accept_until(
     svc: Dispatch,
     builder: auto::Builder<TokioExecutor>,
     stop: impl Future<Output = ()>,
+    head_timeout: Duration,
 ) {
-    accept_loop(listener, svc, &builder, stop, None).await;
+    accept_loop(listener, svc, &builder, stop, None, head_timeout).await;
 }
 
 /// Connections are watched by `graceful` when given, so they can drain.
@@ -329,6 +358,7 @@ async fn accept_loop(
     builder: &auto::Builder<TokioExecutor>,
     stop: impl Future<Output = ()>,
     graceful: Option<&GracefulShutdown>,
+    head_timeout: Duration,
 ) {
     tokio::pin!(stop);
     loop {
@@ -345,7 +375,7 @@ async fn accept_loop(
                 }
             },
         };
-        serve(stream, peer, svc.clone(), builder, graceful);
+        serve(stream, peer, svc.clone(), builder, graceful, head_timeout);
     }
 }
 
@@ -355,21 +385,54 @@ fn serve(
     svc: Dispatch,
     builder: &auto::Builder<TokioExecutor>,
     graceful: Option<&GracefulShutdown>,
+    head_timeout: Duration,
 ) {
     let _ = stream.set_nodelay(true);
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), ConnService { svc, peer })
-        .into_owned();
-    let on_err = move |e: Box<dyn std::error::Error + Send + Sync>| {
-        tracing::debug!(client = %peer, "connection ended with an error: {e}");
-    };
-    match graceful {
-        Some(g) => {
-            let fut = g.watch(conn);
-            tokio::spawn(async move { fut.await.unwrap_or_else(on_err) });
+    let builder = builder.clone();
+    let watcher = graceful.map(GracefulShutdown::watcher);
+    tokio::spawn(async move {
+        if !request_started(&stream, head_timeout).await {
+            return; // dropped: the connection closes
         }
-        None => {
-            tokio::spawn(async move { conn.await.unwrap_or_else(on_err) });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), ConnService { svc, peer })
+            .into_owned();
+        let result = match watcher {
+            Some(w) => w.watch(conn).await,
+            None => conn.await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(client = %peer, "connection ended with an error: {e}");
+        }
+    });
+}
+
+/// Waits (at most `within`) until the client has sent enough to tell
+/// HTTP/1.1 from an h2c preface. hyper-util's auto builder reads those bytes
+/// with no timeout of its own, and `header_read_timeout` only starts after
+/// it: without this, a client that connects and sends nothing (or half an h2
+/// preface) would hold a connection forever.
+async fn request_started(stream: &TcpStream, within: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 {
+            return false;
+        }
+        if n >= PREFACE.len() || buf[..n] != PREFACE[..n] {
+            return true;
+        }
+        // Part of an h2 preface: wait briefly for the rest.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+            .await
+            .is_err()
+        {
+            return false;
         }
     }
 }

@@ -350,6 +350,17 @@ async fn slowloris_connections_are_closed() {
     let text = String::from_utf8_lossy(&buf);
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(mock.stats().await["requests"], 0);
+    // Connections that send nothing, or half an h2c preface, are closed too.
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(opening).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "idle connection still open after the header timeout"
+        );
+    }
     // The server still serves others.
     assert_eq!(sc.get_status("/api/stats").await, 200);
 }
