@@ -200,6 +200,17 @@ async fn dry_run_exempt_and_disabled_let_everything_through() {
             }
         );
     }
+    // Dry run on one route only: others still reject.
+    let per_route = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"search\"\nrate_limit = \"1 per minute\"\ndry_run = true\n[[routes]]\nname = \"default\"\nrate_limit = \"1 per minute\"\n",
+    )
+    .await;
+    for i in 0..3 {
+        assert_eq!(search(&per_route, i, &[]).await.status(), 200);
+    }
+    assert_eq!(per_route.get_status("/api/stats").await, 200);
+    assert_eq!(per_route.get_status("/api/stats").await, 429);
     let exempt = Sidecar::start(
         &mock.url(),
         "[[routes]]\nname = \"search\"\nrate_limit = \"exempt\"\n",

@@ -298,6 +298,30 @@ rate_limit = "exempt"
 }
 
 #[test]
+fn legacy_rate_limit_names_map_onto_the_routes() {
+    let c = Dir::new()
+        .load(
+            &Overrides::default(),
+            &[
+                ("DEFAULT_RATE_LIMIT", "100 per hour"),
+                ("SEARCH_RATE_LIMIT", "15 per minute"),
+                ("UPLOAD_RATE_LIMIT", "5/minute"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(c.rate_limit.default.as_str(), "100 per hour");
+    assert_eq!(
+        c.route("search").unwrap().rate_limit,
+        RouteRate::Limits(rate::parse("15 per minute").unwrap())
+    );
+    assert_eq!(
+        c.route("upload").unwrap().rate_limit,
+        RouteRate::Limits(rate::parse("5/minute").unwrap())
+    );
+    assert_eq!(c.route("rag").unwrap().rate_limit, RouteRate::Default);
+}
+
+#[test]
 fn embedding_cache_switch() {
     let c = Dir::new()
         .load(

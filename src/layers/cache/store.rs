@@ -186,7 +186,9 @@ impl CacheStore {
             let shards = (budget / max_body.max(1)).clamp(1, default_shards as u64);
             let shards = 1usize << (63 - shards.leading_zeros()); // a power of two
             let options = OptionsBuilder::new()
-                .estimated_items_capacity(c.max_items.max(1))
+                // An estimate for pre-sizing only; capped so a huge
+                // max_items does not allocate a huge table at start-up.
+                .estimated_items_capacity(c.max_items.clamp(1, 65_536))
                 .weight_capacity(budget)
                 .shards(shards)
                 .build()

@@ -545,6 +545,20 @@ mod tests {
         assert_eq!(rejected.limit.name, "default");
         let wait = ceil_secs(rejected.wait.unwrap());
         assert!((1..=20).contains(&wait), "{wait}");
+        // Deciding on it rejects and counts; in dry run it counts apart and passes.
+        assert!(Shared::decide(policy, &v).is_err());
+        assert_eq!(policy.rejected.load(Ordering::Relaxed), 1);
+        let mut dry_cfg = cfg.clone();
+        dry_cfg.rate_limit.dry_run = true;
+        let dry = RateLimitLayer::new(&dry_cfg, None);
+        let dry_shared = dry.shared.as_ref().unwrap();
+        let dry_policy = dry_shared.routes.get("default").unwrap();
+        for _ in 0..4 {
+            let v = dry_shared.check(dry_policy, &key);
+            assert!(Shared::decide(dry_policy, &v).is_ok());
+        }
+        assert_eq!(dry_policy.dry_run_rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(dry_policy.rejected.load(Ordering::Relaxed), 0);
         // Another client is not affected.
         let other = ClientKey::Ip("192.0.2.2".parse().unwrap());
         assert!(
