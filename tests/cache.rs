@@ -297,12 +297,7 @@ async fn corpus_changes_invalidate_search_and_rag() {
     assert_eq!(h(&rag().send().await.unwrap(), "x-cache"), "HIT");
     assert_eq!(h(&search(&sc, &body, &[]).await, "x-cache"), "HIT");
 
-    let up = client()
-        .post(sc.url("/api/upload?filename=new.pdf"))
-        .body("pdf bytes")
-        .send()
-        .await
-        .unwrap();
+    let up = sc.post("/api/upload?filename=new.pdf", "pdf bytes").await;
     assert_eq!(up.status(), 200);
     assert_eq!(h(&search(&sc, &body, &[]).await, "x-cache"), "MISS");
     assert_eq!(h(&rag().send().await.unwrap(), "x-cache"), "MISS");
@@ -486,12 +481,7 @@ async fn an_answer_fetched_across_a_corpus_change_is_not_stored() {
     };
     mock.wait_stats("the search upstream", |s| s["in_flight"] == 1)
         .await;
-    let up = client()
-        .post(sc.url("/api/upload"))
-        .body("new")
-        .send()
-        .await
-        .unwrap();
+    let up = sc.post("/api/upload", "new").await;
     assert_eq!(up.status(), 200);
     let r = slow.await.unwrap();
     assert_eq!(r.status(), 200);

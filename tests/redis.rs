@@ -200,12 +200,7 @@ async fn invalidation_reaches_every_sidecar() {
             == Some("2")
     })
     .await;
-    let up = client()
-        .post(a.url("/api/upload"))
-        .body("new doc")
-        .send()
-        .await
-        .unwrap();
+    let up = a.post("/api/upload", "new doc").await;
     assert_eq!(up.status(), 200);
     assert!(redis.keys("rag-sidecar:search:*").is_empty());
     eventually("B's memory cleared", async || {

@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod body_limit;
 pub mod cache;
+pub mod inflight;
 pub mod match_route;
 pub mod rate_limit;
 pub mod rescue;
@@ -91,10 +92,7 @@ pub fn build_stack(
         .layer(RescueLayer)
         // In-flight cap: past `max_inflight`, answer 503 at once instead of
         // queueing work the upstream cannot absorb.
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-            inflight,
-        ))
+        .layer(inflight::InflightLimitLayer::new(inflight))
         // Rate limiting, before the cache: rejected requests reach neither
         // the cache nor the upstream (nor, later, the retry layer).
         .layer(rate_limit)

@@ -3,7 +3,8 @@
 //!
 //! Requests from HTTP/2 clients are rewritten to HTTP/1.1 with an absolute
 //! URI (the legacy app speaks only HTTP/1.1); hop-by-hop headers are dropped
-//! both ways and `X-Forwarded-*` set. A client error becomes a typed
+//! from responses here (from requests by the server, before the stack) and
+//! `X-Forwarded-*` set. A client error becomes a typed
 //! [`UpstreamUnavailable`] unless it was caused by the request body (an
 //! over-limit upload), whose error is kept so the rescue answers 413.
 
@@ -112,7 +113,8 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        strip_hop_by_hop(&mut parts.headers);
+        // Hop-by-hop headers are already gone: the server strips them before
+        // the stack (so the cache never keys on them).
         if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>() {
             set_forwarded(
                 &mut parts.headers,

@@ -170,6 +170,16 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// POST a body to a sidecar path.
+    pub async fn post(&self, path: &str, body: &'static str) -> reqwest::Response {
+        client()
+            .post(self.url(path))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GET a sidecar path and return its status.
     pub async fn get_status(&self, path: &str) -> u16 {
         client()

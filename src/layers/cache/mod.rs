@@ -114,18 +114,30 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxFut;
+    type Future = futures_util::future::Either<S::Future, BoxFut>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> BoxFut {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // Routes that neither cache nor invalidate pass straight through,
+        // without a boxed future.
+        let route = req.extensions().get::<MatchedRoute>();
+        let involved = route.is_some_and(|r| {
+            !r.invalidate.is_empty()
+                || r.cache
+                    .as_ref()
+                    .is_some_and(|c| self.shared.store.namespace(&c.namespace).is_some())
+        });
+        if !involved {
+            return futures_util::future::Either::Left(self.inner.call(req));
+        }
         // Use the service that was made ready; leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move {
+        futures_util::future::Either::Right(Box::pin(async move {
             let route = req.extensions().get::<MatchedRoute>().cloned();
             let resp = handle(&shared, inner, req, route.as_ref()).await?;
             if let Some(route) = route.filter(|r| !r.invalidate.is_empty()) {
@@ -139,7 +151,7 @@ where
                 }
             }
             Ok(resp)
-        })
+        }))
     }
 }
 
