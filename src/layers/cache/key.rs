@@ -3,6 +3,10 @@
 //! path, the query string with its parameters sorted, the body in canonical
 //! form, and the values of the identity headers (so one user never receives
 //! another's answer). Query text never appears in a key, only its digest.
+//! `Host` is deliberately not in the key: replicas reached under different
+//! names (pod addresses, service names) share entries through Redis. An app
+//! that writes the request's host into its answers should not have them
+//! cached (or should be reached under one name only).
 //!
 //! A JSON body is canonicalised: keys sorted, no whitespace, and the
 //! top-level `query` field Unicode-NFC-normalised with whitespace trimmed and
@@ -164,6 +168,16 @@ mod tests {
         assert_eq!(k("/a?x=1&y=2"), k("/a?y=2&x=1"));
         assert_ne!(k("/a?x=1&y=2"), k("/a?x=1&y=3"));
         assert_ne!(k("/a"), k("/b"));
+    }
+
+    #[test]
+    fn big_numbers_stay_distinct() {
+        // Integers beyond f64's precision stay distinct (serde_json's
+        // arbitrary_precision keeps their digits).
+        assert_ne!(
+            key(r#"{"id": 12345678901234567890123}"#, &[]),
+            key(r#"{"id": 12345678901234567890124}"#, &[])
+        );
     }
 
     #[test]
