@@ -327,12 +327,7 @@ async fn cache_stats_and_clear_endpoints() {
         search(&sc, &search_body(q), &[]).await;
     }
     search(&sc, &search_body("one"), &[]).await;
-    client()
-        .post(sc.url("/api/rag/query"))
-        .json(&json!({"query": "r"}))
-        .send()
-        .await
-        .unwrap();
+    sc.post_json("/api/rag/query", &json!({"query": "r"})).await;
 
     let stats: Value = sc.get_json("/api/cache/stats").await;
     for field in [
@@ -375,12 +370,7 @@ async fn cache_stats_and_clear_endpoints() {
         h(&search(&sc, &search_body("one"), &[]).await, "x-cache"),
         "MISS"
     );
-    let r = client()
-        .post(sc.url("/api/rag/query"))
-        .json(&json!({"query": "r"}))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.post_json("/api/rag/query", &json!({"query": "r"})).await;
     assert_eq!(h(&r, "x-cache"), "HIT", "other namespaces untouched");
 
     let r: Value = clear("").await.unwrap().json().await.unwrap();

@@ -11,12 +11,8 @@ use common::{Mock, Redis, Sidecar, client, eventually};
 use serde_json::{Value, json};
 
 async fn search(sc: &Sidecar, q: &str) -> reqwest::Response {
-    client()
-        .post(sc.url("/api/search"))
-        .json(&json!({"query": q, "top_k": 2}))
-        .send()
+    sc.post_json("/api/search", &json!({"query": q, "top_k": 2}))
         .await
-        .unwrap()
 }
 
 fn x_cache(r: &reqwest::Response) -> String {
@@ -143,22 +139,14 @@ async fn clear_uses_scan_in_redis_and_counts() {
     for q in ["a", "b", "c"] {
         search(&sc, q).await;
     }
-    client()
-        .post(sc.url("/api/rag/query"))
-        .json(&json!({"query": "r"}))
-        .send()
-        .await
-        .unwrap();
+    sc.post_json("/api/rag/query", &json!({"query": "r"})).await;
     assert_eq!(redis.keys("rag-sidecar:search:*").len(), 3);
     assert_eq!(redis.keys("rag-sidecar:rag:*").len(), 1);
     let limiter_keys = redis.keys("rag-sidecar:rl:*").len();
     assert!(limiter_keys > 0);
-    let r: Value = client()
-        .post(sc.url("/api/cache/clear"))
-        .json(&json!({"pattern": "search:*"}))
-        .send()
+    let r: Value = sc
+        .post_json("/api/cache/clear", &json!({"pattern": "search:*"}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -180,6 +180,16 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// POST a JSON body to a sidecar path.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        client()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GET a sidecar path and return its status.
     pub async fn get_status(&self, path: &str) -> u16 {
         client()

@@ -123,14 +123,15 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // Routes that neither cache nor invalidate pass straight through,
         // without a boxed future.
-        let route = req.extensions().get::<MatchedRoute>();
-        let involved = route.is_some_and(|r| {
-            !r.invalidate.is_empty()
-                || r.cache
-                    .as_ref()
-                    .is_some_and(|c| self.shared.store.namespace(&c.namespace).is_some())
-        });
-        if !involved {
+        // The route and its namespace are looked up once, here.
+        let route = req.extensions().get::<MatchedRoute>().cloned();
+        let ns = route
+            .as_ref()
+            .and_then(|r| r.cache.as_ref())
+            .and_then(|c| self.shared.store.namespace(&c.namespace))
+            .cloned();
+        let invalidates = route.as_ref().is_some_and(|r| !r.invalidate.is_empty());
+        if ns.is_none() && !invalidates {
             return futures_util::future::Either::Left(self.inner.call(req));
         }
         // Use the service that was made ready; leave a fresh clone behind.
@@ -138,8 +139,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
         futures_util::future::Either::Right(Box::pin(async move {
-            let route = req.extensions().get::<MatchedRoute>().cloned();
-            let resp = handle(&shared, inner, req, route.as_ref()).await?;
+            let resp = handle(&shared, inner, req, route.as_ref(), ns).await?;
             if let Some(route) = route.filter(|r| !r.invalidate.is_empty()) {
                 let from_upstream = resp.headers().get(&X_CACHE).is_none_or(|v| v != "HIT");
                 if resp.status().is_success() && from_upstream {
@@ -160,15 +160,12 @@ async fn handle<S>(
     mut inner: S,
     req: Request<Body>,
     route: Option<&MatchedRoute>,
+    ns: Option<Arc<Namespace>>,
 ) -> Result<Response<Body>, BoxError>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
     S::Future: Send + 'static,
 {
-    let ns = route
-        .and_then(|r| r.cache.as_ref())
-        .and_then(|c| sh.store.namespace(&c.namespace))
-        .cloned();
     let Some(ns) = ns else {
         return call_boxed(&mut inner, req).await;
     };
