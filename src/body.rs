@@ -1,9 +1,12 @@
-//! The one body type that flows through the stack, and constructors for the
-//! sidecar's own (JSON) answers.
+//! The one body type that flows through the stack, constructors for the
+//! sidecar's own (JSON) answers, and the bounded read that the cache (keys)
+//! and the retry layer (replay) share.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
 
 use crate::BoxError;
 
@@ -41,4 +44,45 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// A body read up to a bound.
+#[allow(missing_debug_implementations)] // holds a boxed body
+pub enum Buffered {
+    Whole(Bytes),
+    /// Over the limit: what was read, followed by the rest, still streaming.
+    Partial(Body),
+}
+
+/// Reads a body up to `limit` bytes without ever holding more.
+pub async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError> {
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    while let Some(frame) = b.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers are not kept
+        };
+        total += data.len() as u64;
+        chunks.push(data);
+        if total > limit {
+            let read = futures_util::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, BoxError>(Frame::data(c))),
+            );
+            let rest = BodyStream::new(b);
+            return Ok(Buffered::Partial(boxed(StreamBody::new(read.chain(rest)))));
+        }
+    }
+    Ok(Buffered::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    }))
 }

@@ -36,6 +36,15 @@ pub struct ClientTimeout(pub Duration);
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// The route's circuit is open: the upstream was not called.
+#[derive(Debug, thiserror::Error)]
+#[error("Circuit breaker OPEN: Service unavailable")]
+pub struct CircuitOpen {
+    pub circuit: std::sync::Arc<str>,
+    /// Whole seconds until a probe may go through (at least 1).
+    pub retry_after: u64,
+}
+
 /// The bounded kinds of failure, for responses and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -43,6 +52,7 @@ pub enum ErrorKind {
     ClientTimeout,
     BodyTooLarge,
     Overloaded,
+    CircuitOpen,
     UpstreamTimeout,
     UpstreamUnavailable,
     Internal,
@@ -55,6 +65,7 @@ impl ErrorKind {
             Self::ClientTimeout => "client_timeout",
             Self::BodyTooLarge => "body_too_large",
             Self::Overloaded => "overloaded",
+            Self::CircuitOpen => "circuit_open",
             Self::UpstreamTimeout => "timeout",
             Self::UpstreamUnavailable => "connect_error",
             Self::Internal => "internal",
@@ -66,7 +77,7 @@ impl ErrorKind {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -78,7 +89,7 @@ impl ErrorKind {
             Self::RateLimited => "Rate limit exceeded",
             Self::ClientTimeout => "Request timeout",
             Self::BodyTooLarge => "Payload too large",
-            Self::Overloaded => "Service unavailable",
+            Self::Overloaded | Self::CircuitOpen => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
             Self::UpstreamUnavailable => "Bad gateway",
             Self::Internal => "Internal server error",
@@ -113,6 +124,8 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         ErrorKind::BodyTooLarge
     } else if find_cause::<tower::load_shed::error::Overloaded>(err).is_some() {
         ErrorKind::Overloaded
+    } else if find_cause::<CircuitOpen>(err).is_some() {
+        ErrorKind::CircuitOpen
     } else if find_cause::<UpstreamTimeout>(err).is_some() {
         ErrorKind::UpstreamTimeout
     } else if find_cause::<UpstreamUnavailable>(err).is_some() {
@@ -133,6 +146,17 @@ pub fn rescue(err: &BoxError) -> Response<Body> {
         resp.headers_mut().extend(r.headers.clone());
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
+        return resp;
+    }
+    if let Some(c) = find_cause::<CircuitOpen>(err.as_ref()) {
+        // The legacy open-circuit answer, naming the circuit.
+        let mut resp = body::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "Service unavailable", "message": c.to_string(),
+                    "circuit": &*c.circuit, "retry_after": c.retry_after}),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(c.retry_after));
         return resp;
     }
     let kind = classify(err.as_ref());

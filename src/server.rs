@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::rate_limit::RateLimitLayer;
-use crate::layers::{ProxyStack, build_stack};
+use crate::layers::{ProxyStack, Resilience, build_stack};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
 
@@ -137,6 +137,7 @@ impl Server {
                 sweeper.sweep();
             }
         });
+        let resilience = Resilience::new(&cfg);
         let workers = listeners
             .into_iter()
             .map(|listener| Worker {
@@ -148,6 +149,7 @@ impl Server {
                     Arc::clone(&inflight),
                     cache_layer.clone(),
                     rate_limit.clone(),
+                    &resilience,
                 ),
             })
             .collect();
@@ -156,6 +158,7 @@ impl Server {
             config: Arc::clone(&cfg),
             started: Instant::now(),
             cache,
+            resilience,
         });
         let mut endpoints = crate::admin::builtin_endpoints();
         endpoints.extend(extra);

@@ -6,6 +6,7 @@
 //! that port only.
 
 pub mod cache;
+pub mod circuits;
 pub mod guard;
 pub mod ready;
 
@@ -51,6 +52,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     pub started: Instant,
     pub cache: Arc<crate::layers::cache::store::CacheStore>,
+    /// Circuits, retry and upstream-failure figures.
+    pub resilience: crate::layers::Resilience,
 }
 
 /// The admin router.
@@ -168,6 +171,18 @@ pub fn builtin_endpoints() -> Vec<Endpoint> {
             path: "/api/cache/clear",
             guarded: true,
             handler: |ctx| Box::pin(cache::clear(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/api/circuit-breakers",
+            guarded: false,
+            handler: |ctx| Box::pin(circuits::states(ctx)),
+        },
+        Endpoint {
+            method: Method::POST,
+            path: "/api/circuit-breakers/reset",
+            guarded: true,
+            handler: |ctx| Box::pin(circuits::reset(ctx)),
         },
     ]
 }

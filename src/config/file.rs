@@ -114,11 +114,19 @@ pub struct RetryFile {
     pub budget_percent: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_replay_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_min_per_second: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_patterns: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakerFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threshold: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -172,15 +172,24 @@ pub struct RateLimitConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryConfig {
+    /// `false` forwards every request once (the layer is left out).
+    pub enabled: bool,
     pub max_retries: u32,
     pub initial_wait: Duration,
     pub max_wait: Duration,
     pub budget_percent: f64,
+    /// Retries always allowed per second on top of the percentage, so a
+    /// quiet sidecar can still retry.
+    pub budget_min_per_second: u32,
     pub max_replay_bytes: u64,
+    /// Body fragments that make a 5xx a `gemini_rate_limit` (a 429 always is).
+    pub rate_limit_patterns: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CircuitBreakerConfig {
+    /// `false` never opens a circuit (the layer is left out).
+    pub enabled: bool,
     pub threshold: u32,
     pub timeout: Duration,
 }
@@ -272,13 +281,19 @@ impl Default for Config {
                 dry_run: false,
             },
             retry: RetryConfig {
+                enabled: true,
                 max_retries: 3,
                 initial_wait: Duration::from_secs(1),
                 max_wait: Duration::from_secs(10),
                 budget_percent: 20.0,
+                budget_min_per_second: 10,
                 max_replay_bytes: 256 * 1024,
+                rate_limit_patterns: ["RESOURCE_EXHAUSTED", "Resource exhausted", "quota", "429"]
+                    .map(String::from)
+                    .to_vec(),
             },
             circuit_breaker: CircuitBreakerConfig {
+                enabled: true,
                 threshold: 5,
                 timeout: Duration::from_secs(60),
             },
@@ -542,8 +557,25 @@ impl Config {
             );
             set_plain(&mut self.retry.budget_percent, r.budget_percent);
             set_plain(&mut self.retry.max_replay_bytes, r.max_replay_bytes);
+            set_plain(&mut self.retry.enabled, r.enabled);
+            set_plain(
+                &mut self.retry.budget_min_per_second,
+                r.budget_min_per_second,
+            );
+            if let Some(p) = &r.rate_limit_patterns {
+                if p.iter().any(|s| s.is_empty()) {
+                    errs.push(
+                        "retry.rate_limit_patterns",
+                        Some("\"\""),
+                        "patterns must not be empty (an empty one matches every body)".into(),
+                    );
+                } else {
+                    self.retry.rate_limit_patterns = p.clone();
+                }
+            }
         }
         if let Some(c) = &f.circuit_breaker {
+            set_plain(&mut self.circuit_breaker.enabled, c.enabled);
             set_plain(&mut self.circuit_breaker.threshold, c.threshold);
             errs.set(
                 &mut self.circuit_breaker.timeout,
@@ -1093,8 +1125,12 @@ impl Config {
                 max_wait: Some(fmt_duration(self.retry.max_wait)),
                 budget_percent: Some(self.retry.budget_percent),
                 max_replay_bytes: Some(self.retry.max_replay_bytes),
+                enabled: Some(self.retry.enabled),
+                budget_min_per_second: Some(self.retry.budget_min_per_second),
+                rate_limit_patterns: Some(self.retry.rate_limit_patterns.clone()),
             }),
             circuit_breaker: Some(CircuitBreakerFile {
+                enabled: Some(self.circuit_breaker.enabled),
                 threshold: Some(self.circuit_breaker.threshold),
                 timeout: Some(fmt_duration(self.circuit_breaker.timeout)),
             }),

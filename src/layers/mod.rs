@@ -1,17 +1,20 @@
 //! The proxy stack. [`build_stack`] is the one place that says which layer
 //! wraps which, and why; everything else is a layer of its own module.
 //!
-//! Layers added first see the request first. The cache, rate-limit, retry,
-//! circuit-breaker and metrics layers of later milestones slot in at the
-//! marked places without touching the proxy or the layers around them.
+//! Layers added first see the request first. The metrics layer of a later
+//! milestone slots in at the marked place without touching the proxy or the
+//! layers around it.
 
 pub mod access_log;
 pub mod body_limit;
 pub mod cache;
+pub mod circuit;
+pub mod classify;
 pub mod inflight;
 pub mod match_route;
 pub mod rate_limit;
 pub mod rescue;
+pub mod retry;
 pub mod timeout;
 
 use std::convert::Infallible;
@@ -25,8 +28,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use self::access_log::AccessLogLayer;
 use self::body_limit::BodyLimitLayer;
+use self::circuit::{CircuitLayer, Circuits};
+use self::classify::{ClassifyLayer, FailureCounts};
 use self::match_route::MatchRouteLayer;
 use self::rescue::RescueLayer;
+use self::retry::{RetryLayer, RetryStats};
 use self::timeout::RouteTimeoutLayer;
 use crate::BoxError;
 use crate::body::Body;
@@ -57,10 +63,30 @@ pub type ProxyStack = BoxCloneService<
     Infallible,
 >;
 
+/// Per-process state of the retry, circuit-breaker and classification
+/// layers, which the admin endpoints and metrics read.
+#[derive(Debug, Clone)]
+pub struct Resilience {
+    pub circuits: Arc<Circuits>,
+    /// Upstream failures by legacy type.
+    pub failures: Arc<FailureCounts>,
+    pub retries: Arc<RetryStats>,
+}
+
+impl Resilience {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            circuits: Circuits::new(cfg),
+            failures: Arc::default(),
+            retries: Arc::default(),
+        }
+    }
+}
+
 /// Assembles the per-request stack over the proxy service.
-/// `inflight`, `cache` and `rate_limit` are shared by every worker's stack:
-/// the in-flight cap, the cache, its coalescing and the limiters are per
-/// process.
+/// `inflight`, `cache`, `rate_limit` and `resilience` are shared by every
+/// worker's stack: the in-flight cap, the cache, its coalescing, the
+/// limiters, the circuits and the retry budget are per process.
 pub fn build_stack(
     cfg: &Config,
     routes: RouteTable,
@@ -68,6 +94,7 @@ pub fn build_stack(
     inflight: Arc<tokio::sync::Semaphore>,
     cache: cache::CacheLayer,
     rate_limit: rate_limit::RateLimitLayer,
+    resilience: &Resilience,
 ) -> ProxyStack {
     let fallback_timeout = routes
         .routes()
@@ -101,9 +128,25 @@ pub fn build_stack(
         .layer(cache)
         // Refuse oversized bodies before they are forwarded (413).
         .layer(BodyLimitLayer::new(cfg.max_request_body))
-        // The route's overall deadline; retries will run inside it.
+        // The route's overall deadline; retries run inside it.
         .layer(RouteTimeoutLayer::new(fallback_timeout))
-        // (Retry, then the circuit breaker, go here, over the client.)
+        // Retries with backoff and budget, above the breaker so that each
+        // attempt is admitted (or refused) by the circuit on its own.
+        .option_layer(cfg.retry.enabled.then(|| {
+            RetryLayer::new(
+                cfg,
+                Arc::clone(&resilience.circuits),
+                Arc::clone(&resilience.retries),
+            )
+        }))
+        // One breaker per named circuit: open → 503 at once (or stale above).
+        .layer(CircuitLayer::new(Arc::clone(&resilience.circuits)))
+        // One attempt, bounded by the deadline, sorted into the legacy
+        // error types that the breaker and the retry policy read.
+        .layer(ClassifyLayer::new(
+            cfg.retry.rate_limit_patterns.clone(),
+            Arc::clone(&resilience.failures),
+        ))
         .service(proxy);
     BoxCloneService::new(stack)
 }

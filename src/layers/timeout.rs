@@ -3,6 +3,10 @@
 //! [`UpstreamTimeout`] (504). tower's own `Timeout` takes one fixed duration
 //! per layer; the route decides here. A streamed response body is not cut
 //! once its head has arrived (an SSE answer may run long).
+//!
+//! The deadline travels with the request as a [`Deadline`] extension: the
+//! retry layer never waits past it, and each upstream attempt
+//! ([`super::classify`]) is bounded by it from inside the circuit breaker.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +18,14 @@ use http::Request;
 use crate::BoxError;
 use crate::error::UpstreamTimeout;
 use crate::route::MatchedRoute;
+
+/// When the route's overall time is up, as a request extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    /// The route's timeout, for the 504's message.
+    pub route_timeout: Duration,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RouteTimeoutLayer {
@@ -56,13 +68,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let after = req
             .extensions()
             .get::<MatchedRoute>()
             .map_or(self.fallback, |r| r.timeout);
+        let at = tokio::time::Instant::now() + after;
+        req.extensions_mut().insert(Deadline {
+            at,
+            route_timeout: after,
+        });
         ResponseFuture {
-            inner: tokio::time::timeout(after, self.inner.call(req)),
+            inner: tokio::time::timeout_at(at, self.inner.call(req)),
             after,
         }
     }

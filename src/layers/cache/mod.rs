@@ -32,11 +32,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, header};
-use http_body::Frame;
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+
 use tokio::sync::watch;
 
 use self::entry::Entry;
@@ -44,7 +42,7 @@ use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace};
 use super::call_boxed;
 use crate::BoxError;
-use crate::body::{self, Body};
+use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{ClientTimeout, UpstreamTimeout, UpstreamUnavailable};
 use crate::route::MatchedRoute;
 
@@ -413,47 +411,6 @@ fn mark(resp: &mut Response<Body>, x_cache: &'static str, status: String, age: O
     if let Some(age) = age {
         h.insert(header::AGE, HeaderValue::from(age));
     }
-}
-
-enum Buffered {
-    Whole(Bytes),
-    /// Over the limit: what was read, followed by the rest, still streaming.
-    Partial(Body),
-}
-
-/// Reads a body up to `limit` bytes without ever holding more.
-async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError> {
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total = 0u64;
-    while let Some(frame) = b.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue; // trailers are not kept
-        };
-        total += data.len() as u64;
-        chunks.push(data);
-        if total > limit {
-            let read = futures_util::stream::iter(
-                chunks
-                    .into_iter()
-                    .map(|c| Ok::<_, BoxError>(Frame::data(c))),
-            );
-            let rest = BodyStream::new(b);
-            return Ok(Buffered::Partial(body::boxed(StreamBody::new(
-                read.chain(rest),
-            ))));
-        }
-    }
-    Ok(Buffered::Whole(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(usize::try_from(total).unwrap_or(0));
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            all.freeze()
-        }
-    }))
 }
 
 /// What the leader of a coalesced miss tells its waiters.

@@ -1,0 +1,250 @@
+//! `Circuit`: one breaker per named circuit (built-ins `upstream`, `gemini`,
+//! `embedding`, plus any a route names), per PRODUCT.md "Retry and circuit
+//! breaking". A request on a route whose circuit is open fails at once with
+//! [`CircuitOpen`] (503 with `Retry-After`, or a stale answer from the cache
+//! layer above) and never reaches the upstream; otherwise the attempt's
+//! verdict from [`super::classify`] below is recorded on its circuit.
+//!
+//! [`Circuits`] is the registry the admin endpoints read and reset.
+
+pub mod breaker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use serde_json::{Value, json};
+
+use self::breaker::{Admission, Breaker};
+use super::classify::UpstreamFailure;
+use super::{BoxResponseFuture, call_boxed};
+use crate::BoxError;
+use crate::body::Body;
+use crate::config::Config;
+use crate::error::CircuitOpen;
+use crate::route::MatchedRoute;
+
+/// Circuits every sidecar has, named or not by a route.
+pub const BUILTIN: [&str; 3] = ["upstream", "gemini", "embedding"];
+
+/// Every circuit, by name.
+#[derive(Debug)]
+pub struct Circuits {
+    by_name: BTreeMap<Arc<str>, Arc<Breaker>>,
+    enabled: bool,
+}
+
+impl Circuits {
+    pub fn new(cfg: &Config) -> Arc<Self> {
+        let cb = &cfg.circuit_breaker;
+        let names = BUILTIN
+            .iter()
+            .copied()
+            .chain(cfg.routes.iter().map(|r| r.circuit.as_str()));
+        let by_name = names
+            .map(|n| (Arc::from(n), Breaker::new(n, cb.threshold, cb.timeout)))
+            .collect();
+        Arc::new(Self {
+            by_name,
+            enabled: cb.enabled,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Breaker>> {
+        self.by_name.get(name)
+    }
+
+    /// The breaker a request's route names, when circuits are on.
+    pub fn for_request<B>(&self, req: &Request<B>) -> Option<&Arc<Breaker>> {
+        if !self.enabled {
+            return None;
+        }
+        let route = req.extensions().get::<MatchedRoute>()?;
+        self.get(&route.circuit)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Breaker>> {
+        self.by_name.values()
+    }
+
+    /// Closes every circuit.
+    pub fn reset_all(&self) {
+        for b in self.iter() {
+            b.reset();
+        }
+        tracing::info!("all circuit breakers reset");
+    }
+
+    /// The legacy `/api/circuit-breakers` body: `{name: {state, ...}}`.
+    pub fn to_json(&self) -> Value {
+        let map = self
+            .by_name
+            .iter()
+            .map(|(name, b)| {
+                let s = b.snapshot();
+                let v = json!({
+                    "state": s.state.as_str(),
+                    "failure_count": s.failure_count,
+                    "failure_threshold": s.failure_threshold,
+                    "last_failure_time": s.last_failure_time,
+                    "time_until_retry": s.time_until_retry,
+                });
+                (name.to_string(), v)
+            })
+            .collect::<serde_json::Map<_, _>>();
+        Value::Object(map)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CircuitLayer {
+    circuits: Arc<Circuits>,
+}
+
+impl CircuitLayer {
+    pub fn new(circuits: Arc<Circuits>) -> Self {
+        Self { circuits }
+    }
+}
+
+impl<S> tower::Layer<S> for CircuitLayer {
+    type Service = Circuit<S>;
+
+    fn layer(&self, inner: S) -> Circuit<S> {
+        Circuit {
+            inner,
+            circuits: Arc::clone(&self.circuits),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Circuit<S> {
+    inner: S,
+    circuits: Arc<Circuits>,
+}
+
+impl<S> tower::Service<Request<Body>> for Circuit<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let Some(b) = self.circuits.for_request(&req) else {
+            return call_boxed(&mut self.inner, req);
+        };
+        let permit = match b.admit() {
+            Admission::Permitted(p) => p,
+            Admission::Rejected { retry_after } => {
+                let err = CircuitOpen {
+                    circuit: Arc::clone(b.name()),
+                    retry_after: breaker::ceil_secs(retry_after).max(1),
+                };
+                return Box::pin(std::future::ready(Err(Box::new(err) as BoxError)));
+            }
+        };
+        let fut = call_boxed(&mut self.inner, req);
+        Box::pin(async move {
+            let result = fut.await;
+            match (&result, UpstreamFailure::of(&result)) {
+                (_, Some(_)) => permit.failure(),
+                (Ok(_), None) => permit.success(),
+                // Not the upstream's doing (the client's body broke off...):
+                // counts as nothing.
+                (Err(_), None) => drop(permit),
+            }
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::RouteTable;
+    use http::StatusCode;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+    use tower::{Layer, ServiceExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn open_circuit_fails_fast_without_calling_and_one_probe_closes_it() {
+        let mut cfg = Config::default();
+        cfg.circuit_breaker.threshold = 2;
+        cfg.circuit_breaker.timeout = Duration::from_secs(30);
+        let table = RouteTable::new(&cfg);
+        let circuits = Circuits::new(&cfg);
+        let calls = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, h) = (Arc::clone(&calls), Arc::clone(&healthy));
+        let upstream = tower::service_fn(move |_req: Request<Body>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut resp = Response::new(crate::body::empty());
+            if !h.load(Ordering::SeqCst) {
+                *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                resp.extensions_mut().insert(UpstreamFailure(
+                    super::super::classify::Failure::Upstream5xx,
+                ));
+            }
+            async move { Ok::<_, BoxError>(resp) }
+        });
+        let svc = CircuitLayer::new(Arc::clone(&circuits)).layer(upstream);
+        let req = || {
+            let mut r = Request::new(crate::body::empty());
+            r.extensions_mut()
+                .insert(table.matched(&http::Method::POST, "/api/rag/query"));
+            r
+        };
+        for _ in 0..2 {
+            let resp = svc.clone().oneshot(req()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        }
+        let err = svc.clone().oneshot(req()).await.unwrap_err();
+        let open = err.downcast_ref::<CircuitOpen>().unwrap();
+        assert_eq!((&*open.circuit, open.retry_after), ("gemini", 30));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Other circuits are untouched.
+        let json = circuits.to_json();
+        assert_eq!(json["gemini"]["state"], "open");
+        assert_eq!(json["gemini"]["failure_count"], 2);
+        assert_eq!(json["upstream"]["state"], "closed");
+
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(circuits.to_json()["gemini"]["state"], "half_open");
+        healthy.store(true, Ordering::SeqCst);
+        let resp = svc.clone().oneshot(req()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(circuits.to_json()["gemini"]["state"], "closed");
+    }
+
+    #[test]
+    fn registry_holds_builtins_and_route_circuits() {
+        let mut cfg = Config::default();
+        let mut extra = cfg.routes[0].clone();
+        extra.name = "ocr".into();
+        extra.circuit = "ocr-backend".into();
+        cfg.routes.insert(0, extra);
+        let json = Circuits::new(&cfg).to_json();
+        let names: Vec<&String> = json.as_object().unwrap().keys().collect();
+        assert_eq!(names, ["embedding", "gemini", "ocr-backend", "upstream"]);
+        assert_eq!(
+            json["upstream"],
+            json!({"state": "closed", "failure_count": 0, "failure_threshold": 5,
+                   "last_failure_time": null, "time_until_retry": 0})
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! `Classify`: one upstream attempt, bounded by the route's deadline and
+//! sorted into the legacy error types of PRODUCT.md "Retry and circuit
+//! breaking": `gemini_rate_limit` (a 429, or a 5xx whose body carries one of
+//! the quota patterns), `upstream_5xx`, `connect_error`, `timeout`.
+//!
+//! It sits right over the upstream client, under the circuit breaker and the
+//! retry layer, so both read the same verdict: a failed answer carries an
+//! [`UpstreamFailure`] extension, a failed exchange is a typed error
+//! ([`Failure::of_error`]). The attempt's own deadline lives here, not only in
+//! the route timeout above: a breaker whose call is cancelled from outside
+//! would count nothing (the trap ../shared/CRATES.md records for failsafe).
+//!
+//! Body sniffing is bounded: at most [`SNIFF_BYTES`] (plus one chunk) and
+//! [`SNIFF_WAIT`]; the bytes read are put back in front of the rest, so the
+//! client still gets the whole body.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use tokio::time::Instant;
+
+use super::timeout::Deadline;
+use super::{BoxResponseFuture, call_boxed};
+use crate::BoxError;
+use crate::body::{self, Body};
+use crate::error::{UpstreamTimeout, UpstreamUnavailable, find_cause};
+
+/// How much of a 5xx body is searched for the quota patterns.
+pub const SNIFF_BYTES: usize = 4096;
+/// How long the sniff waits for those bytes.
+pub const SNIFF_WAIT: Duration = Duration::from_secs(1);
+
+/// The legacy error types of an upstream attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    GeminiRateLimit,
+    Upstream5xx,
+    ConnectError,
+    Timeout,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 4] = [
+        Self::GeminiRateLimit,
+        Self::Upstream5xx,
+        Self::ConnectError,
+        Self::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GeminiRateLimit => "gemini_rate_limit",
+            Self::Upstream5xx => "upstream_5xx",
+            Self::ConnectError => "connect_error",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// The type of a failed exchange; `None` for errors that are not the
+    /// upstream's (a client body that broke off, a body too large).
+    pub fn of_error(err: &BoxError) -> Option<Self> {
+        // A body error of the client's shows up inside a hyper client error
+        // too: the typed causes are checked before the generic ones.
+        if crate::error::classify(err.as_ref()) == crate::error::ErrorKind::BodyTooLarge
+            || find_cause::<crate::error::ClientTimeout>(err.as_ref()).is_some()
+        {
+            None
+        } else if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() {
+            Some(Self::Timeout)
+        } else if find_cause::<UpstreamUnavailable>(err.as_ref()).is_some() {
+            Some(Self::ConnectError)
+        } else {
+            None
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A response extension: this answer is a failure of the given type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure(pub Failure);
+
+impl UpstreamFailure {
+    /// The failure an attempt's result stands for, if any.
+    pub fn of(result: &Result<Response<Body>, BoxError>) -> Option<Failure> {
+        match result {
+            Ok(resp) => resp.extensions().get::<UpstreamFailure>().map(|f| f.0),
+            Err(e) => Failure::of_error(e),
+        }
+    }
+}
+
+/// Upstream failures by type since start (or the last metrics reset).
+#[derive(Debug, Default)]
+pub struct FailureCounts([AtomicU64; 4]);
+
+impl FailureCounts {
+    pub fn record(&self, f: Failure) {
+        self.0[f.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, f: Failure) -> u64 {
+        self.0[f.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn reset(&self) {
+        for c in &self.0 {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    patterns: Vec<String>,
+    counts: Arc<FailureCounts>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassifyLayer {
+    shared: Arc<Shared>,
+}
+
+impl ClassifyLayer {
+    pub fn new(patterns: Vec<String>, counts: Arc<FailureCounts>) -> Self {
+        Self {
+            shared: Arc::new(Shared { patterns, counts }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+
+    fn layer(&self, inner: S) -> Classify<S> {
+        Classify {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Classify<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> tower::Service<Request<Body>> for Classify<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let deadline = req.extensions().get::<Deadline>().copied();
+        let fut = call_boxed(&mut self.inner, req);
+        let sh = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let result = match deadline {
+                Some(d) => match tokio::time::timeout_at(d.at, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Box::new(UpstreamTimeout(d.route_timeout)) as BoxError),
+                },
+                None => fut.await,
+            };
+            let result = match result {
+                Ok(resp) => Ok(classify_response(&sh, resp, deadline).await),
+                Err(e) => Err(e),
+            };
+            if let Some(f) = UpstreamFailure::of(&result) {
+                sh.counts.record(f);
+            }
+            result
+        })
+    }
+}
+
+async fn classify_response(
+    sh: &Shared,
+    resp: Response<Body>,
+    deadline: Option<Deadline>,
+) -> Response<Body> {
+    let status = resp.status();
+    let (failure, mut resp) = if status == StatusCode::TOO_MANY_REQUESTS {
+        (Failure::GeminiRateLimit, resp)
+    } else if status.is_server_error() {
+        let until = Instant::now() + SNIFF_WAIT;
+        let until = deadline.map_or(until, |d| d.at.min(until));
+        let (parts, b) = resp.into_parts();
+        let (head, rest) = sniff(b, until).await;
+        let quota = sh
+            .patterns
+            .iter()
+            .any(|p| head.iter().any(|chunk| contains(chunk, p.as_bytes())));
+        let f = if quota {
+            Failure::GeminiRateLimit
+        } else {
+            Failure::Upstream5xx
+        };
+        (f, Response::from_parts(parts, rest))
+    } else {
+        return resp;
+    };
+    resp.extensions_mut().insert(UpstreamFailure(failure));
+    resp
+}
+
+/// Reads the first [`SNIFF_BYTES`] of `b` (or until `until`), and gives them
+/// back with the body rebuilt to yield them first. Each chunk is searched on
+/// its own; a pattern split across two chunks is missed (rare for a JSON
+/// error body, which arrives in one piece).
+async fn sniff(mut b: Body, until: Instant) -> (Vec<Bytes>, Body) {
+    let mut frames: Vec<Frame<Bytes>> = Vec::new();
+    let mut seen = 0usize;
+    let mut ended = false;
+    while seen < SNIFF_BYTES {
+        match tokio::time::timeout_at(until, b.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    seen += d.len();
+                }
+                frames.push(frame);
+            }
+            Ok(None) => {
+                ended = true;
+                break;
+            }
+            // A broken body or a slow one: classify by what was read and let
+            // the client see the rest (or the break) as it comes.
+            Ok(Some(Err(e))) => {
+                let head = data_of(&frames);
+                let read = futures_util::stream::iter(frames.into_iter().map(Ok));
+                let failed = futures_util::stream::iter([Err::<Frame<Bytes>, BoxError>(e)]);
+                return (head, body::boxed(StreamBody::new(read.chain(failed))));
+            }
+            Err(_elapsed) => break,
+        }
+    }
+    let head = data_of(&frames);
+    let read = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
+    let rest = if ended {
+        body::boxed(StreamBody::new(read))
+    } else {
+        body::boxed(StreamBody::new(read.chain(BodyStream::new(b))))
+    };
+    (head, rest)
+}
+
+fn data_of(frames: &[Frame<Bytes>]) -> Vec<Bytes> {
+    frames
+        .iter()
+        .filter_map(|f| f.data_ref().cloned())
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, ServiceExt};
+
+    fn patterns() -> Vec<String> {
+        crate::config::Config::default().retry.rate_limit_patterns
+    }
+
+    async fn verdict(status: u16, chunks: &[&'static str]) -> (Option<Failure>, Bytes) {
+        let chunks: Vec<Bytes> = chunks
+            .iter()
+            .map(|c| Bytes::from_static(c.as_bytes()))
+            .collect();
+        let upstream = tower::service_fn(move |_req: Request<Body>| {
+            let frames = chunks
+                .clone()
+                .into_iter()
+                .map(|c| Ok::<_, BoxError>(Frame::data(c)));
+            let b = body::boxed(StreamBody::new(futures_util::stream::iter(frames)));
+            let mut resp = Response::new(b);
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            async move { Ok::<_, BoxError>(resp) }
+        });
+        let counts = Arc::new(FailureCounts::default());
+        let svc = ClassifyLayer::new(patterns(), Arc::clone(&counts)).layer(upstream);
+        let result = svc.oneshot(Request::new(body::empty())).await;
+        let f = UpstreamFailure::of(&result);
+        assert_eq!(f.map(|f| counts.get(f)), f.map(|_| 1));
+        let resp = result.unwrap();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (f, bytes)
+    }
+
+    #[tokio::test]
+    async fn sorts_answers_into_the_legacy_types_and_keeps_the_body() {
+        assert_eq!(verdict(200, &["ok"]).await.0, None);
+        assert_eq!(verdict(404, &["nope"]).await.0, None);
+        assert_eq!(
+            verdict(429, &["slow down"]).await.0,
+            Some(Failure::GeminiRateLimit)
+        );
+        let (f, body) = verdict(500, &["{\"message\": \"429 RESOURCE_", "EXHAUSTED\"}"]).await;
+        // "429" is in the first chunk; the split pattern alone would be missed.
+        assert_eq!(f, Some(Failure::GeminiRateLimit));
+        assert_eq!(&body[..], b"{\"message\": \"429 RESOURCE_EXHAUSTED\"}");
+        assert_eq!(
+            verdict(503, &["daily quota exceeded"]).await.0,
+            Some(Failure::GeminiRateLimit)
+        );
+        assert_eq!(
+            verdict(502, &["bad gateway"]).await.0,
+            Some(Failure::Upstream5xx)
+        );
+        // Only the first few KiB are searched; the body still arrives whole.
+        let filler: &'static str = Box::leak("x".repeat(SNIFF_BYTES + 10).into_boxed_str());
+        let (f, body) = verdict(500, &[filler, "quota"]).await;
+        assert_eq!(f, Some(Failure::Upstream5xx));
+        assert_eq!(body.len(), SNIFF_BYTES + 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_attempt_ends_at_the_deadline_as_a_timeout() {
+        let slow = tower::service_fn(|_req: Request<Body>| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok::<_, BoxError>(Response::new(body::empty()))
+        });
+        let counts = Arc::new(FailureCounts::default());
+        let svc = ClassifyLayer::new(patterns(), Arc::clone(&counts)).layer(slow);
+        let mut req = Request::new(body::empty());
+        req.extensions_mut().insert(Deadline {
+            at: Instant::now() + Duration::from_secs(5),
+            route_timeout: Duration::from_secs(5),
+        });
+        let result = svc.oneshot(req).await;
+        assert_eq!(UpstreamFailure::of(&result), Some(Failure::Timeout));
+        assert_eq!(counts.get(Failure::Timeout), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_error_body_is_classified_by_status_after_the_wait() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let rx = std::sync::Mutex::new(Some(rx));
+        let upstream = tower::service_fn(move |_req: Request<Body>| {
+            let rx = rx.lock().unwrap().take().unwrap();
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|f| (f, rx))
+            });
+            let mut resp = Response::new(body::boxed(StreamBody::new(stream)));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            async move { Ok::<_, BoxError>(resp) }
+        });
+        let svc = ClassifyLayer::new(patterns(), Arc::default()).layer(upstream);
+        let start = Instant::now();
+        let result = svc.oneshot(Request::new(body::empty())).await;
+        assert_eq!(start.elapsed(), SNIFF_WAIT);
+        assert_eq!(UpstreamFailure::of(&result), Some(Failure::Upstream5xx));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"late quota"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let body = result
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"late quota");
+    }
+}

@@ -1,0 +1,579 @@
+//! `Retry`: replays a failed upstream attempt, per PRODUCT.md "Retry and
+//! circuit breaking", on tower's retry machinery (`tower::retry::Retry` with
+//! a per-request [`Policy`], and its `TpsBudget`).
+//!
+//! A request is retried only when all of these hold:
+//! * its route is retryable (`retry = true`, or `"idempotent"` and the method
+//!   is idempotent);
+//! * its body is replayable: up to `retry.max_replay_bytes` it is buffered
+//!   for that purpose; a larger one goes upstream once, streaming;
+//! * the attempt failed with a connection error, a timeout, or 429, 500, 502,
+//!   503, 504 (the verdict comes from [`super::classify`]);
+//! * fewer than `max_retries` retries were made, the route's circuit is not
+//!   open, the wait (backoff with jitter, or the upstream's `Retry-After`
+//!   capped at `max_wait`) ends before the route's deadline, and the retry
+//!   budget (`budget_percent` of recent requests plus
+//!   `budget_min_per_second`) has room.
+//!
+//! Otherwise the last answer goes back as it is, at once.
+
+pub mod backoff;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body::Body as _;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::retry::Policy;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::rng::HasherRng;
+use tower_http::request_id::RequestId;
+
+use self::backoff::Backoff;
+use super::BoxResponseFuture;
+use super::circuit::Circuits;
+use super::circuit::breaker::Breaker;
+use super::classify::{Failure, UpstreamFailure};
+use super::timeout::Deadline;
+use crate::BoxError;
+use crate::body::{self, Body, Buffered, read_bounded};
+use crate::config::{Config, RetryMode};
+use crate::error::ClientTimeout;
+use crate::route::MatchedRoute;
+
+/// Answers worth another try (besides connection errors and timeouts).
+const RETRY_STATUSES: [StatusCode; 5] = [
+    StatusCode::TOO_MANY_REQUESTS,
+    StatusCode::INTERNAL_SERVER_ERROR,
+    StatusCode::BAD_GATEWAY,
+    StatusCode::SERVICE_UNAVAILABLE,
+    StatusCode::GATEWAY_TIMEOUT,
+];
+
+/// How long a request counts towards the budget.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Retry figures since start, for the metrics.
+#[derive(Debug, Default)]
+pub struct RetryStats {
+    /// Retries made.
+    pub retries: AtomicU64,
+    /// Retries not made because the budget was spent.
+    pub budget_exhausted: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    max_retries: u32,
+    backoff: Backoff,
+    max_replay: u64,
+    budget: TpsBudget,
+    circuits: Arc<Circuits>,
+    stats: Arc<RetryStats>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    shared: Arc<Shared>,
+}
+
+impl RetryLayer {
+    pub fn new(cfg: &Config, circuits: Arc<Circuits>, stats: Arc<RetryStats>) -> Self {
+        let r = &cfg.retry;
+        let percent = (r.budget_percent / 100.0) as f32;
+        let floor = r.budget_min_per_second.min(i32::MAX as u32 - 1);
+        Self {
+            shared: Arc::new(Shared {
+                max_retries: r.max_retries,
+                backoff: Backoff {
+                    initial: r.initial_wait,
+                    max: r.max_wait,
+                },
+                max_replay: r.max_replay_bytes,
+                budget: TpsBudget::new(BUDGET_WINDOW, floor, percent.clamp(0.0, 1000.0)),
+                circuits,
+                stats,
+            }),
+        }
+    }
+}
+
+/// What the layer below must be.
+pub trait Inner:
+    tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = BoxError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: Inner> tower::Service<Request<Body>> for Retry<S> {
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // Every request earns the budget its share of retries.
+        self.shared.budget.deposit();
+        if self.shared.max_retries == 0 || !retryable(&req) {
+            return Box::pin(self.inner.call(req));
+        }
+        Box::pin(replayable(
+            Arc::clone(&self.shared),
+            self.inner.clone(),
+            req,
+        ))
+    }
+}
+
+/// Whether the request's route allows retrying it.
+fn retryable<B>(req: &Request<B>) -> bool {
+    let mode = req
+        .extensions()
+        .get::<MatchedRoute>()
+        .map_or(RetryMode::IdempotentOnly, |r| r.retry);
+    match mode {
+        RetryMode::Always => true,
+        RetryMode::Never => false,
+        RetryMode::IdempotentOnly => req.method().is_idempotent(),
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Buffers the body if it is small enough, then runs the attempts; a body
+/// too large to keep goes upstream once.
+async fn replayable<S: Inner>(
+    sh: Arc<Shared>,
+    inner: S,
+    req: Request<Body>,
+) -> Result<Response<Body>, BoxError> {
+    let deadline = req.extensions().get::<Deadline>().copied();
+    let breaker = sh.circuits.for_request(&req).cloned();
+    let (parts, b) = req.into_parts();
+    let bytes = if b.is_end_stream() {
+        Bytes::new()
+    } else if content_length(&parts.headers).is_some_and(|n| n > sh.max_replay) {
+        return once(inner, Request::from_parts(parts, b)).await;
+    } else {
+        let read = read_bounded(b, sh.max_replay);
+        let read = match deadline {
+            Some(d) => tokio::time::timeout_at(d.at, read)
+                .await
+                .map_err(|_| -> BoxError { Box::new(ClientTimeout(d.route_timeout)) })?,
+            None => read.await,
+        };
+        match read? {
+            Buffered::Whole(bytes) => bytes,
+            Buffered::Partial(rest) => return once(inner, Request::from_parts(parts, rest)).await,
+        }
+    };
+    let policy = Attempts {
+        sh,
+        body: bytes.clone(),
+        done: 0,
+        deadline: deadline.map(|d| d.at),
+        breaker,
+        rng: HasherRng::new(),
+    };
+    let req = Request::from_parts(parts, body::full(bytes));
+    attempts(policy, inner, req).await
+}
+
+// These two box their futures outside any async block: awaited inside one,
+// tower's generic futures trip rustc's higher-ranked `Send` check over the
+// boxed error's lifetime (the same reason as `super::call_boxed`).
+
+fn once<S: Inner>(inner: S, req: Request<Body>) -> BoxResponseFuture {
+    Box::pin(inner.oneshot(req))
+}
+
+fn attempts<S: Inner>(policy: Attempts, inner: S, req: Request<Body>) -> BoxResponseFuture {
+    Box::pin(tower::retry::Retry::new(policy, inner).oneshot(req))
+}
+
+/// One request's retry state: the buffered body and the retries made.
+#[derive(Debug, Clone)]
+struct Attempts {
+    sh: Arc<Shared>,
+    body: Bytes,
+    done: u32,
+    deadline: Option<Instant>,
+    breaker: Option<Arc<Breaker>>,
+    rng: HasherRng,
+}
+
+impl Attempts {
+    /// The wait before the next retry, or `None` (with the reason logged)
+    /// when there is to be no retry.
+    fn next_wait(
+        &mut self,
+        result: &Result<Response<Body>, BoxError>,
+    ) -> Option<(Failure, Duration)> {
+        let failure = UpstreamFailure::of(result)?;
+        let answer = result.as_ref().ok();
+        if answer.is_some_and(|r| !RETRY_STATUSES.contains(&r.status())) {
+            return None;
+        }
+        if self.done >= self.sh.max_retries {
+            return None;
+        }
+        if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
+            return None;
+        }
+        let asked =
+            answer.and_then(|r| self.sh.backoff.retry_after(r.headers(), SystemTime::now()));
+        let wait = asked.unwrap_or_else(|| self.sh.backoff.wait(self.done, &mut self.rng));
+        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            tracing::debug!(
+                "not retrying: a wait of {:.1}s would pass the route's deadline",
+                wait.as_secs_f64()
+            );
+            return None;
+        }
+        if !self.sh.budget.withdraw() {
+            self.sh
+                .stats
+                .budget_exhausted
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("not retrying: retry budget spent");
+            return None;
+        }
+        Some((failure, wait))
+    }
+}
+
+impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<Body>,
+        result: &mut Result<Response<Body>, BoxError>,
+    ) -> Option<Self::Future> {
+        let (failure, wait) = self.next_wait(result)?;
+        self.done += 1;
+        self.sh.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let what = match result {
+            Ok(r) => format!("{} (HTTP {})", failure.as_str(), r.status().as_u16()),
+            Err(e) => format!("{} ({e})", failure.as_str()),
+        };
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .and_then(|id| id.header_value().to_str().ok())
+            .unwrap_or("-");
+        tracing::warn!(
+            request_id,
+            "Attempt {}/{} failed: {what}. Retrying in {:.1}s",
+            self.done,
+            self.sh.max_retries,
+            wait.as_secs_f64()
+        );
+        Some(tokio::time::sleep(wait))
+    }
+
+    fn clone_request(&mut self, req: &Request<Body>) -> Option<Request<Body>> {
+        let mut copy = Request::new(body::full(self.body.clone()));
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        *copy.extensions_mut() = req.extensions().clone();
+        Some(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::circuit::CircuitLayer;
+    use crate::layers::classify::ClassifyLayer;
+    use crate::layers::timeout::RouteTimeoutLayer;
+    use crate::route::RouteTable;
+    use http::Method;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tower::ServiceBuilder;
+
+    /// A status, and a `Retry-After` value to send with it.
+    type Answer = (u16, Option<&'static str>);
+
+    /// A scripted upstream: answers with the queued statuses (then 200) and
+    /// records the body of every call.
+    #[derive(Clone, Default)]
+    struct Script {
+        answers: Arc<Mutex<VecDeque<Answer>>>,
+        bodies: Arc<Mutex<Vec<Bytes>>>,
+    }
+
+    impl Script {
+        fn new(answers: &[Answer]) -> Self {
+            let s = Self::default();
+            s.answers.lock().unwrap().extend(answers.iter().copied());
+            s
+        }
+
+        fn calls(&self) -> usize {
+            self.bodies.lock().unwrap().len()
+        }
+    }
+
+    impl tower::Service<Request<Body>> for Script {
+        type Response = Response<Body>;
+        type Error = BoxError;
+        type Future = BoxResponseFuture;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<Body>) -> BoxResponseFuture {
+            let s = self.clone();
+            Box::pin(async move {
+                let got = req.into_body().collect().await?.to_bytes();
+                s.bodies.lock().unwrap().push(got);
+                let next = s.answers.lock().unwrap().pop_front();
+                let (status, retry_after) = next.unwrap_or((200, None));
+                let mut resp = Response::new(body::full("answer"));
+                *resp.status_mut() = StatusCode::from_u16(status)?;
+                if let Some(ra) = retry_after {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, http::HeaderValue::from_static(ra));
+                }
+                Ok(resp)
+            })
+        }
+    }
+
+    struct Rig {
+        cfg: Config,
+        script: Script,
+    }
+
+    impl Rig {
+        fn new(answers: &[Answer]) -> Self {
+            let mut cfg = Config::default();
+            cfg.circuit_breaker.threshold = 100;
+            Self {
+                cfg,
+                script: Script::new(answers),
+            }
+        }
+
+        /// Sends one request through timeout → retry → circuit → classify.
+        async fn send(&self, method: Method, path: &str, b: Body) -> (StatusCode, Duration) {
+            let circuits = Circuits::new(&self.cfg);
+            self.send_with(&circuits, &Arc::default(), method, path, b)
+                .await
+        }
+
+        async fn send_with(
+            &self,
+            circuits: &Arc<Circuits>,
+            stats: &Arc<RetryStats>,
+            method: Method,
+            path: &str,
+            b: Body,
+        ) -> (StatusCode, Duration) {
+            let table = RouteTable::new(&self.cfg);
+            let svc = ServiceBuilder::new()
+                .layer(RouteTimeoutLayer::new(Duration::from_secs(30)))
+                .layer(RetryLayer::new(
+                    &self.cfg,
+                    Arc::clone(circuits),
+                    Arc::clone(stats),
+                ))
+                .layer(CircuitLayer::new(Arc::clone(circuits)))
+                .layer(ClassifyLayer::new(
+                    self.cfg.retry.rate_limit_patterns.clone(),
+                    Arc::default(),
+                ))
+                .service(self.script.clone());
+            let mut req = Request::new(b);
+            *req.method_mut() = method.clone();
+            req.extensions_mut().insert(table.matched(&method, path));
+            let start = Instant::now();
+            let resp = svc.oneshot(req).await.unwrap();
+            (resp.status(), start.elapsed())
+        }
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_failures_then_success_with_jittered_doubling_waits() {
+        let rig = Rig::new(&[(503, None), (502, None)]);
+        let (status, took) = rig
+            .send(Method::POST, "/api/search", body::full("{\"query\":\"q\"}"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(rig.script.calls(), 3);
+        // 1 s then 2 s nominal, each jittered into [half, all].
+        assert!(took >= secs(1.5) && took <= secs(3.0), "{took:?}");
+        // Every attempt carried the whole body.
+        let bodies = rig.script.bodies.lock().unwrap().clone();
+        assert!(bodies.iter().all(|b| &b[..] == b"{\"query\":\"q\"}"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_max_retries_with_the_last_answer() {
+        let rig = Rig::new(&[(500, None); 10]);
+        let (status, took) = rig
+            .send(Method::POST, "/api/rag/query", body::empty())
+            .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(rig.script.calls(), 4);
+        assert!(took >= secs(3.5) && took <= secs(7.0), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn honours_retry_after_and_returns_at_once_when_it_passes_the_deadline() {
+        let rig = Rig::new(&[(429, Some("2"))]);
+        let (status, took) = rig.send(Method::POST, "/api/search", body::empty()).await;
+        assert_eq!(
+            (status, took, rig.script.calls()),
+            (StatusCode::OK, secs(2.0), 2)
+        );
+
+        // Retry-After 120 is capped at max_wait (10 s), which still passes
+        // the 5 s route timeout: the 503 comes back at once, not a 504 later.
+        let mut rig = Rig::new(&[(503, Some("120"))]);
+        rig.cfg.routes[0].timeout = Duration::from_secs(5);
+        let (status, took) = rig.send(Method::POST, "/api/search", body::empty()).await;
+        assert_eq!(
+            (status, took, rig.script.calls()),
+            (StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_retryable_routes_and_statuses_are_retried() {
+        for (method, path, calls) in [
+            (Method::POST, "/api/upload", 1),
+            (Method::DELETE, "/api/documents/a.pdf", 1),
+            (Method::POST, "/api/other", 1), // default route: POST is not idempotent
+            (Method::GET, "/api/other", 2),
+            (Method::POST, "/api/embed", 2),
+        ] {
+            let rig = Rig::new(&[(503, None)]);
+            rig.send(method.clone(), path, body::empty()).await;
+            assert_eq!(rig.script.calls(), calls, "{method} {path}");
+        }
+        // 501 is a failure but not one a retry would fix.
+        let rig = Rig::new(&[(501, None)]);
+        let (status, _) = rig.send(Method::POST, "/api/search", body::empty()).await;
+        assert_eq!(
+            (status, rig.script.calls()),
+            (StatusCode::NOT_IMPLEMENTED, 1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_the_replay_bound_goes_once_and_whole() {
+        let mut rig = Rig::new(&[(503, None)]);
+        rig.cfg.retry.max_replay_bytes = 1000;
+        let big = Bytes::from(vec![b'x'; 5000]);
+        // Streamed in chunks with no length: read past the bound, then sent on.
+        let chunks = big
+            .chunks(700)
+            .map(Bytes::copy_from_slice)
+            .collect::<Vec<_>>();
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, BoxError>(http_body::Frame::data(c))),
+        );
+        let b = body::boxed(http_body_util::StreamBody::new(stream));
+        let (status, _) = rig.send(Method::POST, "/api/search", b).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rig.script.calls(), 1);
+        assert_eq!(rig.script.bodies.lock().unwrap()[0], big);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_once_the_circuit_opens() {
+        let mut rig = Rig::new(&[(503, None); 10]);
+        rig.cfg.circuit_breaker.threshold = 2;
+        let circuits = Circuits::new(&rig.cfg);
+        let (status, _) = rig
+            .send_with(
+                &circuits,
+                &Arc::default(),
+                Method::POST,
+                "/api/search",
+                body::empty(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rig.script.calls(), 2);
+        assert!(circuits.get("upstream").unwrap().is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_allows_no_retry() {
+        let mut rig = Rig::new(&[(503, None); 10]);
+        rig.cfg.retry.budget_percent = 0.0;
+        rig.cfg.retry.budget_min_per_second = 0;
+        let stats = Arc::new(RetryStats::default());
+        let circuits = Circuits::new(&rig.cfg);
+        rig.send_with(
+            &circuits,
+            &stats,
+            Method::POST,
+            "/api/search",
+            body::empty(),
+        )
+        .await;
+        assert_eq!(rig.script.calls(), 1);
+        assert_eq!(stats.budget_exhausted.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.retries.load(Ordering::Relaxed), 0);
+    }
+}
