@@ -210,7 +210,8 @@ async fn waiters_are_not_left_hanging_when_the_shared_call_fails() {
     let mock = Mock::start();
     let sc = Sidecar::start(
         &mock.url(),
-        "[[routes]]\nname = \"search\"\ntimeout = \"3s\"\n",
+        // No retries: this is about the cache's coalescing alone.
+        "[[routes]]\nname = \"search\"\ntimeout = \"3s\"\nretry = false\n",
     )
     .await;
     let body = search_body("failing herd");
@@ -488,7 +489,7 @@ async fn waiters_serve_stale_at_once_when_the_shared_call_fails() {
     let mock = Mock::start();
     let sc = Sidecar::start(
         &mock.url(),
-        "[[routes]]\nname = \"search\"\ncache = { ttl = \"200ms\" }\n",
+        "[[routes]]\nname = \"search\"\ncache = { ttl = \"200ms\" }\nretry = false\n",
     )
     .await;
     let body = search_body("stale herd");

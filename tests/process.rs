@@ -227,3 +227,43 @@ async fn num_threads_sets_the_worker_count() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_retry_is_logged_at_warning_with_its_type_and_request_id() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0"]);
+    let listen = free_addr();
+    let toml = format!(
+        "listen = \"{listen}\"\nupstream = \"{}\"\n[retry]\nmax_retries = 2\ninitial_wait = \"10ms\"\nmax_wait = \"20ms\"\n",
+        mock.url()
+    );
+    let mut p = SidecarProcess::start(&toml, &[("LOG_LEVEL", "WARNING")], listen);
+    // A 503 whose body names the Gemini quota: a gemini_rate_limit.
+    let resp = client()
+        .post(format!("http://{listen}/api/search"))
+        .header("X-Request-Id", "retry-me")
+        .header("X-Mock-Status", "503")
+        .header("X-Mock-Body", "429 RESOURCE_EXHAUSTED")
+        .json(&serde_json::json!({"query": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    sigterm(p.pid());
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let retries: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("Retrying in"))
+        .collect();
+    assert_eq!(retries.len(), 2, "{stderr}");
+    for (i, line) in retries.iter().enumerate() {
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains("retry-me"), "{line}");
+        let what = format!(
+            "Attempt {}/2 failed: gemini_rate_limit (HTTP 503). Retrying in 0.0",
+            i + 1
+        );
+        assert!(line.contains(&what), "{line}");
+    }
+}

@@ -134,7 +134,8 @@ async fn request_id_is_kept_or_generated_and_sent_both_ways() {
 
     // The sidecar's own error answers carry it too.
     let dead = closed_port();
-    let down = Sidecar::start(&dead.url(), "").await;
+    // (Retries off: connection errors would otherwise be retried first.)
+    let down = Sidecar::start(&dead.url(), "[retry]\nenabled = false\n").await;
     let resp = client()
         .get(down.url("/api/stats"))
         .header("X-Request-Id", "req-43")
@@ -216,7 +217,7 @@ fn tokio_stream_from<T: Send + 'static>(
 #[tokio::test]
 async fn upstream_refused_is_502_json() {
     let dead = closed_port();
-    let sc = Sidecar::start(&dead.url(), "").await;
+    let sc = Sidecar::start(&dead.url(), "[retry]\nenabled = false\n").await;
     let resp = client().get(sc.url("/api/documents")).send().await.unwrap();
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.headers()["content-type"], "application/json");

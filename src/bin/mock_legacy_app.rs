@@ -9,8 +9,9 @@
 //! Besides the legacy JSON API (`/api/...`) it offers:
 //!
 //! * fault injection on every non-`/__mock/` request, per request through the
-//!   `X-Mock-Delay-Ms` / `X-Mock-Status` headers or globally through
-//!   `POST /__mock/faults` (`DELETE /__mock/faults` clears);
+//!   `X-Mock-Delay-Ms` / `X-Mock-Status` headers (with `X-Mock-Body` as the
+//!   injected answer's message) or globally through `POST /__mock/faults`
+//!   (`DELETE /__mock/faults` clears);
 //! * control and inspection endpoints under `/__mock/` (never faulted, never
 //!   counted): `stats`, `stats/reset`, `echo`, `sse`, `gate/{name}`, `fast`.
 //!
@@ -559,6 +560,14 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
     if let Some(fault) = fault {
         sleep_ms(fault.delay_ms).await;
         if let Some(status) = fault.status {
+            if let Some(message) = req
+                .headers()
+                .get("x-mock-body")
+                .and_then(|v| v.to_str().ok())
+            {
+                let body = json!({"error": "Injected", "message": message});
+                return Ok(json_response(status, &body));
+            }
             return Ok(injected(status));
         }
     }

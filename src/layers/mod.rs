@@ -71,14 +71,19 @@ pub struct Resilience {
     /// Upstream failures by legacy type.
     pub failures: Arc<FailureCounts>,
     pub retries: Arc<RetryStats>,
+    /// The retry layer, its budget shared by every worker.
+    retry: RetryLayer,
 }
 
 impl Resilience {
     pub fn new(cfg: &Config) -> Self {
+        let circuits = Circuits::new(cfg);
+        let retries = Arc::<RetryStats>::default();
         Self {
-            circuits: Circuits::new(cfg),
+            retry: RetryLayer::new(cfg, Arc::clone(&circuits), Arc::clone(&retries)),
+            circuits,
             failures: Arc::default(),
-            retries: Arc::default(),
+            retries,
         }
     }
 }
@@ -132,13 +137,7 @@ pub fn build_stack(
         .layer(RouteTimeoutLayer::new(fallback_timeout))
         // Retries with backoff and budget, above the breaker so that each
         // attempt is admitted (or refused) by the circuit on its own.
-        .option_layer(cfg.retry.enabled.then(|| {
-            RetryLayer::new(
-                cfg,
-                Arc::clone(&resilience.circuits),
-                Arc::clone(&resilience.retries),
-            )
-        }))
+        .option_layer(cfg.retry.enabled.then(|| resilience.retry.clone()))
         // One breaker per named circuit: open → 503 at once (or stale above).
         .layer(CircuitLayer::new(Arc::clone(&resilience.circuits)))
         // One attempt, bounded by the deadline, sorted into the legacy
