@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Throughput and latency of rag-sidecar against nginx and a direct connection,
+# the cost of rate limiting and of the retry/circuit layers, an outage
+# scenario (bench/fault.py), cache hits and cache memory,
 # all on 127.0.0.1, in one run: the contenders alternate, round after round,
 # and the table reports medians and ratios. Installs wrk and nginx from
 # Debian when missing. Used by `make bench` (which builds the release first).
@@ -35,6 +37,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port); scrl=$(free_port)
+scoff=$(free_port); scf=$(free_port); upf=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
@@ -85,6 +88,25 @@ rl_results="$work/ratelimit.txt"
 run_rounds "$rl_results" bench/report.lua rate-limit-off="http://127.0.0.1:$sc$PATH_" \
   rate-limit-on="http://127.0.0.1:$scrl$PATH_"
 
+# Retry + circuit-breaker layers on (as shipped) vs off, same route, nothing
+# failing: what the resilience layers cost on the happy path.
+printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work/off.toml"
+(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+    --config "$work/off.toml" --listen "127.0.0.1:$scoff" --upstream "http://127.0.0.1:$up") &
+pids+=($!); wait_port "$scoff"
+res_results="$work/resilience.txt"
+run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$PATH_" \
+  resilience-off="http://127.0.0.1:$scoff$PATH_"
+
+# The outage: a second app that answers 503 to everything for 10 s, behind
+# a sidecar as shipped (rate limits off).
+"$BIN/mock-legacy-app" --listen "127.0.0.1:$upf" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
+pids+=($!); wait_port "$upf"
+(cd "$work" && exec env LOG_LEVEL=error ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scf" --upstream "http://127.0.0.1:$upf") &
+pids+=($!); wait_port "$scf"
+fault_report=$(python3 bench/fault.py "$scf" "$upf" 10 "$CONNECTIONS" "$PATH_")
+
 # Cache hits: the same POST /api/search answered from nginx's proxy_cache and
 # from the sidecar's cache ("direct" is the app computing it every time).
 cache_results="$work/cache.txt"
@@ -126,7 +148,7 @@ PY
 rss_10k=$(rss $sc10kpid)
 items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" <<'PY'
+python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" <<'PY'
 import sys, statistics, collections
 def table(path, names):
     rows = collections.defaultdict(list)
@@ -164,10 +186,17 @@ m = table(rl_path, ("rate-limit-off", "rate-limit-on"))
 on, off = m["rate-limit-on"], m["rate-limit-off"]
 print(f"- throughput with rate limiting on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
 print()
+print("Retry and circuit-breaker layers on (as shipped) vs off, GET default route, nothing failing:\n")
+m = table(sys.argv[12], ("resilience-off", "resilience-on"))
+on, off = m["resilience-on"], m["resilience-off"]
+print(f"- throughput with retry + circuit on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+print()
 print("Cache hits at moderate load (4 connections):\n")
 m = table(sys.argv[3], ("nginx-proxy_cache", "rag-sidecar-cache"))
 items, mib = items_10k.split()
 print(f"- 10 000 cached ~4 KiB answers: {items} items ({mib} MiB of entries), RSS {int(before_10k)/1024:.1f} MiB before, {int(after_10k)/1024:.1f} MiB after")
 PY
+echo
+echo "$fault_report"
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%Y-%m-%d); wrk -t1 -c$CONNECTIONS -d$DURATION x $ROUNDS rounds, $WORKERS workers each, GET $PATH_"
