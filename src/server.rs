@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::rate_limit::RateLimitLayer;
-use crate::layers::{ProxyStack, Resilience, build_stack};
+use crate::layers::{ProxyStack, Resilience, Shared, build_stack};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
 
@@ -137,19 +137,23 @@ impl Server {
                 sweeper.sweep();
             }
         });
-        let resilience = Resilience::new(&cfg);
+        let shared = Shared {
+            inflight,
+            cache: cache_layer,
+            rate_limit,
+            resilience: Resilience::new(&cfg),
+        };
         let workers = listeners
             .into_iter()
-            .map(|listener| Worker {
+            .enumerate()
+            .map(|(i, listener)| Worker {
                 listener,
                 stack: build_stack(
                     &cfg,
                     routes.clone(),
                     Proxy::new(UpstreamClient::new(&cfg), &cfg),
-                    Arc::clone(&inflight),
-                    cache_layer.clone(),
-                    rate_limit.clone(),
-                    &resilience,
+                    &shared,
+                    i,
                 ),
             })
             .collect();
@@ -158,7 +162,7 @@ impl Server {
             config: Arc::clone(&cfg),
             started: Instant::now(),
             cache,
-            resilience,
+            resilience: shared.resilience.clone(),
         });
         let mut endpoints = crate::admin::builtin_endpoints();
         endpoints.extend(extra);

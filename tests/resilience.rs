@@ -277,3 +277,26 @@ enabled = false
     );
     assert!(attempts > N, "some retries were allowed: {attempts}");
 }
+
+#[tokio::test]
+async fn route_timeouts_count_as_circuit_failures() {
+    let mock = mock();
+    let toml = format!(
+        "{}\n[[routes]]\nname = \"search\"\ntimeout = \"200ms\"\n",
+        fast("max_retries = 0").replace("threshold = 5", "threshold = 2")
+    );
+    let sc = Sidecar::start(&mock.url(), &toml).await;
+    for i in 0..2 {
+        let r = client()
+            .post(sc.url("/api/search"))
+            .header("X-Mock-Delay-Ms", "1000")
+            .json(&json!({"query": format!("slow{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504);
+    }
+    let c = circuits(&sc).await;
+    assert_eq!(c["upstream"]["state"], "open", "{c}");
+    assert_eq!(c["upstream"]["failure_count"], 2);
+}

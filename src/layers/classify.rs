@@ -6,14 +6,16 @@
 //! It sits right over the upstream client, under the circuit breaker and the
 //! retry layer, so both read the same verdict: a failed answer carries an
 //! [`UpstreamFailure`] extension, a failed exchange is a typed error
-//! ([`Failure::of_error`]). The attempt's own deadline lives here, not only in
-//! the route timeout above: a breaker whose call is cancelled from outside
-//! would count nothing (the trap ../shared/CRATES.md records for failsafe).
+//! ([`Failure::of_error`]). Timeouts are the route timeout's: it counts them
+//! here ([`FailureCounts`]), and the breaker's permit, dropped at the
+//! deadline, counts them as failures, without a second timer per attempt.
 //!
 //! Body sniffing is bounded: at most [`SNIFF_BYTES`] (plus one chunk) and
 //! [`SNIFF_WAIT`]; the bytes read are put back in front of the rest, so the
 //! client still gets the whole body.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -26,8 +28,8 @@ use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tokio::time::Instant;
 
+use super::BoxResponseFuture;
 use super::timeout::Deadline;
-use super::{BoxResponseFuture, call_boxed};
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::error::{UpstreamTimeout, UpstreamUnavailable, find_cause};
@@ -159,11 +161,10 @@ pub struct Classify<S> {
 impl<S> tower::Service<Request<Body>> for Classify<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxResponseFuture;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -171,55 +172,96 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let deadline = req.extensions().get::<Deadline>().copied();
-        let fut = call_boxed(&mut self.inner, req);
-        let sh = Arc::clone(&self.shared);
-        Box::pin(async move {
-            let result = match deadline {
-                Some(d) => match tokio::time::timeout_at(d.at, fut).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Box::new(UpstreamTimeout(d.route_timeout)) as BoxError),
-                },
-                None => fut.await,
-            };
-            let result = match result {
-                Ok(resp) => Ok(classify_response(&sh, resp, deadline).await),
-                Err(e) => Err(e),
-            };
-            if let Some(f) = UpstreamFailure::of(&result) {
-                sh.counts.record(f);
-            }
-            result
-        })
+        ResponseFuture::Call {
+            fut: self.inner.call(req),
+            shared: Some(Arc::clone(&self.shared)),
+            deadline,
+        }
     }
 }
 
-async fn classify_response(
+pin_project_lite::pin_project! {
+    /// Passes a good answer straight through; only a 5xx goes to the boxed
+    /// sniffing step.
+    #[project = Proj]
+    pub enum ResponseFuture<F> {
+        Call { #[pin] fut: F, shared: Option<Arc<Shared>>, deadline: Option<Deadline> },
+        Sniff { fut: BoxResponseFuture },
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (sh, resp, deadline) = match self.as_mut().project() {
+            Proj::Sniff { fut } => return fut.as_mut().poll(cx),
+            Proj::Call {
+                fut,
+                shared,
+                deadline,
+            } => {
+                let result = std::task::ready!(fut.poll(cx));
+                let Some(sh) = shared.take() else {
+                    return Poll::Ready(result);
+                };
+                match result {
+                    Ok(resp) if resp.status().is_server_error() => (sh, resp, *deadline),
+                    other => {
+                        let other = other.map(mark_429);
+                        if let Some(f) = UpstreamFailure::of(&other) {
+                            sh.counts.record(f);
+                        }
+                        return Poll::Ready(other);
+                    }
+                }
+            }
+        };
+        let fut: BoxResponseFuture = Box::pin(async move {
+            let resp = classify_5xx(&sh, resp, deadline).await;
+            if let Some(f) = resp.extensions().get::<UpstreamFailure>() {
+                sh.counts.record(f.0);
+            }
+            Ok(resp)
+        });
+        self.set(ResponseFuture::Sniff { fut });
+        self.poll(cx)
+    }
+}
+
+/// A 429 is a `gemini_rate_limit` whatever its body says.
+fn mark_429(mut resp: Response<Body>) -> Response<Body> {
+    if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+        resp.extensions_mut()
+            .insert(UpstreamFailure(Failure::GeminiRateLimit));
+    }
+    resp
+}
+
+/// Sorts a 5xx by the first few KiB of its body.
+async fn classify_5xx(
     sh: &Shared,
     resp: Response<Body>,
     deadline: Option<Deadline>,
 ) -> Response<Body> {
-    let status = resp.status();
-    let (failure, mut resp) = if status == StatusCode::TOO_MANY_REQUESTS {
-        (Failure::GeminiRateLimit, resp)
-    } else if status.is_server_error() {
-        let until = Instant::now() + SNIFF_WAIT;
-        let until = deadline.map_or(until, |d| d.at.min(until));
-        let (parts, b) = resp.into_parts();
-        let (head, rest) = sniff(b, until).await;
-        let quota = sh
-            .patterns
-            .iter()
-            .any(|p| head.iter().any(|chunk| contains(chunk, p.as_bytes())));
-        let f = if quota {
-            Failure::GeminiRateLimit
-        } else {
-            Failure::Upstream5xx
-        };
-        (f, Response::from_parts(parts, rest))
+    let until = Instant::now() + SNIFF_WAIT;
+    let until = deadline.map_or(until, |d| d.at.min(until));
+    let (parts, b) = resp.into_parts();
+    let (head, rest) = sniff(b, until).await;
+    let quota = sh
+        .patterns
+        .iter()
+        .any(|p| head.iter().any(|chunk| contains(chunk, p.as_bytes())));
+    let f = if quota {
+        Failure::GeminiRateLimit
     } else {
-        return resp;
+        Failure::Upstream5xx
     };
-    resp.extensions_mut().insert(UpstreamFailure(failure));
+    let mut resp = Response::from_parts(parts, rest);
+    resp.extensions_mut().insert(UpstreamFailure(f));
     resp
 }
 
@@ -334,24 +376,6 @@ mod tests {
         let (f, body) = verdict(500, &[filler, "quota"]).await;
         assert_eq!(f, Some(Failure::Upstream5xx));
         assert_eq!(body.len(), SNIFF_BYTES + 15);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_attempt_ends_at_the_deadline_as_a_timeout() {
-        let slow = tower::service_fn(|_req: Request<Body>| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok::<_, BoxError>(Response::new(body::empty()))
-        });
-        let counts = Arc::new(FailureCounts::default());
-        let svc = ClassifyLayer::new(patterns(), Arc::clone(&counts)).layer(slow);
-        let mut req = Request::new(body::empty());
-        req.extensions_mut().insert(Deadline {
-            at: Instant::now() + Duration::from_secs(5),
-            route_timeout: Duration::from_secs(5),
-        });
-        let result = svc.oneshot(req).await;
-        assert_eq!(UpstreamFailure::of(&result), Some(Failure::Timeout));
-        assert_eq!(counts.get(Failure::Timeout), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,6 +56,12 @@ where
     Box::pin(inner.call(req))
 }
 
+/// A worker's own handle on process-wide state. Layer services are cloned
+/// for every request, and cloning an `Arc` that every worker shares writes
+/// one cache line from all cores at once; a handle made per worker (when
+/// `build_stack` applies the layer) keeps that write on its own core.
+pub type WorkerHandle<T> = Arc<Arc<T>>;
+
 /// The assembled stack, type-erased once; never fails (errors are answers).
 pub type ProxyStack = BoxCloneService<
     Request<Body>,
@@ -71,36 +77,38 @@ pub struct Resilience {
     /// Upstream failures by legacy type.
     pub failures: Arc<FailureCounts>,
     pub retries: Arc<RetryStats>,
-    /// The retry layer, its budget shared by every worker.
-    retry: RetryLayer,
 }
 
 impl Resilience {
     pub fn new(cfg: &Config) -> Self {
-        let circuits = Circuits::new(cfg);
-        let retries = Arc::<RetryStats>::default();
         Self {
-            retry: RetryLayer::new(cfg, Arc::clone(&circuits), Arc::clone(&retries)),
-            circuits,
+            circuits: Circuits::new(cfg),
             failures: Arc::default(),
-            retries,
+            retries: Arc::default(),
         }
     }
 }
 
-/// Assembles the per-request stack over the proxy service.
-/// `inflight`, `cache`, `rate_limit` and `resilience` are shared by every
-/// worker's stack: the in-flight cap, the cache, its coalescing, the
-/// limiters, the circuits and the retry budget are per process.
+/// What every worker's stack shares: the in-flight cap, the cache and its
+/// coalescing, the limiters, the circuits and the failure figures are per
+/// process.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub inflight: Arc<tokio::sync::Semaphore>,
+    pub cache: cache::CacheLayer,
+    pub rate_limit: rate_limit::RateLimitLayer,
+    pub resilience: Resilience,
+}
+
+/// Assembles worker `worker`'s per-request stack over its proxy service.
 pub fn build_stack(
     cfg: &Config,
     routes: RouteTable,
     proxy: Proxy,
-    inflight: Arc<tokio::sync::Semaphore>,
-    cache: cache::CacheLayer,
-    rate_limit: rate_limit::RateLimitLayer,
-    resilience: &Resilience,
+    shared: &Shared,
+    worker: usize,
 ) -> ProxyStack {
+    let resilience = &shared.resilience;
     let fallback_timeout = routes
         .routes()
         .last()
@@ -124,24 +132,34 @@ pub fn build_stack(
         .layer(RescueLayer)
         // In-flight cap: past `max_inflight`, answer 503 at once instead of
         // queueing work the upstream cannot absorb.
-        .layer(inflight::InflightLimitLayer::new(inflight))
+        .layer(inflight::InflightLimitLayer::new(Arc::clone(
+            &shared.inflight,
+        )))
         // Rate limiting, before the cache: rejected requests reach neither
         // the cache nor the upstream (nor, later, the retry layer).
-        .layer(rate_limit)
+        .layer(shared.rate_limit.clone())
         // The cache: hits (and coalesced waiters) skip everything below;
         // upstream failures below come back here to be answered stale.
-        .layer(cache)
+        .layer(shared.cache.clone())
         // Refuse oversized bodies before they are forwarded (413).
         .layer(BodyLimitLayer::new(cfg.max_request_body))
         // The route's overall deadline; retries run inside it.
-        .layer(RouteTimeoutLayer::new(fallback_timeout))
+        .layer(RouteTimeoutLayer::new(fallback_timeout).counting(Arc::clone(&resilience.failures)))
         // Retries with backoff and budget, above the breaker so that each
         // attempt is admitted (or refused) by the circuit on its own.
-        .option_layer(cfg.retry.enabled.then(|| resilience.retry.clone()))
+        .option_layer(cfg.retry.enabled.then(|| {
+            RetryLayer::new(
+                cfg,
+                Arc::clone(&resilience.circuits),
+                Arc::clone(&resilience.retries),
+                worker,
+                cfg.threads,
+            )
+        }))
         // One breaker per named circuit: open → 503 at once (or stale above).
         .layer(CircuitLayer::new(Arc::clone(&resilience.circuits)))
-        // One attempt, bounded by the deadline, sorted into the legacy
-        // error types that the breaker and the retry policy read.
+        // Each attempt's answer sorted into the legacy error types that the
+        // breaker and the retry policy read.
         .layer(ClassifyLayer::new(
             cfg.retry.rate_limit_patterns.clone(),
             Arc::clone(&resilience.failures),

@@ -10,11 +10,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
 
+use super::WorkerHandle;
+use super::classify::{Failure, FailureCounts};
 use crate::BoxError;
 use crate::error::UpstreamTimeout;
 use crate::route::MatchedRoute;
@@ -27,15 +30,25 @@ pub struct Deadline {
     pub route_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RouteTimeoutLayer {
     fallback: Duration,
+    counts: Option<Arc<FailureCounts>>,
 }
 
 impl RouteTimeoutLayer {
     /// `fallback` applies to a request no route was matched for.
     pub fn new(fallback: Duration) -> Self {
-        Self { fallback }
+        Self {
+            fallback,
+            counts: None,
+        }
+    }
+
+    /// Counts each timeout as an upstream failure of type `timeout`.
+    pub fn counting(mut self, counts: Arc<FailureCounts>) -> Self {
+        self.counts = Some(counts);
+        self
     }
 }
 
@@ -46,6 +59,8 @@ impl<S> tower::Layer<S> for RouteTimeoutLayer {
         RouteTimeout {
             inner,
             fallback: self.fallback,
+            // A handle of this worker's own (see `WorkerHandle`).
+            counts: self.counts.as_ref().map(|c| Arc::new(Arc::clone(c))),
         }
     }
 }
@@ -54,6 +69,7 @@ impl<S> tower::Layer<S> for RouteTimeoutLayer {
 pub struct RouteTimeout<S> {
     inner: S,
     fallback: Duration,
+    counts: Option<WorkerHandle<FailureCounts>>,
 }
 
 impl<S, B> tower::Service<Request<B>> for RouteTimeout<S>
@@ -81,6 +97,7 @@ where
         ResponseFuture {
             inner: tokio::time::timeout_at(at, self.inner.call(req)),
             after,
+            counts: self.counts.clone(),
         }
     }
 }
@@ -91,6 +108,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: tokio::time::Timeout<F>,
         after: Duration,
+        counts: Option<WorkerHandle<FailureCounts>>,
     }
 }
 
@@ -104,7 +122,12 @@ where
         let this = self.project();
         match std::task::ready!(this.inner.poll(cx)) {
             Ok(out) => Poll::Ready(out),
-            Err(_elapsed) => Poll::Ready(Err(Box::new(UpstreamTimeout(*this.after)))),
+            Err(_elapsed) => {
+                if let Some(c) = this.counts {
+                    c.record(Failure::Timeout);
+                }
+                Poll::Ready(Err(Box::new(UpstreamTimeout(*this.after))))
+            }
         }
     }
 }
@@ -120,10 +143,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, BoxError>("late")
         });
-        let svc = RouteTimeoutLayer::new(Duration::from_secs(3)).layer(slow);
+        let counts = Arc::new(FailureCounts::default());
+        let svc = RouteTimeoutLayer::new(Duration::from_secs(3))
+            .counting(Arc::clone(&counts))
+            .layer(slow);
         let start = tokio::time::Instant::now();
         let err = svc.clone().oneshot(Request::new(())).await.unwrap_err();
         assert!(err.downcast_ref::<UpstreamTimeout>().is_some());
+        assert_eq!(counts.get(Failure::Timeout), 1);
         assert_eq!(start.elapsed(), Duration::from_secs(3));
 
         let mut cfg = crate::config::Config::default();

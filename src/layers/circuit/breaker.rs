@@ -53,9 +53,26 @@ struct Inner {
     last_failure: Option<SystemTime>,
 }
 
-/// A named circuit breaker, shared by every worker.
+/// A handle on a named circuit breaker. The state lives in one shared
+/// [`Core`]; each worker holds its own handle (see [`Breaker::handle`]), so
+/// the reference counting that every request's [`Permit`] does stays on that
+/// worker's core instead of bouncing one cache line between threads.
 #[derive(Debug)]
 pub struct Breaker {
+    core: Arc<Core>,
+}
+
+impl std::ops::Deref for Breaker {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// One circuit's state, shared by every worker's handle.
+#[derive(Debug)]
+pub struct Core {
     name: Arc<str>,
     threshold: u32,
     open_for: Duration,
@@ -89,7 +106,7 @@ pub struct Snapshot {
 
 impl Breaker {
     pub fn new(name: &str, threshold: u32, open_for: Duration) -> Arc<Self> {
-        Arc::new(Self {
+        let core = Core {
             name: name.into(),
             threshold: threshold.max(1),
             open_for,
@@ -99,15 +116,17 @@ impl Breaker {
                 phase: Phase::Closed,
                 last_failure: None,
             }),
+        };
+        Arc::new(Self {
+            core: Arc::new(core),
         })
     }
 
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Another handle on the same circuit (for one worker).
+    pub fn handle(&self) -> Arc<Self> {
+        Arc::new(Self {
+            core: Arc::clone(&self.core),
+        })
     }
 
     /// Asks to call the upstream now.
@@ -138,6 +157,25 @@ impl Breaker {
         }
     }
 
+    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+        Permit {
+            breaker: Arc::clone(self),
+            probe,
+            done: false,
+            deadline: None,
+        }
+    }
+}
+
+impl Core {
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Whether calls are being refused right now (open and not yet due a
     /// probe). The retry layer stops retrying on this.
     pub fn is_open(&self) -> bool {
@@ -145,14 +183,6 @@ impl Breaker {
             return false;
         }
         matches!(self.lock().phase, Phase::Open { until, .. } if Instant::now() < until)
-    }
-
-    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
-        Permit {
-            breaker: Arc::clone(self),
-            probe,
-            done: false,
-        }
     }
 
     fn on_success(&self, probe: bool) {
@@ -249,15 +279,26 @@ pub fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// The right to make one call; report how it went. Dropped unreported
-/// (the caller gave up), it counts as nothing, but a probe frees its slot.
+/// after its deadline (the route timeout above gave up on the call), it
+/// counts as a failure; dropped earlier (the client went away), as nothing,
+/// but a probe frees its slot. So an outer timeout is seen without a second
+/// timer per call (the failsafe trap of ../shared/CRATES.md, where a
+/// cancelled call counts as nothing).
 #[derive(Debug)]
 pub struct Permit {
     breaker: Arc<Breaker>,
     probe: bool,
     done: bool,
+    deadline: Option<Instant>,
 }
 
 impl Permit {
+    /// A drop at or after `deadline` is a timeout: a failure.
+    pub fn expires_at(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
     pub fn success(mut self) {
         self.done = true;
         self.breaker.on_success(self.probe);
@@ -267,11 +308,22 @@ impl Permit {
         self.done = true;
         self.breaker.on_failure(self.probe);
     }
+
+    /// The call ended in a way that says nothing about the upstream.
+    pub fn forget(mut self) {
+        self.done = true;
+        self.breaker.on_cancel(self.probe);
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.breaker.on_failure(self.probe);
+        } else {
             self.breaker.on_cancel(self.probe);
         }
     }
@@ -357,6 +409,19 @@ mod tests {
         assert_eq!(b.snapshot().failure_count, 1);
         admitted(&b).success();
         assert_eq!(b.snapshot().state, State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permit_dropped_at_its_deadline_is_a_timeout_failure() {
+        let b = Breaker::new("upstream", 2, Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        drop(admitted(&b).expires_at(deadline)); // the client left early
+        assert_eq!(b.snapshot().failure_count, 0);
+        let p = admitted(&b).expires_at(deadline);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        drop(p); // the route timeout gave up on it
+        assert_eq!(b.snapshot().failure_count, 1);
+        assert!(b.snapshot().last_failure_time.is_some());
     }
 
     #[tokio::test(start_paused = true)]

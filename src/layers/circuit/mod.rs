@@ -10,15 +10,17 @@
 pub mod breaker;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use serde_json::{Value, json};
 
-use self::breaker::{Admission, Breaker};
+use self::breaker::{Admission, Breaker, Permit};
 use super::classify::UpstreamFailure;
-use super::{BoxResponseFuture, call_boxed};
+use super::timeout::Deadline;
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
@@ -53,6 +55,18 @@ impl Circuits {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Breaker>> {
         self.by_name.get(name)
+    }
+
+    /// The same circuits through handles of one worker's own.
+    pub fn for_worker(&self) -> Arc<Self> {
+        Arc::new(Self {
+            by_name: self
+                .by_name
+                .iter()
+                .map(|(n, b)| (Arc::clone(n), b.handle()))
+                .collect(),
+            enabled: self.enabled,
+        })
     }
 
     /// The breaker a request's route names, when circuits are on.
@@ -116,9 +130,10 @@ impl<S> tower::Layer<S> for CircuitLayer {
     type Service = Circuit<S>;
 
     fn layer(&self, inner: S) -> Circuit<S> {
+        // `build_stack` runs once per worker: each gets its own handles.
         Circuit {
             inner,
-            circuits: Arc::clone(&self.circuits),
+            circuits: self.circuits.for_worker(),
         }
     }
 }
@@ -132,11 +147,10 @@ pub struct Circuit<S> {
 impl<S> tower::Service<Request<Body>> for Circuit<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxResponseFuture;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -144,30 +158,69 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let Some(b) = self.circuits.for_request(&req) else {
-            return call_boxed(&mut self.inner, req);
+            return ResponseFuture::Pass {
+                fut: self.inner.call(req),
+            };
         };
         let permit = match b.admit() {
-            Admission::Permitted(p) => p,
+            Admission::Permitted(p) => match req.extensions().get::<Deadline>() {
+                Some(d) => p.expires_at(d.at),
+                None => p,
+            },
             Admission::Rejected { retry_after } => {
                 let err = CircuitOpen {
                     circuit: Arc::clone(b.name()),
                     retry_after: breaker::ceil_secs(retry_after).max(1),
                 };
-                return Box::pin(std::future::ready(Err(Box::new(err) as BoxError)));
+                return ResponseFuture::Open {
+                    err: Some(Box::new(err)),
+                };
             }
         };
-        let fut = call_boxed(&mut self.inner, req);
-        Box::pin(async move {
-            let result = fut.await;
-            match (&result, UpstreamFailure::of(&result)) {
-                (_, Some(_)) => permit.failure(),
-                (Ok(_), None) => permit.success(),
-                // Not the upstream's doing (the client's body broke off...):
-                // counts as nothing.
-                (Err(_), None) => drop(permit),
+        ResponseFuture::Call {
+            fut: self.inner.call(req),
+            permit: Some(permit),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The call, and its permit to report on (no boxing: this is on every
+    /// request's path).
+    #[project = Proj]
+    pub enum ResponseFuture<F> {
+        Pass { #[pin] fut: F },
+        Call { #[pin] fut: F, permit: Option<Permit> },
+        Open { err: Option<BoxError> },
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Proj::Pass { fut } => fut.poll(cx),
+            Proj::Call { fut, permit } => {
+                let result = std::task::ready!(fut.poll(cx));
+                if let Some(permit) = permit.take() {
+                    match (&result, UpstreamFailure::of(&result)) {
+                        (_, Some(_)) => permit.failure(),
+                        (Ok(_), None) => permit.success(),
+                        // Not the upstream's doing (the client's body broke
+                        // off...): counts as nothing.
+                        (Err(_), None) => permit.forget(),
+                    }
+                }
+                Poll::Ready(result)
             }
-            result
-        })
+            Proj::Open { err } => Poll::Ready(Err(err
+                .take()
+                .unwrap_or_else(|| "circuit future polled after completion".into()))),
+        }
     }
 }
 

@@ -37,7 +37,6 @@ use tower_http::request_id::RequestId;
 use self::backoff::Backoff;
 use super::BoxResponseFuture;
 use super::circuit::Circuits;
-use super::circuit::breaker::Breaker;
 use super::classify::{Failure, UpstreamFailure};
 use super::timeout::Deadline;
 use crate::BoxError;
@@ -83,10 +82,19 @@ pub struct RetryLayer {
 }
 
 impl RetryLayer {
-    pub fn new(cfg: &Config, circuits: Arc<Circuits>, stats: Arc<RetryStats>) -> Self {
+    /// The layer of worker `worker` of `workers`. Each worker keeps its own
+    /// budget (its requests earn its retries) and gets its share of the
+    /// per-second floor, so the process-wide bound is as configured while no
+    /// budget state is shared between threads on the request path.
+    pub fn new(
+        cfg: &Config,
+        circuits: Arc<Circuits>,
+        stats: Arc<RetryStats>,
+        worker: usize,
+        workers: usize,
+    ) -> Self {
         let r = &cfg.retry;
         let percent = (r.budget_percent / 100.0) as f32;
-        let floor = r.budget_min_per_second.min(i32::MAX as u32 - 1);
         Self {
             shared: Arc::new(Shared {
                 max_retries: r.max_retries,
@@ -95,12 +103,25 @@ impl RetryLayer {
                     max: r.max_wait,
                 },
                 max_replay: r.max_replay_bytes,
-                budget: TpsBudget::new(BUDGET_WINDOW, floor, percent.clamp(0.0, 1000.0)),
+                budget: TpsBudget::new(
+                    BUDGET_WINDOW,
+                    floor_share(r.budget_min_per_second, worker, workers),
+                    percent.clamp(0.0, 1000.0),
+                ),
                 circuits,
                 stats,
             }),
         }
     }
+}
+
+/// Worker `worker`'s part of a per-second floor split over `workers`; the
+/// parts add up to `floor`.
+fn floor_share(floor: u32, worker: usize, workers: usize) -> u32 {
+    let n = u32::try_from(workers.max(1)).unwrap_or(u32::MAX);
+    let i = u32::try_from(worker).unwrap_or(u32::MAX);
+    let share = floor / n + u32::from(i < floor % n);
+    share.min(i32::MAX as u32 - 1)
 }
 
 /// What the layer below must be.
@@ -160,11 +181,12 @@ impl<S: Inner> tower::Service<Request<Body>> for Retry<S> {
         if self.shared.max_retries == 0 || !retryable(&req) {
             return Box::pin(self.inner.call(req));
         }
-        Box::pin(replayable(
-            Arc::clone(&self.shared),
-            self.inner.clone(),
-            req,
-        ))
+        let sh = Arc::clone(&self.shared);
+        if req.body().is_end_stream() {
+            // Nothing to read (a GET): straight to the attempts.
+            return attempts(sh, self.inner.clone(), req, Bytes::new());
+        }
+        Box::pin(replayable(sh, self.inner.clone(), req))
     }
 }
 
@@ -193,35 +215,29 @@ async fn replayable<S: Inner>(
     req: Request<Body>,
 ) -> Result<Response<Body>, BoxError> {
     let deadline = req.extensions().get::<Deadline>().copied();
-    let breaker = sh.circuits.for_request(&req).cloned();
     let (parts, b) = req.into_parts();
-    let bytes = if b.is_end_stream() {
-        Bytes::new()
-    } else if content_length(&parts.headers).is_some_and(|n| n > sh.max_replay) {
+    if content_length(&parts.headers).is_some_and(|n| n > sh.max_replay) {
         return once(inner, Request::from_parts(parts, b)).await;
-    } else {
-        let read = read_bounded(b, sh.max_replay);
-        let read = match deadline {
-            Some(d) => tokio::time::timeout_at(d.at, read)
-                .await
-                .map_err(|_| -> BoxError { Box::new(ClientTimeout(d.route_timeout)) })?,
-            None => read.await,
-        };
-        match read? {
-            Buffered::Whole(bytes) => bytes,
-            Buffered::Partial(rest) => return once(inner, Request::from_parts(parts, rest)).await,
+    }
+    let read = read_bounded(b, sh.max_replay);
+    let read = match deadline {
+        Some(d) => tokio::time::timeout_at(d.at, read)
+            .await
+            .map_err(|_| -> BoxError { Box::new(ClientTimeout(d.route_timeout)) })?,
+        None => read.await,
+    };
+    match read? {
+        Buffered::Whole(bytes) => {
+            attempts(
+                sh,
+                inner,
+                Request::from_parts(parts, body::full(bytes.clone())),
+                bytes,
+            )
+            .await
         }
-    };
-    let policy = Attempts {
-        sh,
-        body: bytes.clone(),
-        done: 0,
-        deadline: deadline.map(|d| d.at),
-        breaker,
-        rng: HasherRng::new(),
-    };
-    let req = Request::from_parts(parts, body::full(bytes));
-    attempts(policy, inner, req).await
+        Buffered::Partial(rest) => once(inner, Request::from_parts(parts, rest)).await,
+    }
 }
 
 // These two box their futures outside any async block: awaited inside one,
@@ -232,7 +248,20 @@ fn once<S: Inner>(inner: S, req: Request<Body>) -> BoxResponseFuture {
     Box::pin(inner.oneshot(req))
 }
 
-fn attempts<S: Inner>(policy: Attempts, inner: S, req: Request<Body>) -> BoxResponseFuture {
+/// Runs the attempts of a request whose body is `body`.
+fn attempts<S: Inner>(
+    sh: Arc<Shared>,
+    inner: S,
+    req: Request<Body>,
+    body: Bytes,
+) -> BoxResponseFuture {
+    let policy = Attempts {
+        deadline: req.extensions().get::<Deadline>().map(|d| d.at),
+        sh,
+        body,
+        done: 0,
+        rng: None,
+    };
     Box::pin(tower::retry::Retry::new(policy, inner).oneshot(req))
 }
 
@@ -243,8 +272,8 @@ struct Attempts {
     body: Bytes,
     done: u32,
     deadline: Option<Instant>,
-    breaker: Option<Arc<Breaker>>,
-    rng: HasherRng,
+    /// Made on the first retry: most requests never need one.
+    rng: Option<HasherRng>,
 }
 
 impl Attempts {
@@ -252,6 +281,7 @@ impl Attempts {
     /// when there is to be no retry.
     fn next_wait(
         &mut self,
+        req: &Request<Body>,
         result: &Result<Response<Body>, BoxError>,
     ) -> Option<(Failure, Duration)> {
         let failure = UpstreamFailure::of(result)?;
@@ -262,12 +292,20 @@ impl Attempts {
         if self.done >= self.sh.max_retries {
             return None;
         }
-        if self.breaker.as_ref().is_some_and(|b| b.is_open()) {
+        if self
+            .sh
+            .circuits
+            .for_request(req)
+            .is_some_and(|b| b.is_open())
+        {
             return None;
         }
         let asked =
             answer.and_then(|r| self.sh.backoff.retry_after(r.headers(), SystemTime::now()));
-        let wait = asked.unwrap_or_else(|| self.sh.backoff.wait(self.done, &mut self.rng));
+        let wait = asked.unwrap_or_else(|| {
+            let rng = self.rng.get_or_insert_with(HasherRng::new);
+            self.sh.backoff.wait(self.done, rng)
+        });
         if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
             tracing::debug!(
                 "not retrying: a wait of {:.1}s would pass the route's deadline",
@@ -295,7 +333,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
         req: &mut Request<Body>,
         result: &mut Result<Response<Body>, BoxError>,
     ) -> Option<Self::Future> {
-        let (failure, wait) = self.next_wait(result)?;
+        let (failure, wait) = self.next_wait(req, result)?;
         self.done += 1;
         self.sh.stats.retries.fetch_add(1, Ordering::Relaxed);
         let what = match result {
@@ -428,6 +466,8 @@ mod tests {
                     &self.cfg,
                     Arc::clone(circuits),
                     Arc::clone(stats),
+                    0,
+                    1,
                 ))
                 .layer(CircuitLayer::new(Arc::clone(circuits)))
                 .layer(ClassifyLayer::new(
@@ -555,6 +595,21 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(rig.script.calls(), 2);
         assert!(circuits.get("upstream").unwrap().is_open());
+    }
+
+    #[test]
+    fn the_floor_is_split_over_the_workers_without_loss() {
+        for (floor, workers) in [(10, 2), (1, 2), (7, 3), (0, 4), (5, 1)] {
+            let parts: Vec<u32> = (0..workers)
+                .map(|i| floor_share(floor, i, workers))
+                .collect();
+            assert_eq!(
+                parts.iter().sum::<u32>(),
+                floor,
+                "{floor} over {workers}: {parts:?}"
+            );
+            assert!(parts.iter().max().unwrap() - parts.iter().min().unwrap() <= 1);
+        }
     }
 
     #[tokio::test(start_paused = true)]
