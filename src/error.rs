@@ -45,6 +45,13 @@ pub struct CircuitOpen {
     pub retry_after: u64,
 }
 
+/// On a response the rescue made: what went wrong, for the metrics.
+#[derive(Debug, Clone)]
+pub struct Rescued {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
 /// The bounded kinds of failure, for responses and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
@@ -135,8 +142,20 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     }
 }
 
-/// Turns an error from the stack into its JSON response.
+/// Turns an error from the stack into its JSON response, marked with a
+/// [`Rescued`] extension.
 pub fn rescue(err: &BoxError) -> Response<Body> {
+    let kind = classify(err.as_ref());
+    let mut resp = answer(err, kind);
+    let message = match kind {
+        ErrorKind::Internal => "Internal proxy error".to_string(),
+        _ => capitalise(&err.to_string()),
+    };
+    resp.extensions_mut().insert(Rescued { kind, message });
+    resp
+}
+
+fn answer(err: &BoxError, kind: ErrorKind) -> Response<Body> {
     if let Some(r) = find_cause::<RateLimited>(err.as_ref()) {
         // The legacy 429: its body, Retry-After and the rate-limit headers.
         let mut resp = body::json(
@@ -159,7 +178,6 @@ pub fn rescue(err: &BoxError) -> Response<Body> {
             .insert(header::RETRY_AFTER, HeaderValue::from(c.retry_after));
         return resp;
     }
-    let kind = classify(err.as_ref());
     let message = match kind {
         ErrorKind::Overloaded => "Too many requests in flight; try again shortly".to_string(),
         ErrorKind::BodyTooLarge => match find_cause::<BodyTooLarge>(err.as_ref()) {

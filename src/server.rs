@@ -43,8 +43,13 @@ use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::{ProxyStack, Resilience, Shared, build_stack};
+use crate::metrics::{Metrics, Sources};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
+
+/// How often the upstream is probed in the background (readiness, health,
+/// metrics).
+const READINESS_EVERY: Duration = Duration::from_secs(5);
 
 /// The TCP peer of the connection a request came on, as a request extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,11 +142,31 @@ impl Server {
                 sweeper.sweep();
             }
         });
+        let readiness = Arc::new(Readiness::new(
+            UpstreamClient::new(&cfg),
+            &cfg.readiness_path,
+        ));
+        readiness.spawn_periodic(READINESS_EVERY);
+        let monitor = Arc::new(crate::system::Monitor::default());
+        monitor.spawn(std::env::current_dir().unwrap_or_else(|_| ".".into()));
+        let resilience = Resilience::new(&cfg);
+        let metrics = Metrics::new(
+            &cfg,
+            Sources {
+                cache: Arc::clone(&cache),
+                rate_limit: rate_limit.clone(),
+                resilience: resilience.clone(),
+                system: monitor,
+                readiness: Arc::clone(&readiness),
+                redis_configured: cfg.redis.url.is_some(),
+            },
+        );
         let shared = Shared {
             inflight,
             cache: cache_layer,
             rate_limit,
-            resilience: Resilience::new(&cfg),
+            resilience,
+            metrics: Arc::clone(&metrics),
         };
         let workers = listeners
             .into_iter()
@@ -158,7 +183,8 @@ impl Server {
             })
             .collect();
         let state = Arc::new(AdminState {
-            readiness: Readiness::new(UpstreamClient::new(&cfg), &cfg.readiness_path),
+            readiness,
+            metrics,
             config: Arc::clone(&cfg),
             started: Instant::now(),
             cache,

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn healthz_and_readyz_are_answered_not_proxied() {
     let mock = Mock::start();
-    let sc = Sidecar::start(&mock.url(), "").await;
+    let sc = Sidecar::start(&mock.url(), "readiness_path = \"/api/health\"\n").await;
     let resp = client().get(sc.url("/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "alive");
@@ -56,7 +56,7 @@ async fn readyz_is_503_when_the_app_says_5xx() {
         .send()
         .await
         .unwrap();
-    let sc = Sidecar::start(&mock.url(), "").await;
+    let sc = Sidecar::start(&mock.url(), "readiness_path = \"/api/health\"\n").await;
     let resp = client().get(sc.url("/readyz")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     assert_eq!(

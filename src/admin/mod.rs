@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod circuits;
 pub mod guard;
+pub mod observe;
 pub mod ready;
 
 use std::future::Future;
@@ -49,7 +50,8 @@ pub struct Endpoint {
 #[derive(Debug)]
 pub struct AdminState {
     pub config: Arc<Config>,
-    pub readiness: Readiness,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub started: Instant,
     pub cache: Arc<crate::layers::cache::store::CacheStore>,
     /// Circuits, retry and upstream-failure figures.
@@ -183,6 +185,36 @@ pub fn builtin_endpoints() -> Vec<Endpoint> {
             path: "/api/circuit-breakers/reset",
             guarded: true,
             handler: |ctx| Box::pin(circuits::reset(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/api/metrics",
+            guarded: false,
+            handler: |ctx| Box::pin(observe::metrics(ctx)),
+        },
+        Endpoint {
+            method: Method::POST,
+            path: "/api/metrics/reset",
+            guarded: true,
+            handler: |ctx| Box::pin(observe::reset(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/metrics",
+            guarded: false,
+            handler: |ctx| Box::pin(observe::prometheus(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/api/system",
+            guarded: false,
+            handler: |ctx| Box::pin(observe::system(ctx)),
+        },
+        Endpoint {
+            method: Method::GET,
+            path: "/api/health/detailed",
+            guarded: false,
+            handler: |ctx| Box::pin(observe::health_detailed(ctx)),
         },
     ]
 }

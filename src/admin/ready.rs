@@ -2,7 +2,8 @@
 //! answers a cheap request (`readiness_path`, default `GET /api/health`) with
 //! a status below 500. The probe result is cached for a second so frequent
 //! kubelet probes cost the app at most one request a second, and concurrent
-//! probes share one upstream call.
+//! probes share one upstream call. A background task also probes every few
+//! seconds; the health endpoint and the metrics read that last result.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,6 +23,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct Probe {
     pub at: Instant,
+    /// When, in unix seconds.
+    pub checked_unix: u64,
     pub reachable: bool,
     pub status: Option<u16>,
     pub latency: Duration,
@@ -35,6 +38,7 @@ impl Probe {
             "status": self.status,
             "latency_ms": (self.latency.as_secs_f64() * 1e6).round() / 1e3,
             "error": self.error,
+            "last_checked": self.checked_unix,
         })
     }
 }
@@ -45,6 +49,8 @@ pub struct Readiness {
     path: http::uri::PathAndQuery,
     draining: AtomicBool,
     last: Mutex<Option<Probe>>,
+    /// A copy of the last probe for readers that must not wait or probe.
+    latest: std::sync::Mutex<Option<Probe>>,
 }
 
 impl Readiness {
@@ -56,6 +62,7 @@ impl Readiness {
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
             draining: AtomicBool::new(false),
             last: Mutex::new(None),
+            latest: std::sync::Mutex::new(None),
         }
     }
 
@@ -76,7 +83,33 @@ impl Readiness {
         }
         let probe = self.probe().await;
         *last = Some(probe.clone());
+        *self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(probe.clone());
         probe
+    }
+
+    /// The last probe, without probing (for metrics and health).
+    pub fn last(&self) -> Option<Probe> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Probes every `every` in the background, so that `/readyz`,
+    /// `/api/health/detailed` and `/metrics` read a recent result even when
+    /// nobody asks for readiness.
+    pub fn spawn_periodic(self: &std::sync::Arc<Self>, every: Duration) {
+        let me = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                me.upstream().await;
+            }
+        });
     }
 
     async fn probe(&self) -> Probe {
@@ -95,9 +128,13 @@ impl Readiness {
             Err(e) => Err(e.to_string()),
         };
         let latency = start.elapsed();
+        let checked_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         match result {
             Ok(resp) => Probe {
                 at: Instant::now(),
+                checked_unix,
                 reachable: resp.status().as_u16() < 500,
                 status: Some(resp.status().as_u16()),
                 latency,
@@ -105,6 +142,7 @@ impl Readiness {
             },
             Err(e) => Probe {
                 at: Instant::now(),
+                checked_unix,
                 reachable: false,
                 status: None,
                 latency,

@@ -33,6 +33,8 @@ use super::timeout::Deadline;
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::error::{UpstreamTimeout, UpstreamUnavailable, find_cause};
+use crate::metrics::Recorder;
+use crate::route::MatchedRoute;
 
 /// How much of a 5xx body is searched for the quota patterns.
 pub const SNIFF_BYTES: usize = 4096;
@@ -126,6 +128,8 @@ impl FailureCounts {
 struct Shared {
     patterns: Vec<String>,
     counts: Arc<FailureCounts>,
+    /// This worker's metrics, for the `upstream.<route>` timers.
+    recorder: Option<Arc<Recorder>>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,7 +140,23 @@ pub struct ClassifyLayer {
 impl ClassifyLayer {
     pub fn new(patterns: Vec<String>, counts: Arc<FailureCounts>) -> Self {
         Self {
-            shared: Arc::new(Shared { patterns, counts }),
+            shared: Arc::new(Shared {
+                patterns,
+                counts,
+                recorder: None,
+            }),
+        }
+    }
+
+    /// Also times each attempt on this worker's metrics recorder.
+    pub fn timing(self, recorder: Option<Arc<Recorder>>) -> Self {
+        let sh = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                patterns: sh.patterns.clone(),
+                counts: Arc::clone(&sh.counts),
+                recorder,
+            }),
         }
     }
 }
@@ -172,10 +192,15 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let deadline = req.extensions().get::<Deadline>().copied();
+        let timed = self.shared.recorder.as_ref().and_then(|rec| {
+            let route = req.extensions().get::<MatchedRoute>()?;
+            Some((rec.route(&route.name)?, std::time::Instant::now()))
+        });
         ResponseFuture::Call {
             fut: self.inner.call(req),
             shared: Some(Arc::clone(&self.shared)),
             deadline,
+            timed,
         }
     }
 }
@@ -185,7 +210,13 @@ pin_project_lite::pin_project! {
     /// sniffing step.
     #[project = Proj]
     pub enum ResponseFuture<F> {
-        Call { #[pin] fut: F, shared: Option<Arc<Shared>>, deadline: Option<Deadline> },
+        Call {
+            #[pin] fut: F,
+            shared: Option<Arc<Shared>>,
+            deadline: Option<Deadline>,
+            // The route's index and when the attempt began, when timed.
+            timed: Option<(usize, std::time::Instant)>,
+        },
         Sniff { fut: BoxResponseFuture },
     }
 }
@@ -203,11 +234,15 @@ where
                 fut,
                 shared,
                 deadline,
+                timed,
             } => {
                 let result = std::task::ready!(fut.poll(cx));
                 let Some(sh) = shared.take() else {
                     return Poll::Ready(result);
                 };
+                if let (Some(rec), Some((route, start))) = (&sh.recorder, timed.take()) {
+                    rec.upstream(route, start.elapsed());
+                }
                 match result {
                     Ok(resp) if resp.status().is_server_error() => (sh, resp, *deadline),
                     other => {

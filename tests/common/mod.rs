@@ -138,7 +138,15 @@ impl Sidecar {
         env: &[(&str, &str)],
         extra: Vec<Endpoint>,
     ) -> Self {
-        let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{toml}");
+        // The sidecar probes the app in the background; unless a test is
+        // about that probe, it goes to a mock control path, which is never
+        // counted in the mock's stats nor served a test's armed fault.
+        let probe = if toml.contains("readiness_path") {
+            ""
+        } else {
+            "readiness_path = \"/__mock/fast\"\n"
+        };
+        let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{probe}{toml}");
         let server = Server::bind_with(config(&text, env), extra).await.unwrap();
         let addr = server.local_addr().unwrap();
         let admin_addr = server.admin_addr();

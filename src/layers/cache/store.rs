@@ -141,6 +141,16 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// Entries held in memory.
+    pub fn items(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Bytes of the entries held in memory (weights are rounded up to slots).
+    pub fn bytes(&self) -> u64 {
+        self.cache.iter().map(|(_, e)| e.weight).sum()
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -378,6 +388,11 @@ impl CacheStore {
         self.redis.as_ref().is_some_and(RedisStore::is_connected)
     }
 
+    /// Every namespace (for the metrics).
+    pub fn namespaces(&self) -> impl Iterator<Item = &Arc<Namespace>> {
+        self.namespaces.values()
+    }
+
     pub fn memory_items(&self) -> usize {
         self.namespaces.values().map(|n| n.cache.len()).sum()
     }
@@ -401,10 +416,8 @@ impl CacheStore {
             .into_iter()
             .map(|n| {
                 let mut v = n.counters.to_json();
-                v.insert("items".into(), json!(n.cache.len()));
-                // Entry bytes (the weights are rounded up to slots).
-                let bytes: u64 = n.cache.iter().map(|(_, e)| e.weight).sum();
-                v.insert("bytes".into(), json!(bytes));
+                v.insert("items".into(), json!(n.items()));
+                v.insert("bytes".into(), json!(n.bytes()));
                 v.insert("max_items".into(), json!(n.max_items));
                 v.insert("ttl_seconds".into(), json!(n.ttl.as_secs()));
                 (n.name.clone(), Value::Object(v))

@@ -273,10 +273,7 @@ impl Core {
     }
 }
 
-/// Whole seconds, rounded up: "retry in 0 s" would invite a retry too soon.
-pub fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
+pub use crate::layers::ceil_secs;
 
 /// The right to make one call; report how it went. Dropped unreported
 /// after its deadline (the route timeout above gave up on the call), it

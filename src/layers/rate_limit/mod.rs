@@ -51,6 +51,7 @@ use crate::BoxError;
 use crate::body::Body;
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
 use crate::layers::cache::redis::{RATE_LIMIT_SPACE, RedisStore};
+use crate::layers::ceil_secs;
 use crate::layers::{BoxResponseFuture, call_boxed};
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
@@ -223,6 +224,13 @@ impl RateLimitLayer {
             .map_or(0, |s| s.fallbacks.load(Ordering::Relaxed))
     }
 
+    /// Every route's policy, by route name (for the metrics).
+    pub fn policies(&self) -> impl Iterator<Item = (&str, &Arc<RoutePolicy>)> {
+        self.shared
+            .iter()
+            .flat_map(|s| s.routes.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
     /// The policy of a route, for its counters.
     pub fn route(&self, name: &str) -> Option<Arc<RoutePolicy>> {
         self.shared.as_ref()?.routes.get(name).cloned()
@@ -253,10 +261,6 @@ struct Verdict<'a> {
     reset: Duration,
     /// `Some(wait)` when rejected.
     wait: Option<Duration>,
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// `30 requests per minute`, `2 requests per 5 minutes`.
