@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Throughput and latency of rag-sidecar against nginx and a direct connection,
-# the cost of rate limiting and of the retry/circuit layers, an outage
+# the cost of rate limiting, of the retry/circuit layers and of metrics, an outage
 # scenario (bench/fault.py), cache hits and cache memory,
 # all on 127.0.0.1, in one run: the contenders alternate, round after round,
 # and the table reports medians and ratios. Installs wrk and nginx from
@@ -37,7 +37,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port); scrl=$(free_port)
-scoff=$(free_port); scf=$(free_port); upf=$(free_port)
+scoff=$(free_port); scf=$(free_port); upf=$(free_port); scnm=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
@@ -98,6 +98,25 @@ res_results="$work/resilience.txt"
 run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$PATH_" \
   resilience-off="http://127.0.0.1:$scoff$PATH_"
 
+# Metrics on (as shipped) vs ENABLE_METRICS=False, same route.
+(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False ENABLE_METRICS=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
+    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scnm" --upstream "http://127.0.0.1:$up") &
+pids+=($!); wait_port "$scnm"
+metrics_results="$work/metrics.txt"
+run_rounds "$metrics_results" bench/report.lua metrics-on="http://127.0.0.1:$sc$PATH_" \
+  metrics-off="http://127.0.0.1:$scnm$PATH_"
+# One scrape of /metrics on the loaded sidecar: median of 200.
+scrape_ms=$(python3 - "$sc" <<'PY'
+import http.client, statistics, sys, time
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+t = []
+for _ in range(200):
+    s = time.perf_counter(); c.request("GET", "/metrics"); r = c.getresponse(); body = r.read(); t.append(time.perf_counter() - s)
+    assert r.status == 200, r.status
+print(f"{statistics.median(t) * 1000:.3f} ms ({len(body.splitlines())} lines)")
+PY
+)
+
 # The outage: a second app that answers 503 to everything for 10 s, behind
 # a sidecar as shipped (rate limits off).
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$upf" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
@@ -148,7 +167,7 @@ PY
 rss_10k=$(rss $sc10kpid)
 items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" <<'PY'
+python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" "$metrics_results" "$scrape_ms" <<'PY'
 import sys, statistics, collections
 def table(path, names):
     rows = collections.defaultdict(list)
@@ -190,6 +209,12 @@ print("Retry and circuit-breaker layers on (as shipped) vs off, GET default rout
 m = table(sys.argv[12], ("resilience-off", "resilience-on"))
 on, off = m["resilience-on"], m["resilience-off"]
 print(f"- throughput with retry + circuit on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+print()
+print("Metrics on (as shipped) vs ENABLE_METRICS=False, GET default route:\n")
+m = table(sys.argv[13], ("metrics-off", "metrics-on"))
+on, off = m["metrics-on"], m["metrics-off"]
+print(f"- throughput with metrics on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+print(f"- one GET /metrics on the loaded sidecar (HTTP round trip included, median of 200): {sys.argv[14]}")
 print()
 print("Cache hits at moderate load (4 connections):\n")
 m = table(sys.argv[3], ("nginx-proxy_cache", "rag-sidecar-cache"))
