@@ -7,7 +7,9 @@
 # Debian when missing. Used by `make bench` (which builds the release first).
 #
 # Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (50), WORKERS for
-# both proxies (2), PATH_ (the request, default /api/stats: the default route).
+# both proxies (2), PATH_ (the request, default /api/stats: the default route);
+# the on-vs-off comparisons use AB_ROUNDS (9) of AB_DURATION (3s) and report
+# the median of the per-round ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -85,7 +87,8 @@ load_rss=$(rss $scpid)
     --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scrl" --upstream "http://127.0.0.1:$up") &
 pids+=($!); wait_port "$scrl"
 rl_results="$work/ratelimit.txt"
-run_rounds "$rl_results" bench/report.lua rate-limit-off="http://127.0.0.1:$sc$PATH_" \
+AB_ROUNDS=${AB_ROUNDS:-9}; AB_DURATION=${AB_DURATION:-3s}
+ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$rl_results" bench/report.lua rate-limit-off="http://127.0.0.1:$sc$PATH_" \
   rate-limit-on="http://127.0.0.1:$scrl$PATH_"
 
 # Retry + circuit-breaker layers on (as shipped) vs off, same route, nothing
@@ -95,7 +98,7 @@ printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work
     --config "$work/off.toml" --listen "127.0.0.1:$scoff" --upstream "http://127.0.0.1:$up") &
 pids+=($!); wait_port "$scoff"
 res_results="$work/resilience.txt"
-run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$PATH_" \
+ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$PATH_" \
   resilience-off="http://127.0.0.1:$scoff$PATH_"
 
 # Metrics on (as shipped) vs ENABLE_METRICS=False, same route.
@@ -103,7 +106,7 @@ run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$P
     --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scnm" --upstream "http://127.0.0.1:$up") &
 pids+=($!); wait_port "$scnm"
 metrics_results="$work/metrics.txt"
-run_rounds "$metrics_results" bench/report.lua metrics-on="http://127.0.0.1:$sc$PATH_" \
+ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$metrics_results" bench/report.lua metrics-on="http://127.0.0.1:$sc$PATH_" \
   metrics-off="http://127.0.0.1:$scnm$PATH_"
 # One scrape of /metrics on the loaded sidecar: median of 200.
 scrape_ms=$(python3 - "$sc" <<'PY'
@@ -187,6 +190,20 @@ def table(path, names):
         print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {len(runs)} |")
     print()
     return med
+def paired(path, a, b):
+    """Median and range of the per-round ratios a/b: the two ran back to
+    back in each round, so machine drift between rounds cancels out."""
+    rows = collections.defaultdict(list)
+    for line in open(path):
+        name, _, *kv = line.split()
+        r = dict(x.split("=") for x in kv)
+        rows[name].append(int(r["requests"]) / (int(r["duration_us"]) / 1e6))
+    ratios = sorted(x / y for x, y in zip(rows[a], rows[b]))
+    return statistics.median(ratios), ratios[0], ratios[-1]
+def ab(path, on, off, what):
+    m = table(path, (off, on))
+    r, lo, hi = paired(path, on, off)
+    print(f"- throughput with {what}: median of the per-round ratios {r:.3f}x of off ({(1 - r) * 100:+.1f} % lower; rounds ranged {lo:.3f}-{hi:.3f}); medians of the columns {m[on][0]/m[off][0]:.3f}x")
 print("Proxying (GET /api/stats, default route, not cached):\n")
 m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar"))
 s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
@@ -201,19 +218,13 @@ s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
 print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
 print()
 print("Rate limiting on (a limit that never rejects) vs off, GET default route:\n")
-m = table(rl_path, ("rate-limit-off", "rate-limit-on"))
-on, off = m["rate-limit-on"], m["rate-limit-off"]
-print(f"- throughput with rate limiting on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+ab(rl_path, "rate-limit-on", "rate-limit-off", "rate limiting on")
 print()
 print("Retry and circuit-breaker layers on (as shipped) vs off, GET default route, nothing failing:\n")
-m = table(sys.argv[12], ("resilience-off", "resilience-on"))
-on, off = m["resilience-on"], m["resilience-off"]
-print(f"- throughput with retry + circuit on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+ab(sys.argv[12], "resilience-on", "resilience-off", "retry + circuit on")
 print()
 print("Metrics on (as shipped) vs ENABLE_METRICS=False, GET default route:\n")
-m = table(sys.argv[13], ("metrics-off", "metrics-on"))
-on, off = m["metrics-on"], m["metrics-off"]
-print(f"- throughput with metrics on: {on[0]/off[0]:.3f}x of off ({(1 - on[0]/off[0]) * 100:+.1f} % lower)")
+ab(sys.argv[13], "metrics-on", "metrics-off", "metrics on")
 print(f"- one GET /metrics on the loaded sidecar (HTTP round trip included, median of 200): {sys.argv[14]}")
 print()
 print("Cache hits at moderate load (4 connections):\n")
