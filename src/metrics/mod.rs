@@ -243,6 +243,7 @@ struct Prom {
     cache_items: IntGaugeVec,
     cache_bytes: IntGaugeVec,
     redis_up: IntGauge,
+    redis_configured: IntGauge,
     ratelimit_rejected: IntCounterVec,
     ratelimit_dry_run: IntCounterVec,
     retries: IntCounter,
@@ -381,6 +382,11 @@ impl Prom {
                 IntGauge,
                 opts("cache_redis_up", "1 when Redis is configured and connected")
             ),
+            redis_configured: series!(
+                &r,
+                IntGauge,
+                opts("cache_redis_configured", "1 when a Redis URL is configured")
+            ),
             ratelimit_rejected: series!(
                 &r,
                 IntCounterVec,
@@ -515,10 +521,10 @@ fn raise(c: &IntCounter, v: u64) {
     }
 }
 
+/// Raises one series of a vector to `v`, creating it (at 0) if need be:
+/// series of a bounded, known label set are exported from the start, so a
+/// rate over them works before the first event.
 fn raise_vec(c: &IntCounterVec, labels: &[&str], v: u64) {
-    if v == 0 {
-        return;
-    }
     if let Ok(c) = c.get_metric_with_label_values(labels) {
         raise(&c, v);
     }
@@ -823,7 +829,11 @@ impl Metrics {
                 for (c, class) in CLASSES.iter().enumerate() {
                     let i = (r * METHODS.len() + m) * CLASSES.len() + c;
                     let v = self.sum(|s| s.requests.get(i).map_or(0, Self::load));
-                    raise_vec(&p.requests, &[route, method, class], v);
+                    // Only combinations that occurred: 240 zero series
+                    // would bloat every scrape.
+                    if v > 0 {
+                        raise_vec(&p.requests, &[route, method, class], v);
+                    }
                 }
             }
         }
@@ -867,6 +877,8 @@ impl Metrics {
         }
         p.redis_up
             .set(i64::from(self.sources.cache.redis_connected()));
+        p.redis_configured
+            .set(i64::from(self.sources.redis_configured));
         for (route, policy) in self.sources.rate_limit.policies() {
             raise_vec(
                 &p.ratelimit_rejected,

@@ -1,0 +1,25 @@
+# syntax=docker/dockerfile:1
+# rag-sidecar container image: built with the same `make release` as on a
+# developer machine, run from a distroless image as a non-root user.
+#   docker build -t rag-sidecar:0.1.0 .
+# The final image holds the binary and the default config only.
+
+# --- build: Debian bookworm, the glibc the runtime image has ---------------
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock Makefile ./
+COPY src ./src
+COPY benches ./benches
+COPY config ./config
+RUN make release
+
+# --- runtime: distroless (glibc, CA certificates, no shell), non-root ---------
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+COPY --from=build /src/target/release/rag-sidecar /usr/local/bin/rag-sidecar
+COPY --from=build /src/config/rag-sidecar.toml /etc/rag-sidecar/rag-sidecar.toml
+# distroless's "nonroot" user (65532); the config and binary are read-only.
+USER 65532:65532
+WORKDIR /tmp
+EXPOSE 5003
+ENTRYPOINT ["/usr/local/bin/rag-sidecar", "--config", "/etc/rag-sidecar/rag-sidecar.toml"]
+CMD ["run"]
