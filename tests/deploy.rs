@@ -55,7 +55,13 @@ fn render(overlay: &str) -> Vec<Value> {
         Command::new("python3")
             .args([
                 "-c",
-                "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+                // Secrets also get their values decoded, as `decoded`.
+                "import base64, json, sys, yaml\n\
+                 docs = [d for d in yaml.safe_load_all(sys.stdin) if d]\n\
+                 for d in docs:\n\
+                 \x20   if d['kind'] == 'Secret':\n\
+                 \x20       d['decoded'] = {k: base64.b64decode(v).decode() for k, v in d.get('data', {}).items()}\n\
+                 print(json.dumps(docs))",
             ])
             .stdin(std::fs::File::open(&file).unwrap()),
         "YAML to JSON",
@@ -96,15 +102,22 @@ fn the_base_is_a_valid_pod_with_a_native_sidecar() {
         .find(|d| d["kind"] == "ConfigMap" && d["data"]["rag-sidecar.toml"].is_string())
         .expect("the config map");
     let toml = cm["data"]["rag-sidecar.toml"].as_str().unwrap();
-    // The shipped configuration loads with the sidecar's own loader.
-    let cfg = common::config(toml, &[]);
-    assert_eq!(cfg.listen.port(), 5003);
-    assert_eq!(cfg.upstream.to_string(), "http://127.0.0.1:5000");
     let env = docs
         .iter()
         .find(|d| d["kind"] == "ConfigMap" && d["data"]["MAX_RETRIES"].is_string())
         .expect("the legacy .env values");
-    assert_eq!(env["data"]["CIRCUIT_BREAKER_THRESHOLD"], "5");
+    // The shipped file and environment load with the sidecar's own loader.
+    let pairs: Vec<(&str, &str)> = env["data"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().unwrap()))
+        .collect();
+    let cfg = common::config(toml, &pairs);
+    assert_eq!(cfg.listen.port(), 5003);
+    assert_eq!(cfg.upstream.to_string(), "http://127.0.0.1:5000");
+    assert_eq!(cfg.circuit_breaker.threshold, 5);
+    assert_eq!(cfg.shutdown_grace.as_secs(), 25);
     // Service and scraping.
     let svc = kind(&docs, "Service", "rag-services");
     assert_eq!(svc["spec"]["ports"][0]["port"], 5003);
@@ -143,6 +156,29 @@ fn the_redis_overlay_adds_redis_and_secrets() {
     assert_eq!(
         env["data"]["MAX_RETRIES"], "3",
         "merged with the base's values"
+    );
+    // The sidecar, given what the pod gives it, uses that Redis with that
+    // password, and has an admin token.
+    let toml = docs
+        .iter()
+        .find_map(|d| d["data"]["rag-sidecar.toml"].as_str())
+        .unwrap();
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for map in [&env["data"], &secret["decoded"]] {
+        for (k, v) in map.as_object().unwrap() {
+            vars.push((k.clone(), v.as_str().unwrap().to_string()));
+        }
+    }
+    let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cfg = common::config(toml, &pairs);
+    let password = secret["decoded"]["REDIS_PASSWORD"].as_str().unwrap();
+    assert_eq!(
+        cfg.redis.url.as_deref(),
+        Some(format!("redis://:{password}@redis:6379/0").as_str())
+    );
+    assert_eq!(
+        cfg.admin_token.as_deref(),
+        secret["decoded"]["ADMIN_TOKEN"].as_str()
     );
     let dep = kind(&docs, "Deployment", "rag-services");
     let from = &dep["spec"]["template"]["spec"]["initContainers"][0]["envFrom"];
