@@ -71,10 +71,14 @@ impl Circuits {
 
     /// The breaker a request's route names, when circuits are on.
     pub fn for_request<B>(&self, req: &Request<B>) -> Option<&Arc<Breaker>> {
+        self.for_route(req.extensions().get::<MatchedRoute>()?)
+    }
+
+    /// The breaker a route names, when circuits are on.
+    pub fn for_route(&self, route: &crate::config::Route) -> Option<&Arc<Breaker>> {
         if !self.enabled {
             return None;
         }
-        let route = req.extensions().get::<MatchedRoute>()?;
         self.get(&route.circuit)
     }
 

@@ -32,7 +32,6 @@ use tower::ServiceExt;
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
-use tower_http::request_id::RequestId;
 
 use self::backoff::Backoff;
 use super::BoxResponseFuture;
@@ -44,6 +43,9 @@ use crate::body::{self, Body, Buffered, read_bounded};
 use crate::config::{Config, RetryMode};
 use crate::error::ClientTimeout;
 use crate::route::MatchedRoute;
+use crate::server::ClientAddr;
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Answers worth another try (besides connection errors and timeouts).
 const RETRY_STATUSES: [StatusCode; 5] = [
@@ -255,8 +257,11 @@ fn attempts<S: Inner>(
     req: Request<Body>,
     body: Bytes,
 ) -> BoxResponseFuture {
+    let ext = req.extensions();
     let policy = Attempts {
-        deadline: req.extensions().get::<Deadline>().map(|d| d.at),
+        deadline: ext.get::<Deadline>().copied(),
+        route: ext.get::<MatchedRoute>().cloned(),
+        client: ext.get::<ClientAddr>().copied(),
         sh,
         body,
         done: 0,
@@ -271,7 +276,12 @@ struct Attempts {
     sh: Arc<Shared>,
     body: Bytes,
     done: u32,
-    deadline: Option<Instant>,
+    // The extensions the layers below read, kept here and put back on the
+    // copy only when a retry is made: copying the request's whole extension
+    // map up front, for every request, costs several allocations.
+    deadline: Option<Deadline>,
+    route: Option<MatchedRoute>,
+    client: Option<ClientAddr>,
     /// Made on the first retry: most requests never need one.
     rng: Option<HasherRng>,
 }
@@ -281,7 +291,6 @@ impl Attempts {
     /// when there is to be no retry.
     fn next_wait(
         &mut self,
-        req: &Request<Body>,
         result: &Result<Response<Body>, BoxError>,
     ) -> Option<(Failure, Duration)> {
         let failure = UpstreamFailure::of(result)?;
@@ -292,12 +301,11 @@ impl Attempts {
         if self.done >= self.sh.max_retries {
             return None;
         }
-        if self
-            .sh
-            .circuits
-            .for_request(req)
-            .is_some_and(|b| b.is_open())
-        {
+        let circuit = self
+            .route
+            .as_ref()
+            .and_then(|r| self.sh.circuits.for_route(r));
+        if circuit.is_some_and(|b| b.is_open()) {
             return None;
         }
         let asked =
@@ -306,7 +314,7 @@ impl Attempts {
             let rng = self.rng.get_or_insert_with(HasherRng::new);
             self.sh.backoff.wait(self.done, rng)
         });
-        if self.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+        if self.deadline.is_some_and(|d| Instant::now() + wait >= d.at) {
             tracing::debug!(
                 "not retrying: a wait of {:.1}s would pass the route's deadline",
                 wait.as_secs_f64()
@@ -333,7 +341,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
         req: &mut Request<Body>,
         result: &mut Result<Response<Body>, BoxError>,
     ) -> Option<Self::Future> {
-        let (failure, wait) = self.next_wait(req, result)?;
+        let (failure, wait) = self.next_wait(result)?;
         self.done += 1;
         self.sh.stats.retries.fetch_add(1, Ordering::Relaxed);
         let what = match result {
@@ -341,9 +349,9 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
             Err(e) => format!("{} ({e})", failure.as_str()),
         };
         let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .and_then(|id| id.header_value().to_str().ok())
+            .headers()
+            .get(X_REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
             .unwrap_or("-");
         tracing::warn!(
             request_id,
@@ -352,6 +360,16 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
             self.sh.max_retries,
             wait.as_secs_f64()
         );
+        let ext = req.extensions_mut();
+        if let Some(d) = self.deadline {
+            ext.insert(d);
+        }
+        if let Some(r) = &self.route {
+            ext.insert(r.clone());
+        }
+        if let Some(c) = self.client {
+            ext.insert(c);
+        }
         Some(tokio::time::sleep(wait))
     }
 
@@ -361,7 +379,6 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
         *copy.headers_mut() = req.headers().clone();
-        *copy.extensions_mut() = req.extensions().clone();
         Some(copy)
     }
 }
@@ -388,6 +405,8 @@ mod tests {
     struct Script {
         answers: Arc<Mutex<VecDeque<Answer>>>,
         bodies: Arc<Mutex<Vec<Bytes>>>,
+        /// Whether each call carried the route and the deadline.
+        marked: Arc<Mutex<Vec<bool>>>,
     }
 
     impl Script {
@@ -413,6 +432,9 @@ mod tests {
 
         fn call(&mut self, req: Request<Body>) -> BoxResponseFuture {
             let s = self.clone();
+            let ext = req.extensions();
+            let marked = ext.get::<MatchedRoute>().is_some() && ext.get::<Deadline>().is_some();
+            s.marked.lock().unwrap().push(marked);
             Box::pin(async move {
                 let got = req.into_body().collect().await?.to_bytes();
                 s.bodies.lock().unwrap().push(got);
@@ -498,9 +520,10 @@ mod tests {
         assert_eq!(rig.script.calls(), 3);
         // 1 s then 2 s nominal, each jittered into [half, all].
         assert!(took >= secs(1.5) && took <= secs(3.0), "{took:?}");
-        // Every attempt carried the whole body.
+        // Every attempt carried the whole body, the route and the deadline.
         let bodies = rig.script.bodies.lock().unwrap().clone();
         assert!(bodies.iter().all(|b| &b[..] == b"{\"query\":\"q\"}"));
+        assert_eq!(*rig.script.marked.lock().unwrap(), [true, true, true]);
     }
 
     #[tokio::test(start_paused = true)]
