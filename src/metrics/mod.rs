@@ -16,7 +16,7 @@
 pub mod layer;
 pub mod window;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -123,7 +123,9 @@ pub struct Sources {
 #[derive(Debug)]
 pub struct Recorder {
     shard: Arc<Shard>,
-    route_index: Arc<HashMap<String, usize>>,
+    /// Route names in table order: a linear scan of a handful of short
+    /// names is cheaper than hashing one.
+    route_names: Arc<[String]>,
     request_duration: Vec<Histogram>,
     upstream_duration: Vec<Histogram>,
     started: Instant,
@@ -145,7 +147,7 @@ pub struct Finished<'a> {
 
 impl Recorder {
     pub fn route(&self, name: &str) -> Option<usize> {
-        self.route_index.get(name).copied()
+        self.route_names.iter().position(|n| n == name)
     }
 
     pub fn started(&self) {
@@ -206,7 +208,7 @@ impl Recorder {
                 "timestamp": unix,
                 "type": kind,
                 "status": f.status,
-                "route": f.route.and_then(|r| self.route_index.iter().find(|(_, i)| **i == r).map(|(n, _)| n.clone())),
+                "route": f.route.and_then(|r| self.route_names.get(r)),
                 "request_id": f.request_id,
                 "message": message,
             }));
@@ -536,7 +538,7 @@ pub struct Metrics {
     enabled: bool,
     started: Instant,
     routes: Vec<String>,
-    route_index: Arc<HashMap<String, usize>>,
+    route_names: Arc<[String]>,
     shards: Vec<Arc<Shard>>,
     recent: Arc<Mutex<VecDeque<Value>>>,
     /// Legacy counters and errors at the last reset.
@@ -550,11 +552,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(cfg: &Config, sources: Sources) -> Arc<Self> {
         let routes: Vec<String> = cfg.routes.iter().map(|r| r.name.clone()).collect();
-        let route_index = routes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
+        let route_names: Arc<[String]> = routes.clone().into();
         Arc::new(Self {
             enabled: cfg.metrics_enabled,
             started: Instant::now(),
@@ -562,7 +560,7 @@ impl Metrics {
                 .map(|_| Arc::new(Shard::new(routes.len())))
                 .collect(),
             routes,
-            route_index: Arc::new(route_index),
+            route_names,
             recent: Arc::default(),
             baseline: Mutex::default(),
             sources,
@@ -590,7 +588,7 @@ impl Metrics {
         };
         Arc::new(Recorder {
             shard,
-            route_index: Arc::clone(&self.route_index),
+            route_names: Arc::clone(&self.route_names),
             request_duration: hist(&self.prom.request_duration),
             upstream_duration: hist(&self.prom.upstream_duration),
             started: self.started,
