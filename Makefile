@@ -33,10 +33,12 @@ unit:
 	$(CARGO) test -j$(JOBS) --lib --bins --tests
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
-## nginx), then the criterion benches of the cache's, limiter's and metrics'
+## nginx), instructions per request of the optional layers (callgrind), then
+## the criterion benches of the cache's, limiter's and metrics'
 ## hot paths and of a /metrics scrape.
 bench: release
 	bench/bench.sh
+	bench/instructions.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
 
 clean:
