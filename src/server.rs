@@ -47,6 +47,9 @@ use crate::metrics::{Metrics, Sources};
 use crate::proxy::{Proxy, UpstreamClient};
 use crate::route::RouteTable;
 
+/// The largest request head (request line and headers) accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// How often the upstream is probed in the background (readiness, health,
 /// metrics).
 const READINESS_EVERY: Duration = Duration::from_secs(5);
@@ -200,6 +203,9 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
+            // A request head larger than this is refused with 431 (hyper
+            // would otherwise buffer up to 400 KiB of headers).
+            .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         // Idle h2c connections are pinged; a peer that stopped answering is
         // closed instead of holding its slot forever.
@@ -496,12 +502,33 @@ struct ConnService {
     peer: SocketAddr,
 }
 
+/// Requests refused at the edge, before routing: a path with dot segments,
+/// literal or percent-encoded (`/api/x/../cache/clear` must neither reach
+/// the app as the admin path it resolves to nor dodge the admin router).
+/// (Smuggling by `Content-Length` + `Transfer-Encoding` is hyper's to
+/// refuse: it frames by the latter, drops the former and closes the
+/// connection after the answer.)
+fn refused<B>(req: &Request<B>) -> Option<&'static str> {
+    let path = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
+    path.split('/')
+        .any(|s| s == "." || s == "..")
+        .then_some("dot segments are not allowed in paths")
+}
+
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if let Some(why) = refused(&req) {
+            tracing::debug!(client = %self.peer, "request refused: {why}");
+            let resp = body::json(
+                http::StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": "Bad request", "message": why}),
+            );
+            return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+        }
         let Dispatch {
             admin,
             stack,

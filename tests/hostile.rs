@@ -1,0 +1,237 @@
+//! Hostile input over raw sockets: huge and numerous headers, smuggling
+//! attempts, dot segments, invalid UTF-8, malformed and absurdly deep JSON
+//! on cached routes, identity collisions and the admin guard on every
+//! mutating endpoint. Each gets a 4xx (or the connection closed), and the
+//! sidecar serves the next good request.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Mock, Sidecar, client};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends raw bytes and reads the first answer's head (or until the peer
+/// closes, or 5 s pass); returns its status code, if any.
+async fn raw(sc: &Sidecar, bytes: &[u8]) -> Option<u16> {
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    // The peer may close before all is written (that is an answer too).
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+}
+
+async fn still_serves(sc: &Sidecar) {
+    let r = client().get(sc.url("/api/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the sidecar still serves good requests");
+}
+
+#[tokio::test]
+async fn huge_or_numerous_headers_are_refused_and_nothing_breaks() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    for size in [100 * 1024, 1024 * 1024] {
+        let req = format!(
+            "GET /api/stats HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        );
+        let status = raw(&sc, req.as_bytes()).await;
+        assert!(
+            matches!(status, None | Some(431) | Some(400)),
+            "{size}: {status:?}"
+        );
+        still_serves(&sc).await;
+    }
+    let many: String = (0..10_000).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let req = format!("GET /api/stats HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    let status = raw(&sc, req.as_bytes()).await;
+    assert!(matches!(status, None | Some(431) | Some(400)), "{status:?}");
+    still_serves(&sc).await;
+    // Only the three good requests reached the app.
+    assert_eq!(mock.stats().await["requests"], 3);
+}
+
+#[tokio::test]
+async fn request_smuggling_attempts_are_refused() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    for req in [
+        // Two different Content-Lengths.
+        "POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        // Content-Length and chunked together, a smuggled request behind.
+        "POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/admin HTTP/1.1\r\nHost: x\r\n\r\n",
+        // An absurd length.
+        "POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        // A transfer coding that is not chunked.
+        "POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nxx",
+    ] {
+        let status = raw(&sc, req.as_bytes()).await;
+        assert!(
+            matches!(status, None | Some(400) | Some(413) | Some(501)),
+            "{req:?}: {status:?}"
+        );
+        still_serves(&sc).await;
+    }
+    let stats = mock.stats().await;
+    assert!(
+        stats["by_path"].get("/api/admin").is_none(),
+        "nothing smuggled: {stats}"
+    );
+    // With both headers, hyper frames the body by Transfer-Encoding (RFC 9112
+    // §6.3), drops Content-Length and closes the connection after the
+    // answer: the app got one search with the empty chunked body (and
+    // answered it 400), never the request hidden behind it.
+    assert!(
+        stats["by_path"]["/api/search"].as_u64() <= Some(1),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn dot_segments_and_invalid_utf8_do_not_reach_admin_endpoints() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[admin]\ntoken = \"t\"\ntrust_loopback = false\n",
+    )
+    .await;
+    for path in [
+        "/api/x/../cache/clear",
+        "/api/./cache/clear",
+        "/api/cache/clear/.",
+        "/api/%2e%2e/api/cache/clear",
+        "/api/circuit-breakers/x/%2E%2E/reset",
+    ] {
+        let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let status = raw(&sc, req.as_bytes()).await;
+        assert_eq!(status, Some(400), "{path}");
+    }
+    assert_eq!(mock.stats().await["requests"], 0, "none reached the app");
+    // Invalid UTF-8 in the path (percent-encoded) is the app's business:
+    // proxied as it is, no crash.
+    let status = raw(
+        &sc,
+        b"GET /api/documents/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        status.is_some_and(|s| (200..500).contains(&s)),
+        "{status:?}"
+    );
+    // Raw bytes above 0x7f in the request line are not HTTP.
+    let status = raw(&sc, b"GET /api/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(matches!(status, None | Some(400)), "{status:?}");
+    still_serves(&sc).await;
+}
+
+#[tokio::test]
+async fn malformed_and_absurdly_deep_json_pass_through_uncached() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0"]);
+    let sc = Sidecar::start(&mock.url(), "[rate_limit]\nenabled = false\n").await;
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    for body in ["{not json", deep.as_str()] {
+        for _ in 0..2 {
+            let r = client()
+                .post(sc.url("/api/search"))
+                .header("Content-Type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            // The app's own 400, never a 500 of ours, and never cached.
+            assert_eq!(r.status(), 400);
+            assert_ne!(
+                r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+                Some("HIT")
+            );
+        }
+    }
+    assert_eq!(mock.stats().await["by_path"]["/api/search"], 4);
+    still_serves(&sc).await;
+}
+
+#[tokio::test]
+async fn identities_never_share_cache_entries() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0"]);
+    let sc = Sidecar::start(&mock.url(), "[rate_limit]\nenabled = false\n").await;
+    let ask = |auth: Option<&'static str>| {
+        let mut r = client()
+            .post(sc.url("/api/search"))
+            .json(&json!({"query": "same question"}));
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    let x_cache = |r: &reqwest::Response| r.headers()["x-cache"].to_str().unwrap().to_string();
+    assert_eq!(x_cache(&ask(Some("Bearer alice")).await.unwrap()), "MISS");
+    assert_eq!(x_cache(&ask(Some("Bearer bob")).await.unwrap()), "MISS");
+    assert_eq!(x_cache(&ask(None).await.unwrap()), "MISS");
+    // Values made to look like another's with separators added.
+    assert_eq!(
+        x_cache(&ask(Some("Bearer alice ")).await.unwrap()),
+        "HIT",
+        "trailing space is not part of a header value"
+    );
+    assert_eq!(x_cache(&ask(Some("Bearer  alice")).await.unwrap()), "MISS");
+    assert_eq!(
+        x_cache(&ask(Some("Bearer alice\tx")).await.unwrap()),
+        "MISS"
+    );
+    assert_eq!(x_cache(&ask(Some("Bearer alice")).await.unwrap()), "HIT");
+}
+
+#[tokio::test]
+async fn every_mutating_admin_endpoint_needs_loopback_or_the_token() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[admin]\ntoken = \"right\"\ntrust_loopback = false\n",
+    )
+    .await;
+    for path in [
+        "/api/cache/clear",
+        "/api/circuit-breakers/reset",
+        "/api/metrics/reset",
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic cmlnaHQ="),
+            Some("Bearer righ"),
+            Some("Bearer right2"),
+        ] {
+            let mut r = client().post(sc.url(path));
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 403, "{path} {auth:?}");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"], "Forbidden");
+        }
+        let r = client()
+            .post(sc.url(path))
+            .bearer_auth("right")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    assert_eq!(mock.stats().await["requests"], 0);
+}
