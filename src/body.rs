@@ -29,9 +29,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// An empty body.
+/// An empty body (no allocation: the boxed body is zero-sized).
 pub fn empty() -> Body {
-    full(Bytes::new())
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A JSON response with this status.

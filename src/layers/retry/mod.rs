@@ -374,7 +374,12 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
     }
 
     fn clone_request(&mut self, req: &Request<Body>) -> Option<Request<Body>> {
-        let mut copy = Request::new(body::full(self.body.clone()));
+        let b = if self.body.is_empty() {
+            body::empty()
+        } else {
+            body::full(self.body.clone())
+        };
+        let mut copy = Request::new(b);
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
