@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench clean
+.PHONY: all build release run test lint unit bench fuzz clean
 
 all: build
 
@@ -40,6 +40,21 @@ bench: release
 	bench/bench.sh
 	bench/instructions.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
+
+## Fuzz the pure parsers (fuzz/fuzz_targets) for FUZZ_SECONDS each, with
+## cargo-fuzz (installed when missing). This machine has only the stable
+## toolchain; cargo-fuzz's -Z flags are enabled with RUSTC_BOOTSTRAP=1.
+## A crash is saved in fuzz/artifacts/<target>/ and fails the run; it then
+## becomes a regression test.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = dotenv config_toml rate_limit_string cache_key retry_after quota_match
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t fuzz/seeds/$$t; \
+	  CARGO_BUILD_JOBS=$(JOBS) RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t \
+	    -- -max_total_time=$(FUZZ_SECONDS); \
+	done
 
 clean:
 	$(CARGO) clean

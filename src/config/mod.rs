@@ -8,7 +8,7 @@
 //! `check-config` can list them all. Environment access goes through the
 //! [`Strings`] trait so tests inject a map instead of mutating the process.
 
-mod dotenv;
+pub mod dotenv;
 mod file;
 pub mod rate;
 pub mod routes;
@@ -409,6 +409,24 @@ impl Config {
 
         if errs.0.is_empty() {
             Ok((cfg, report))
+        } else {
+            Err(ConfigErrors(errs.0))
+        }
+    }
+
+    /// The configuration a TOML text alone gives (defaults < the text), for
+    /// tools and fuzzing: no file, `.env` or environment is read.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        let mut cfg = Config::default();
+        let mut errs = Errors::default();
+        let mut pending = Pending::default();
+        match file::parse(text) {
+            Ok(f) => cfg.apply_file(&f, &mut errs, &mut pending),
+            Err(e) => errs.push("config", None, e),
+        }
+        cfg.finish(pending, &mut errs);
+        if errs.0.is_empty() {
+            Ok(cfg)
         } else {
             Err(ConfigErrors(errs.0))
         }

@@ -525,3 +525,11 @@ fn redis_passwords_never_appear_in_errors() {
     ));
     assert!(!e.to_string().contains("hunter2"), "{e}");
 }
+
+#[test]
+fn from_toml_round_trips_a_rendering_and_names_bad_keys() {
+    let cfg = Config::from_toml(&Config::default().to_toml()).unwrap();
+    assert_eq!(cfg.to_toml(), Config::default().to_toml());
+    let err = Config::from_toml("[retry]\nmax_wait = \"soon\"\n").unwrap_err();
+    assert!(err.to_string().contains("retry.max_wait"), "{err}");
+}

@@ -286,10 +286,7 @@ async fn classify_5xx(
     let until = deadline.map_or(until, |d| d.at.min(until));
     let (parts, b) = resp.into_parts();
     let (head, rest) = sniff(b, until).await;
-    let quota = sh
-        .patterns
-        .iter()
-        .any(|p| head.iter().any(|chunk| contains(chunk, p.as_bytes())));
+    let quota = quota_match(&sh.patterns, &head);
     let f = if quota {
         Failure::GeminiRateLimit
     } else {
@@ -346,6 +343,14 @@ fn data_of(frames: &[Frame<Bytes>]) -> Vec<Bytes> {
         .iter()
         .filter_map(|f| f.data_ref().cloned())
         .collect()
+}
+
+/// Whether any chunk contains any of the patterns (each chunk searched on
+/// its own).
+pub fn quota_match(patterns: &[String], chunks: &[Bytes]) -> bool {
+    patterns
+        .iter()
+        .any(|p| chunks.iter().any(|chunk| contains(chunk, p.as_bytes())))
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -1,0 +1,19 @@
+//! Cache-key canonicalisation: never a panic (deep or huge JSON included),
+//! canonical JSON is a fixed point, and query normalisation is idempotent.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use rag_sidecar::layers::cache::key::{canonical_json, normalise_query};
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(c) = canonical_json(data) {
+        assert_eq!(
+            canonical_json(&c).as_deref(),
+            Some(&c[..]),
+            "not a fixed point"
+        );
+    }
+    if let Ok(q) = std::str::from_utf8(data) {
+        let once = normalise_query(q);
+        assert_eq!(normalise_query(&once), once);
+    }
+});
