@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench fuzz clean
+.PHONY: all build release run test lint unit bench fuzz chaos clean
 
 all: build
 
@@ -40,6 +40,12 @@ bench: release
 	bench/bench.sh
 	bench/instructions.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
+
+## The chaos run at full size (tests/chaos.rs with CHAOS=full: faults of
+## 10 s under 32 clients); the table goes to target/chaos.md. `make test`
+## runs the same test at test size.
+chaos:
+	CHAOS=full $(CARGO) test -j$(JOBS) --release --test chaos -- --nocapture
 
 ## Fuzz the pure parsers (fuzz/fuzz_targets) for FUZZ_SECONDS each, with
 ## cargo-fuzz (installed when missing). This machine has only the stable

@@ -16,8 +16,10 @@ use rag_sidecar::server::Server;
 
 /// The mock legacy app, killed on drop.
 pub struct Mock {
-    child: Child,
+    child: Option<Child>,
     pub addr: SocketAddr,
+    /// The flags it was started with, for a restart.
+    args: Vec<String>,
 }
 
 impl Mock {
@@ -26,15 +28,25 @@ impl Mock {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        let args: Vec<String> = ["--search-latency-ms", "--rag-latency-ms"]
+            .into_iter()
+            .filter(|flag| !extra.contains(flag))
+            .flat_map(|flag| [flag, "0"])
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+        let (child, addr) = Self::spawn("127.0.0.1:0", &args);
+        Self {
+            child: Some(child),
+            addr,
+            args,
+        }
+    }
+
+    fn spawn(listen: &str, args: &[String]) -> (Child, SocketAddr) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mock-legacy-app"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(
-                ["--search-latency-ms", "--rag-latency-ms"]
-                    .into_iter()
-                    .filter(|flag| !extra.contains(flag))
-                    .flat_map(|flag| [flag, "0"]),
-            )
-            .args(extra)
+            .args(["--listen", listen])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -49,7 +61,22 @@ impl Mock {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("mock said {line:?}"));
-        Self { child, addr }
+        (child, addr)
+    }
+
+    /// Kills the app (SIGKILL: a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same address.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, _) = Self::spawn(&self.addr.to_string(), &self.args);
+        self.child = Some(child);
     }
 
     pub fn url(&self) -> String {
@@ -88,8 +115,7 @@ impl Mock {
 
 impl Drop for Mock {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
