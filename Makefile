@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench fuzz chaos clean
+.PHONY: all build release run test lint unit bench fuzz chaos soak clean
 
 all: build
 
@@ -46,6 +46,12 @@ bench: release
 ## runs the same test at test size.
 chaos:
 	CHAOS=full $(CARGO) test -j$(JOBS) --release --test chaos -- --nocapture
+
+## About a million searches with new cache keys from 100 000 client
+## addresses; RSS must stay under its stated bound and throughput must not
+## decay (bench/soak.sh).
+soak: release
+	bench/soak.sh
 
 ## Fuzz the pure parsers (fuzz/fuzz_targets) for FUZZ_SECONDS each, with
 ## cargo-fuzz (installed when missing). This machine has only the stable

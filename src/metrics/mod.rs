@@ -248,6 +248,7 @@ struct Prom {
     redis_configured: IntGauge,
     ratelimit_rejected: IntCounterVec,
     ratelimit_dry_run: IntCounterVec,
+    ratelimit_clients: IntGauge,
     retries: IntCounter,
     retry_budget_exhausted: IntCounter,
     circuit_state: IntGaugeVec,
@@ -406,6 +407,14 @@ impl Prom {
                     "Requests a dry-run limit would have rejected, by route"
                 ),
                 &["route"]
+            ),
+            ratelimit_clients: series!(
+                &r,
+                IntGauge,
+                opts(
+                    "ratelimit_tracked_clients",
+                    "Client keys the rate limiters hold state for (forgotten once recovered)"
+                )
             ),
             retries: series!(
                 &r,
@@ -889,6 +898,8 @@ impl Metrics {
                 Self::load(&policy.dry_run_rejected),
             );
         }
+        p.ratelimit_clients
+            .set(i64::try_from(self.sources.rate_limit.tracked_keys()).unwrap_or(i64::MAX));
         let rs = &self.sources.resilience.retries;
         raise(&p.retries, Self::load(&rs.retries));
         raise(&p.retry_budget_exhausted, Self::load(&rs.budget_exhausted));
