@@ -235,3 +235,52 @@ async fn every_mutating_admin_endpoint_needs_loopback_or_the_token() {
     }
     assert_eq!(mock.stats().await["requests"], 0);
 }
+
+#[tokio::test]
+async fn an_h2_stream_reset_mid_upload_ends_the_upstream_request_and_nothing_else() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "[rate_limit]\nenabled = false\n").await;
+    let tcp = TcpStream::connect(sc.addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/api/upload?filename=big.bin", sc.addr))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    // Half a megabyte reaches the app, then the client resets the stream.
+    stream.reserve_capacity(512 * 1024);
+    for _ in 0..8 {
+        stream
+            .send_data(bytes::Bytes::from(vec![b'x'; 64 * 1024]), false)
+            .unwrap();
+    }
+    let stats = mock
+        .wait_stats("the upload under way", |s| {
+            s["upload_bytes_in_progress"].as_u64() > Some(0)
+        })
+        .await;
+    assert!(stats["upload_bytes_in_progress"].as_u64() <= Some(512 * 1024));
+    stream.send_reset(h2::Reason::CANCEL);
+    // The upstream request ends too: nothing is left in progress at the app.
+    mock.wait_stats("the upstream upload aborted", |s| {
+        s["upload_bytes_in_progress"] == 0 && s["in_flight"] == 0
+    })
+    .await;
+    assert!(resp.await.is_err(), "the stream was reset");
+    // The same connection and the sidecar carry on.
+    let (resp, _) = h2
+        .send_request(
+            http::Request::get(format!("http://{}/api/stats", sc.addr))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+    still_serves(&sc).await;
+}
