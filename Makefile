@@ -42,10 +42,12 @@ bench: release
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
 
 ## The chaos run at full size (tests/chaos.rs with CHAOS=full: faults of
-## 10 s under 32 clients); the table goes to target/chaos.md. `make test`
-## runs the same test at test size.
-chaos:
+## 10 s under 32 clients; the table goes to target/chaos.md; `make test` runs
+## the same test at test size), then the app-down comparison with nginx
+## (bench/outage.sh).
+chaos: release
 	CHAOS=full $(CARGO) test -j$(JOBS) --release --test chaos -- --nocapture
+	bench/outage.sh
 
 ## About a million searches with new cache keys from 100 000 client
 ## addresses; RSS must stay under its stated bound and throughput must not

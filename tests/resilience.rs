@@ -300,3 +300,40 @@ async fn route_timeouts_count_as_circuit_failures() {
     assert_eq!(c["upstream"]["state"], "open", "{c}");
     assert_eq!(c["upstream"]["failure_count"], 2);
 }
+
+#[tokio::test]
+async fn with_a_stale_answer_at_hand_a_failure_is_not_retried_but_served_stale_at_once() {
+    let mock = mock();
+    // Default backoff (1 s): a retry would show in the time taken.
+    // (One retry at most, to keep the second half short.)
+    let toml = "[rate_limit]\nenabled = false\n[retry]\nmax_retries = 1\n\
+                [[routes]]\nname = \"search\"\ncache = { ttl = \"1s\" }\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    assert_eq!(
+        search(&sc, "stale soon", None).await.headers()["x-cache"],
+        "MISS"
+    );
+    // The entry's TTL running out is the event here: nothing to await.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    arm(&mock, json!({"status": 503})).await;
+    let before = upstream_calls(&mock).await;
+    let start = Instant::now();
+    let r = search(&sc, "stale soon", None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache"], "STALE");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        upstream_calls(&mock).await,
+        before + 1,
+        "one attempt, no retry"
+    );
+    // Without a stale answer the same failure is retried as usual.
+    let before = upstream_calls(&mock).await;
+    let r = search(&sc, "never cached", None).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(upstream_calls(&mock).await, before + 2);
+}

@@ -53,6 +53,12 @@ pub use self::store::Clock;
 pub const KEY_BODY_LIMIT: u64 = 256 * 1024;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// On a request the cache forwards while holding a stale answer for it: the
+/// retry layer below makes a single attempt, since a failure is answered
+/// with the stale entry at once anyway.
+#[derive(Debug, Clone, Copy)]
+pub struct StaleAtHand;
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 #[derive(Debug, Clone)]
@@ -270,6 +276,12 @@ where
     };
     // A corpus change during the call makes its answer unfit to store.
     let generation = ns.generation();
+    let mut parts = parts;
+    if stale.is_some() {
+        // A stale answer is at hand: one try upstream, then serve it, rather
+        // than keep the client waiting through the retries' backoff.
+        parts.extensions.insert(StaleAtHand);
+    }
     let result = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
     let failed = match &result {
         Err(_) => true,

@@ -15,7 +15,9 @@
 //!   budget (`budget_percent` of recent requests plus
 //!   `budget_min_per_second`) has room.
 //!
-//! Otherwise the last answer goes back as it is, at once.
+//! Otherwise the last answer goes back as it is, at once. A request the
+//! cache forwards while holding a stale answer for it ([`StaleAtHand`]) gets
+//! one attempt: its failure is answered stale at once, not after backoff.
 
 pub mod backoff;
 
@@ -42,6 +44,7 @@ use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::config::{Config, RetryMode};
 use crate::error::ClientTimeout;
+use crate::layers::cache::StaleAtHand;
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
 
@@ -180,7 +183,8 @@ impl<S: Inner> tower::Service<Request<Body>> for Retry<S> {
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // Every request earns the budget its share of retries.
         self.shared.budget.deposit();
-        if self.shared.max_retries == 0 || !retryable(&req) {
+        let stale_at_hand = req.extensions().get::<StaleAtHand>().is_some();
+        if self.shared.max_retries == 0 || stale_at_hand || !retryable(&req) {
             return Box::pin(self.inner.call(req));
         }
         let sh = Arc::clone(&self.shared);
