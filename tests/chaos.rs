@@ -1,6 +1,6 @@
 //! Chaos: steady load through the real sidecar binary, the mock app and a
 //! real redis-server while, one after the other, the app is killed and
-//! brought back, Redis is killed and brought back, the app answers 503 with
+//! brought back, Redis is killed and brought back, the app answers 429 with
 //! the Gemini quota text, and the app is slower than the route timeout.
 //! Every response is recorded, and the run asserts: no request without a
 //! status (no reset, no hang), only the statuses each fault allows (sidecar
@@ -30,8 +30,8 @@ enum Phase {
     AppBack,
     RedisDown,
     RedisBack,
-    Quota503,
-    Quota503Over,
+    Quota,
+    QuotaOver,
     Slow,
     SlowOver,
 }
@@ -42,8 +42,8 @@ const PHASES: [Phase; 9] = [
     Phase::AppBack,
     Phase::RedisDown,
     Phase::RedisBack,
-    Phase::Quota503,
-    Phase::Quota503Over,
+    Phase::Quota,
+    Phase::QuotaOver,
     Phase::Slow,
     Phase::SlowOver,
 ];
@@ -56,8 +56,8 @@ impl Phase {
             Self::AppBack => "app back",
             Self::RedisDown => "Redis killed",
             Self::RedisBack => "Redis back",
-            Self::Quota503 => "app answers 503 RESOURCE_EXHAUSTED",
-            Self::Quota503Over => "503s over",
+            Self::Quota => "app answers 429 RESOURCE_EXHAUSTED (Gemini quota)",
+            Self::QuotaOver => "quota errors over",
             Self::Slow => "app slower than the route timeout",
             Self::SlowOver => "app fast again",
         }
@@ -68,7 +68,8 @@ impl Phase {
         match self {
             Self::Baseline | Self::RedisDown => &[200],
             Self::AppDown | Self::AppBack => &[200, 502, 503, 504],
-            Self::Quota503 | Self::Quota503Over => &[200, 503],
+            // The app's own 429 passes through once the retries are spent.
+            Self::Quota | Self::QuotaOver => &[200, 429, 503],
             Self::Slow | Self::SlowOver | Self::RedisBack => &[200, 503, 504],
         }
     }
@@ -76,7 +77,7 @@ impl Phase {
     fn is_recovery(self) -> bool {
         matches!(
             self,
-            Self::AppBack | Self::RedisBack | Self::Quota503Over | Self::SlowOver
+            Self::AppBack | Self::RedisBack | Self::QuotaOver | Self::SlowOver
         )
     }
 }
@@ -272,12 +273,13 @@ timeout = "1s"
     redis.restart();
     set(Phase::RedisBack);
     tokio::time::sleep(scale.recovery).await;
-    set(Phase::Quota503);
-    post_faults(&mock.url(), Some(json!({"status": 503}))).await;
+    set(Phase::Quota);
+    // The mock's 429 carries the Gemini quota text and Retry-After: 1.
+    post_faults(&mock.url(), Some(json!({"status": 429}))).await;
     tokio::time::sleep(scale.fault).await;
-    circuit.insert(Phase::Quota503, circuit_state(&base).await);
+    circuit.insert(Phase::Quota, circuit_state(&base).await);
     post_faults(&mock.url(), None).await;
-    set(Phase::Quota503Over);
+    set(Phase::QuotaOver);
     tokio::time::sleep(scale.recovery).await;
     set(Phase::Slow);
     post_faults(&mock.url(), Some(json!({"delay_ms": 1500}))).await;
