@@ -20,23 +20,9 @@ WORKERS=${WORKERS:-2}
 PATH_=${PATH_:-/api/stats}
 BIN=${BIN:-target/release}
 
-apt_updated=
-need() { # need COMMAND PACKAGE
-  command -v "$1" >/dev/null 2>&1 && return 0
-  if [ -z "$apt_updated" ]; then apt-get update -qq; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
+. bench/lib.sh
 need wrk wrk
-need nginx nginx-light
-[ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx || NGINX=$(command -v nginx)
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+NGINX=$(nginx_bin)
 
 up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(free_port); scrl=$(free_port)
 scoff=$(free_port); scf=$(free_port); upf=$(free_port); scnm=$(free_port)

@@ -17,13 +17,8 @@ CONNECTIONS=${CONNECTIONS:-50}
 # 128 MiB) plus 64 MiB for the runtime, buffers and 100 000 limiter entries.
 RSS_BOUND_KIB=$(( (128 + 64) * 1024 ))
 
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+. bench/lib.sh
+need wrk wrk
 
 up=$(free_port); sc=$(free_port)
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --threads 1 >/dev/null &
