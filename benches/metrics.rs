@@ -51,6 +51,7 @@ fn request(route: usize, status: u16) -> Finished<'static> {
         route: Some(route),
         method: (route % 2),
         status,
+        at: std::time::Instant::now(),
         elapsed: Duration::from_micros(300 + route as u64 * 100),
         x_cache: Some(b"MISS"),
         own_error: None,

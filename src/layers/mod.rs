@@ -123,19 +123,22 @@ pub fn build_stack(
         // connection dropped without a reply.
         .layer(CatchPanicLayer::custom(crate::error::panic_response))
         // Keep the client's X-Request-Id or mint a UUID before anything logs
-        // or forwards, so the app and the logs share it...
+        // or forwards, so the app and the logs share it.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        // ...and return it on every answer, the sidecar's own errors included.
-        .layer(PropagateRequestIdLayer::x_request_id())
         // Match the route once; every layer below reads the same decision.
         .layer(MatchRouteLayer::new(routes))
         // Every answer counted and timed (errors included: the rescue is
-        // below), on this worker's own shard.
+        // below), on this worker's own shard. Above the propagation below,
+        // so it reads the request id off the answer instead of copying it
+        // from every request.
         .option_layer(
             recorder
                 .clone()
                 .map(crate::metrics::layer::MetricsLayer::new),
         )
+        // Return the request id on every answer, the sidecar's own errors
+        // included.
+        .layer(PropagateRequestIdLayer::x_request_id())
         // One access-log line per request, with the final status.
         .layer(AccessLogLayer)
         // The one rescue: typed errors from below become JSON answers here,

@@ -72,7 +72,6 @@ where
                 recorder: Arc::clone(&self.recorder),
                 route,
                 method: method_index(req.method()),
-                request_id: req.headers().get("x-request-id").cloned(),
                 start: Instant::now(),
                 done: false,
             }),
@@ -87,7 +86,6 @@ struct Pending {
     recorder: Arc<Recorder>,
     route: Option<usize>,
     method: usize,
-    request_id: Option<HeaderValue>,
     start: Instant,
     done: bool,
 }
@@ -95,6 +93,7 @@ struct Pending {
 impl Pending {
     fn finish<RB>(mut self, resp: Option<&Response<RB>>) {
         self.done = true;
+        let now = Instant::now();
         let ext = resp.map(Response::extensions);
         let rescued = ext.and_then(|e| e.get::<Rescued>());
         let f = Finished {
@@ -103,13 +102,17 @@ impl Pending {
             // No answer (a service error above the rescue cannot happen):
             // counted as the 500 hyper would turn it into.
             status: resp.map_or(500, |r| r.status().as_u16()),
-            elapsed: self.start.elapsed(),
+            at: now,
+            elapsed: now - self.start,
             x_cache: resp
                 .and_then(|r| r.headers().get(X_CACHE))
                 .map(HeaderValue::as_bytes),
             own_error: rescued.map(|r| (r.kind, r.message.as_str())),
             upstream_failure: ext.and_then(|e| e.get::<UpstreamFailure>()).map(|f| f.0),
-            request_id: self.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            // Set on the answer by the request-id propagation below.
+            request_id: resp
+                .and_then(|r| r.headers().get("x-request-id"))
+                .and_then(|v| v.to_str().ok()),
         };
         self.recorder.finished(&f);
     }

@@ -138,6 +138,8 @@ pub struct Finished<'a> {
     pub route: Option<usize>,
     pub method: usize,
     pub status: u16,
+    /// When the answer came (the end of `elapsed`).
+    pub at: Instant,
     pub elapsed: Duration,
     pub x_cache: Option<&'a [u8]>,
     pub own_error: Option<(ErrorKind, &'a str)>,
@@ -176,8 +178,10 @@ impl Recorder {
             c.fetch_add(1, Ordering::Relaxed);
         }
         s.request_duration.record(f.elapsed);
-        s.error_rate
-            .record(self.started.elapsed().as_secs(), f.status >= 500);
+        s.error_rate.record(
+            f.at.saturating_duration_since(self.started).as_secs(),
+            f.status >= 500,
+        );
         match f.x_cache {
             Some(b"HIT") => s.cache_hits.fetch_add(1, Ordering::Relaxed),
             Some(b"MISS") => s.cache_misses.fetch_add(1, Ordering::Relaxed),
