@@ -69,11 +69,7 @@ async fn the_legacy_metrics_count_time_and_reset() {
     assert!(m["uptime_seconds"].is_u64());
 
     let before = sc_text(&sc, "/metrics").await;
-    let r = client()
-        .post(sc.url("/api/metrics/reset"))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.post("/api/metrics/reset", "").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap(),

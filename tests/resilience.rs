@@ -174,11 +174,7 @@ async fn five_failures_open_the_circuit_one_probe_closes_it_and_reset_closes_it(
         search(&sc, &format!("again{i}"), Some(502)).await;
     }
     assert_eq!(circuits(&sc).await["upstream"]["state"], "open");
-    let r = client()
-        .post(sc.url("/api/circuit-breakers/reset"))
-        .send()
-        .await
-        .unwrap();
+    let r = sc.post("/api/circuit-breakers/reset", "").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap(),
