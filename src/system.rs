@@ -72,6 +72,23 @@ fn percent(part: u64, whole: u64) -> f64 {
 }
 
 impl Memory {
+    /// The host's figures, or the cgroup's `(limit, free)` when a limit
+    /// below the host's memory is set (a container with a memory limit).
+    pub fn of(host_total: u64, host_available: u64, cgroup: Option<(u64, u64)>) -> Self {
+        match cgroup {
+            Some((limit, free)) if limit > 0 && limit < host_total => Self {
+                total: limit,
+                available: free,
+                source: "cgroup",
+            },
+            _ => Self {
+                total: host_total,
+                available: host_available,
+                source: "host",
+            },
+        }
+    }
+
     pub fn used(&self) -> u64 {
         self.total.saturating_sub(self.available)
     }
@@ -217,20 +234,8 @@ impl Sampler {
                 .with_tasks(),
         );
         self.disks.refresh(true);
-        let mut memory = Memory {
-            total: s.total_memory(),
-            available: s.available_memory(),
-            source: "host",
-        };
-        if let Some(c) = s.cgroup_limits() {
-            if c.total_memory > 0 && c.total_memory < memory.total {
-                memory = Memory {
-                    total: c.total_memory,
-                    available: c.free_memory,
-                    source: "cgroup",
-                };
-            }
-        }
+        let cgroup = s.cgroup_limits().map(|c| (c.total_memory, c.free_memory));
+        let memory = Memory::of(s.total_memory(), s.available_memory(), cgroup);
         let disk = self
             .disks
             .iter()
@@ -281,6 +286,19 @@ mod tests {
         assert!(j["process"]["memory_mb"].as_f64().unwrap() > 0.0);
         assert!(j["process"]["status"].is_string());
         assert!(j["cpu_percent"].is_number());
+    }
+
+    #[test]
+    fn a_cgroup_limit_below_the_host_memory_is_what_is_reported() {
+        const G: u64 = 1 << 30;
+        let m = Memory::of(24 * G, 20 * G, Some((G, G / 4)));
+        assert_eq!((m.total, m.available, m.source), (G, G / 4, "cgroup"));
+        assert_eq!(m.percent(), 75.0);
+        // No limit, or "no limit" written as a huge one: the host's figures.
+        for cgroup in [None, Some((u64::MAX, 0)), Some((0, 0))] {
+            let m = Memory::of(24 * G, 20 * G, cgroup);
+            assert_eq!((m.total, m.source), (24 * G, "host"));
+        }
     }
 
     #[test]
