@@ -550,7 +550,7 @@ fn raise_vec(c: &IntCounterVec, labels: &[&str], v: u64) {
 pub struct Metrics {
     enabled: bool,
     started: Instant,
-    routes: Vec<String>,
+    /// Route names in table order, shared with the recorders.
     route_names: Arc<[String]>,
     shards: Vec<Arc<Shard>>,
     recent: Arc<Mutex<VecDeque<Value>>>,
@@ -564,15 +564,13 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(cfg: &Config, sources: Sources) -> Arc<Self> {
-        let routes: Vec<String> = cfg.routes.iter().map(|r| r.name.clone()).collect();
-        let route_names: Arc<[String]> = routes.clone().into();
+        let route_names: Arc<[String]> = cfg.routes.iter().map(|r| r.name.clone()).collect();
         Arc::new(Self {
             enabled: cfg.metrics_enabled,
             started: Instant::now(),
             shards: (0..cfg.threads.max(1))
-                .map(|_| Arc::new(Shard::new(routes.len())))
+                .map(|_| Arc::new(Shard::new(route_names.len())))
                 .collect(),
-            routes,
             route_names,
             recent: Arc::default(),
             baseline: Mutex::default(),
@@ -594,7 +592,7 @@ impl Metrics {
     pub fn recorder(&self, worker: usize) -> Arc<Recorder> {
         let shard = Arc::clone(&self.shards[worker % self.shards.len()]);
         let hist = |v: &HistogramVec| {
-            self.routes
+            self.route_names
                 .iter()
                 .filter_map(|r| v.get_metric_with_label_values(&[r.as_str()]).ok())
                 .collect()
@@ -648,7 +646,7 @@ impl Metrics {
                 c.insert(format!("response.{}", st + 100), n);
             }
         }
-        for (r, name) in self.routes.iter().enumerate() {
+        for (r, name) in self.route_names.iter().enumerate() {
             let by = self.route_classes(r);
             let (ok, err) = (by[1] + by[2], by[3] + by[4]);
             if ok > 0 {
@@ -719,7 +717,7 @@ impl Metrics {
         if let Some(v) = summary(self.shards.iter().map(|s| &s.request_duration)) {
             t.insert("request_duration".into(), v);
         }
-        for (r, name) in self.routes.iter().enumerate() {
+        for (r, name) in self.route_names.iter().enumerate() {
             if let Some(v) = summary(self.shards.iter().filter_map(|s| s.upstream.get(r))) {
                 t.insert(format!("upstream.{name}"), v);
             }
@@ -835,7 +833,7 @@ impl Metrics {
 
     fn sync(&self) {
         let p = &self.prom;
-        for (r, route) in self.routes.iter().enumerate() {
+        for (r, route) in self.route_names.iter().enumerate() {
             for (m, method) in METHODS.iter().enumerate() {
                 for (c, class) in CLASSES.iter().enumerate() {
                     let i = (r * METHODS.len() + m) * CLASSES.len() + c;
