@@ -320,12 +320,17 @@ fn check_local<'p>(l: &'p Limit, key: &ClientKey) -> Verdict<'p> {
 /// The Redis key part for a client: a digest, so API keys and addresses do
 /// not appear in key names.
 fn key_digest(key: &ClientKey) -> String {
-    let mut h = blake3::Hasher::new();
-    match key {
-        ClientKey::Ip(ip) => h.update(ip.to_string().as_bytes()),
-        ClientKey::Header(v) => h.update(b"h:").update(v.as_bytes()),
+    use sha2::{Digest, Sha256};
+    let digest = match key {
+        ClientKey::Ip(ip) => Sha256::digest(ip.to_string()),
+        ClientKey::Header(v) => Sha256::new()
+            .chain_update(b"h:")
+            .chain_update(v.as_bytes())
+            .finalize(),
     };
-    h.finalize().to_hex()[..32].to_string()
+    let mut hex = String::with_capacity(32);
+    crate::layers::cache::key::push_hex(&mut hex, &digest[..16]);
+    hex
 }
 
 impl Shared {
