@@ -10,6 +10,8 @@
 //! limiter's shared mode runs [`GCRA_LUA`] here too (one client, one
 //! connection, one reconnect policy for both).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
@@ -130,14 +132,22 @@ impl RedisStore {
     }
 
     /// Bounds a call by the timeout even if fred's own does not fire.
-    async fn bounded<T>(
+    ///
+    /// Boxed: fred's command futures are several KiB, and every future that
+    /// awaits a Redis call inline (the cache's request future among them)
+    /// would grow by as much and be copied whole on each request, Redis used
+    /// or not.
+    fn bounded<'a, T: Send + 'a>(
         &self,
-        fut: impl Future<Output = Result<T, fred::error::Error>>,
-    ) -> Result<T, RedisError> {
-        match tokio::time::timeout(self.timeout + Duration::from_millis(5), fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(RedisError::Timeout(self.timeout)),
-        }
+        fut: impl Future<Output = Result<T, fred::error::Error>> + Send + 'a,
+    ) -> Pin<Box<dyn Future<Output = Result<T, RedisError>> + Send + 'a>> {
+        let limit = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(limit + Duration::from_millis(5), fut).await {
+                Ok(r) => Ok(r?),
+                Err(_) => Err(RedisError::Timeout(limit)),
+            }
+        })
     }
 
     fn full_key(&self, key: &str) -> String {
