@@ -44,7 +44,6 @@ pids+=($!); wait_port "$ngx"; wait_port "$ngxc"
 (cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
     --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") &
 scpid=$!; pids+=($scpid); wait_port "$sc"
-rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 curl -fsS "http://127.0.0.1:$sc$PATH_" >/dev/null
 idle_rss=$(rss $scpid)
 

@@ -13,6 +13,7 @@ nginx_bin() { # the nginx binary, installing nginx-light when missing
   if [ -x /usr/sbin/nginx ]; then echo /usr/sbin/nginx; else command -v nginx; fi
 }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }  # rss PID -> KiB
 wait_port() { # wait_port PORT — up to 30 s (a program under valgrind starts slowly)
   for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
   echo "port $1 never opened" >&2; exit 1

@@ -28,10 +28,9 @@ printf 'trusted_proxies = ["127.0.0.1/32"]\n' > "$work/soak.toml"
     SEARCH_RATE_LIMIT="1000000000 per minute" NUM_THREADS=2 "$OLDPWD/$BIN/rag-sidecar" \
     --config "$work/soak.toml" --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") &
 scpid=$!; pids+=($scpid); wait_port "$sc"
-rss() { awk '/VmRSS/ {print $2}' "/proc/$scpid/status"; }
 echo "| run | requests | requests/s | errors | RSS MiB | cache entries (search) | rate-limit clients |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
-echo "| start | 0 | – | – | $(awk -v r="$(rss)" 'BEGIN {printf "%.1f", r/1024}') | 0 | 0 |"
+echo "| start | 0 | – | – | $(awk -v r="$(rss "$scpid")" 'BEGIN {printf "%.1f", r/1024}') | 0 | 0 |"
 offset=0; total=0; first=0; last=0; max_rss=0
 for i in $(seq "$SEGMENTS"); do
   line=$(SOAK_OFFSET=$offset wrk -t1 -c"$CONNECTIONS" -d"$SEGMENT" -s bench/soak.lua "http://127.0.0.1:$sc/" | grep '^RESULT')
@@ -42,7 +41,7 @@ for i in $(seq "$SEGMENTS"); do
   [ "$i" -eq 1 ] && first=$rps
   last=$rps
   offset=$(( offset + req + 1000 )); total=$(( total + req ))
-  r=$(rss); [ "$r" -gt "$max_rss" ] && max_rss=$r
+  r=$(rss "$scpid"); [ "$r" -gt "$max_rss" ] && max_rss=$r
   stats=$(curl -s "http://127.0.0.1:$sc/api/cache/stats")
   items=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["namespaces"]["search"]["items"])' <<< "$stats")
   clients=$(curl -s "http://127.0.0.1:$sc/metrics" | awk '/^rag_sidecar_ratelimit_tracked_clients / {print $2}')
