@@ -162,7 +162,9 @@ fn answer(err: &BoxError, kind: ErrorKind) -> Response<Body> {
             StatusCode::TOO_MANY_REQUESTS,
             &json!({"error": "Rate limit exceeded", "message": r.message, "retry_after": r.retry_after}),
         );
-        resp.headers_mut().extend(r.headers.clone());
+        if let Some(h) = &r.headers {
+            h.write_to(resp.headers_mut());
+        }
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
         return resp;

@@ -78,7 +78,36 @@ pub struct RateLimited {
     /// Whole seconds, at least 1.
     pub retry_after: u64,
     /// The rate-limit headers of the answer.
-    pub headers: HeaderMap,
+    pub headers: Option<RateHeaders>,
+}
+
+/// The rate-limit fields of one answer, written straight into its header
+/// map (building a map of their own and merging it would hash and store
+/// every field twice).
+#[derive(Debug, Clone)]
+pub struct RateHeaders {
+    limit: HeaderValue,
+    remaining: u64,
+    /// Unix time, seconds.
+    reset_at: u64,
+    policy: Option<HeaderValue>,
+    /// `RateLimit`: `"name";r=…;t=…`.
+    current: Option<HeaderValue>,
+}
+
+impl RateHeaders {
+    pub fn write_to(&self, h: &mut HeaderMap) {
+        h.reserve(5);
+        h.insert(X_RATELIMIT_LIMIT, self.limit.clone());
+        h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+        h.insert(X_RATELIMIT_RESET, HeaderValue::from(self.reset_at));
+        if let Some(p) = &self.policy {
+            h.insert(RATELIMIT_POLICY, p.clone());
+        }
+        if let Some(c) = &self.current {
+            h.insert(RATELIMIT, c.clone());
+        }
+    }
 }
 
 /// One part of a route's limit string, with its limiter.
@@ -372,7 +401,7 @@ impl Shared {
     fn decide(
         policy: &RoutePolicy,
         verdicts: &[Verdict<'_>],
-    ) -> Result<HeaderMap, Box<RateLimited>> {
+    ) -> Result<Option<RateHeaders>, Box<RateLimited>> {
         let headers = headers(policy, verdicts);
         if let Some(v) = verdicts.iter().find(|v| v.wait.is_some()) {
             let message = format!("{} limit reached", describe(v.limit.rate));
@@ -396,31 +425,35 @@ impl Shared {
 
 /// The rate-limit headers for these verdicts: `X-RateLimit-*` and
 /// `RateLimit` from the most restrictive limit, `RateLimit-Policy` for all.
-fn headers(policy: &RoutePolicy, verdicts: &[Verdict<'_>]) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(5);
-    let Some(worst) = verdicts
+fn headers(policy: &RoutePolicy, verdicts: &[Verdict<'_>]) -> Option<RateHeaders> {
+    let worst = verdicts
         .iter()
-        .min_by_key(|v| (v.wait.is_none(), v.remaining))
-    else {
-        return h;
-    };
+        .min_by_key(|v| (v.wait.is_none(), v.remaining))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let reset = ceil_secs(worst.reset);
-    h.insert(X_RATELIMIT_LIMIT, worst.limit.limit_header.clone());
-    h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(worst.remaining));
-    h.insert(X_RATELIMIT_RESET, HeaderValue::from(now.as_secs() + reset));
-    if let Some(p) = &policy.policy_header {
-        h.insert(RATELIMIT_POLICY, p.clone());
-    }
-    if let Ok(v) = HeaderValue::try_from(format!(
-        "\"{}\";r={};t={}",
-        worst.limit.name, worst.remaining, reset
-    )) {
-        h.insert(RATELIMIT, v);
-    }
-    h
+    Some(RateHeaders {
+        limit: worst.limit.limit_header.clone(),
+        remaining: worst.remaining,
+        reset_at: now.as_secs() + reset,
+        policy: policy.policy_header.clone(),
+        current: HeaderValue::try_from(current(&worst.limit.name, worst.remaining, reset)).ok(),
+    })
+}
+
+/// `"name";r=remaining;t=reset`, without the formatting machinery (this is
+/// on every answer of a limited route).
+fn current(name: &str, remaining: u64, reset: u64) -> String {
+    let mut digits = itoa::Buffer::new();
+    let mut s = String::with_capacity(name.len() + 48);
+    s.push('"');
+    s.push_str(name);
+    s.push_str("\";r=");
+    s.push_str(digits.format(remaining));
+    s.push_str(";t=");
+    s.push_str(digits.format(reset));
+    s
 }
 
 impl<S> tower::Service<Request<Body>> for RateLimit<S>
@@ -463,7 +496,7 @@ where
         let key = client_key(peer.ip(), req.headers(), &shared.trusted, &shared.key);
         if shared.redis.is_none() {
             return match Shared::decide(policy, &shared.check(policy, &key)) {
-                Ok(headers) => pass(&mut self.inner, req, Some(headers)),
+                Ok(headers) => pass(&mut self.inner, req, headers),
                 Err(limited) => Either::Left(Either::Left(ready(Err(limited)))),
             };
         }
@@ -478,7 +511,9 @@ where
             };
             let headers = Shared::decide(&policy, &verdicts).map_err(|e| -> BoxError { e })?;
             let mut resp = call_boxed(&mut inner, req).await?;
-            resp.headers_mut().extend(headers);
+            if let Some(h) = headers {
+                h.write_to(resp.headers_mut());
+            }
             Ok(resp)
         }))
     }
@@ -490,7 +525,7 @@ pin_project_lite::pin_project! {
     pub struct AddHeaders<F> {
         #[pin]
         inner: F,
-        headers: Option<HeaderMap>,
+        headers: Option<RateHeaders>,
     }
 }
 
@@ -504,7 +539,7 @@ where
         let this = self.project();
         let mut out = std::task::ready!(this.inner.poll(cx));
         if let (Ok(resp), Some(h)) = (&mut out, this.headers.take()) {
-            resp.headers_mut().extend(h);
+            h.write_to(resp.headers_mut());
         }
         Poll::Ready(out)
     }
@@ -538,11 +573,21 @@ mod tests {
         for expect_remaining in [2, 1, 0] {
             let v = shared.check(policy, &key);
             assert!(v.iter().all(|v| v.wait.is_none()));
-            let h = headers(policy, &v);
+            let mut h = HeaderMap::new();
+            headers(policy, &v).unwrap().write_to(&mut h);
             assert_eq!(h[&X_RATELIMIT_LIMIT], "3");
             assert_eq!(
                 h[&X_RATELIMIT_REMAINING],
                 expect_remaining.to_string().as_str()
+            );
+            assert_eq!(
+                h[&RATELIMIT],
+                // t: until the bucket is full again, 20 s per token spent.
+                format!(
+                    "\"default\";r={expect_remaining};t={}",
+                    (3 - expect_remaining) * 20
+                )
+                .as_str()
             );
             assert_eq!(
                 h[&RATELIMIT_POLICY],
