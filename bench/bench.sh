@@ -6,6 +6,12 @@
 # and the table reports medians and ratios. Installs wrk and nginx from
 # Debian when missing. Used by `make bench` (which builds the release first).
 #
+# For the comparisons with nginx the tables also give each contender's CPU
+# time per request (user + kernel, from /proc/PID/stat around each run: the
+# app for "direct", nginx's workers, the sidecar): on this machine wrk, the
+# app and the proxy share two cores, so CPU per request is what decides
+# throughput.
+#
 # Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (50), WORKERS for
 # both proxies (2), PATH_ (the request, default /api/stats: the default route);
 # the on-vs-off comparisons use AB_ROUNDS (9) of AB_DURATION (3s) and report
@@ -29,7 +35,7 @@ scoff=$(free_port); scf=$(free_port); upf=$(free_port); scnm=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
 "$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
-pids+=($!); wait_port "$up"
+uppid=$!; pids+=($uppid); wait_port "$up"
 
 mkdir -p "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 # nginx's workers drop to an unprivileged user: let them into the temp dirs.
@@ -37,7 +43,7 @@ chmod 755 "$work"; chmod 777 "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 sed -e "s|@DIR@|$work|g" -e "s|@UPSTREAM@|127.0.0.1:$up|" -e "s|@LISTEN@|127.0.0.1:$ngx|" \
     -e "s|@CACHE_LISTEN@|127.0.0.1:$ngxc|" -e "s|@WORKERS@|$WORKERS|" bench/nginx.conf.in > "$work/nginx.conf"
 "$NGINX" -c "$work/nginx.conf" -p "$work" &
-pids+=($!); wait_port "$ngx"; wait_port "$ngxc"
+ngxpid=$!; pids+=($ngxpid); wait_port "$ngx"; wait_port "$ngxc"
 
 # The sidecar as shipped, access log off (nginx's is off too), rate limits
 # off (they would turn a load test into a 429 test).
@@ -47,6 +53,14 @@ scpid=$!; pids+=($scpid); wait_port "$sc"
 curl -fsS "http://127.0.0.1:$sc$PATH_" >/dev/null
 idle_rss=$(rss $scpid)
 
+# Whose CPU time each contender's rows report (nginx: its workers).
+clk=$(getconf CLK_TCK)
+declare -A cpu_of=([direct]=$uppid [direct-uncached]=$uppid [rag-sidecar]=$scpid [rag-sidecar-cache]=$scpid)
+cpu_of[nginx]=$(pgrep -P "$ngxpid" | tr '\n' ' '); cpu_of[nginx-proxy_cache]=${cpu_of[nginx]}
+ticks() { # ticks PIDS -> "user system" clock ticks, summed
+  for p in $1; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u += $1; s += $2} END {print u, s}'
+}
+
 run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
   local out=$1 script=$2; shift 2
   local -A url=(); local order=()
@@ -54,7 +68,13 @@ run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
   for c in "${order[@]}"; do wrk -t1 -c"$CONNECTIONS" -d1s -s "$script" "${url[$c]}" >/dev/null; done  # warm-up
   for r in $(seq "$ROUNDS"); do
     for c in "${order[@]}"; do
+      local pids_of=${cpu_of[$c]:-} t0=
+      [ -n "$pids_of" ] && t0=$(ticks "$pids_of")
       line=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$script" "${url[$c]}" | grep '^RESULT')
+      if [ -n "$pids_of" ]; then
+        line="$line $(echo "$t0 $(ticks "$pids_of") ${line#*requests=}" | awk -v hz="$clk" \
+          '{printf "user_us=%.2f sys_us=%.2f", ($3 - $1) * 1e6 / hz / $5, ($4 - $2) * 1e6 / hz / $5}')"
+      fi
       echo "$c $line" >> "$out"
       echo "round $r/$ROUNDS $c: $line" >&2
     done
@@ -163,8 +183,9 @@ def table(path, names):
         name, _, *kv = line.split()
         rows[name].append(dict(x.split("=") for x in kv))
     med = {}
-    print("| contender | requests/s (median) | p50 ms | p99 ms | errors | runs |")
-    print("|---|---:|---:|---:|---:|---:|")
+    cpu = all("user_us" in r for n in names for r in rows[n])
+    print("| contender | requests/s (median) | p50 ms | p99 ms | errors | runs |" + (" CPU µs/request, user + kernel (median) |" if cpu else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cpu else ""))
     for name in names:
         runs = rows[name]
         rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in runs)
@@ -172,7 +193,12 @@ def table(path, names):
         p99 = statistics.median(int(r["p99_us"]) for r in runs) / 1000
         errs = sum(int(r["errors"]) for r in runs)
         med[name] = (rps, p50, p99)
-        print(f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {len(runs)} |")
+        line = f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {len(runs)} |"
+        if cpu:
+            u = statistics.median(float(r["user_us"]) for r in runs)
+            k = statistics.median(float(r["sys_us"]) for r in runs)
+            line += f" {u:.1f} + {k:.1f} = {u + k:.1f} |"
+        print(line)
     print()
     return med
 def paired(path, a, b):
