@@ -223,7 +223,10 @@ where
                     return Ok(replay(
                         &e,
                         "HIT",
-                        format!("rag-sidecar; hit; ttl={ttl_left}"),
+                        {
+                            let mut digits = itoa::Buffer::new();
+                            ["rag-sidecar; hit; ttl=", digits.format(ttl_left)].concat()
+                        },
                         age_secs,
                     ));
                 }
@@ -409,7 +412,14 @@ fn serve_stale(sh: &Shared, ns: &Namespace, e: &Entry, why: &str) -> Response<Bo
 fn replay(e: &Entry, x_cache: &'static str, status: String, age_secs: u64) -> Response<Body> {
     let mut resp = Response::new(body::full(e.body.clone()));
     *resp.status_mut() = e.status;
-    *resp.headers_mut() = e.headers.clone();
+    // Sized for the stored fields, the cache's three and what the layers
+    // above add (request id, rate-limit fields), so none of the inserts
+    // grows the map; a clone would copy it at its stored size.
+    let h = resp.headers_mut();
+    h.reserve(e.headers.len() + 10);
+    for (name, value) in &e.headers {
+        h.append(name.clone(), value.clone());
+    }
     mark(&mut resp, x_cache, status, Some(age_secs));
     resp
 }
