@@ -53,10 +53,11 @@ scpid=$!; pids+=($scpid); wait_port "$sc"
 curl -fsS "http://127.0.0.1:$sc$PATH_" >/dev/null
 idle_rss=$(rss $scpid)
 
-# Whose CPU time each contender's rows report (nginx: its workers).
+# Whose CPU time each contender's rows report (nginx: its workers; its cache
+# loader exits after a minute and the cache manager idles, so neither counts).
 clk=$(getconf CLK_TCK)
 declare -A cpu_of=([direct]=$uppid [direct-uncached]=$uppid [rag-sidecar]=$scpid [rag-sidecar-cache]=$scpid)
-cpu_of[nginx]=$(pgrep -P "$ngxpid" | tr '\n' ' '); cpu_of[nginx-proxy_cache]=${cpu_of[nginx]}
+cpu_of[nginx]=$(pgrep -P "$ngxpid" -f "worker process" | tr '\n' ' '); cpu_of[nginx-proxy_cache]=${cpu_of[nginx]}
 ticks() { # ticks PIDS -> "user system" clock ticks, summed
   for p in $1; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u += $1; s += $2} END {print u, s}'
 }
