@@ -3,13 +3,12 @@
 //! target, written when the response head is ready. It sits above the rescue,
 //! so the sidecar's own error answers are logged with their status too.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Method, Request, Response};
 use tokio::time::Instant;
 
+use crate::layers::on_answer::{Hook, OnAnswer};
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
 
@@ -31,7 +30,7 @@ pub struct AccessLog<S> {
 
 /// What the log line needs from the request, taken before it moves on.
 #[derive(Debug)]
-struct Entry {
+pub struct Entry {
     method: Method,
     path: String,
     route: Option<MatchedRoute>,
@@ -46,7 +45,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = OnAnswer<S::Future, Entry>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -63,45 +62,23 @@ where
                 request_id: req.headers().get("x-request-id").cloned(),
                 start: Instant::now(),
             });
-        ResponseFuture {
-            inner: self.inner.call(req),
-            entry,
-        }
+        OnAnswer::new(self.inner.call(req), entry)
     }
 }
 
-pin_project_lite::pin_project! {
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        entry: Option<Entry>,
-    }
-}
-
-impl<F, RB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
-        if let Some(e) = this.entry.take() {
-            let status = out.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
-            tracing::info!(
-                target: "rag_sidecar::access",
-                method = %e.method,
-                route = e.route.as_ref().map_or("-", |r| r.name.as_str()),
-                path = %e.path,
-                status,
-                duration_ms = e.start.elapsed().as_secs_f64() * 1000.0,
-                client = %e.client.map_or_else(|| "-".to_string(), |c| c.0.to_string()),
-                request_id = e.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-                "request"
-            );
-        }
-        Poll::Ready(out)
+impl<RB, E> Hook<RB, E> for Entry {
+    fn run(self, out: &mut Result<Response<RB>, E>) {
+        let status = out.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        tracing::info!(
+            target: "rag_sidecar::access",
+            method = %self.method,
+            route = self.route.as_ref().map_or("-", |r| r.name.as_str()),
+            path = %self.path,
+            status,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            client = %self.client.map_or_else(|| "-".to_string(), |c| c.0.to_string()),
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            "request"
+        );
     }
 }

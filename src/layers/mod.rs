@@ -10,6 +10,7 @@ pub mod circuit;
 pub mod classify;
 pub mod inflight;
 pub mod match_route;
+pub mod on_answer;
 pub mod rate_limit;
 pub mod rescue;
 pub mod retry;

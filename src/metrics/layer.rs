@@ -6,8 +6,6 @@
 //! every answer, errors included. A request whose client went away before
 //! the answer leaves the active-requests gauge all the same.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -18,6 +16,7 @@ use super::{Finished, Recorder, method_index};
 use crate::error::Rescued;
 use crate::layers::cache::X_CACHE;
 use crate::layers::classify::UpstreamFailure;
+use crate::layers::on_answer::{Hook, OnAnswer};
 use crate::route::MatchedRoute;
 
 #[derive(Debug, Clone)]
@@ -55,7 +54,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = OnAnswer<S::Future, Pending>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -67,22 +66,20 @@ where
             .get::<MatchedRoute>()
             .and_then(|r| self.recorder.route(&r.name));
         self.recorder.started();
-        ResponseFuture {
-            guard: Some(Pending {
-                recorder: Arc::clone(&self.recorder),
-                route,
-                method: method_index(req.method()),
-                start: Instant::now(),
-                done: false,
-            }),
-            inner: self.inner.call(req),
-        }
+        let pending = Pending {
+            recorder: Arc::clone(&self.recorder),
+            route,
+            method: method_index(req.method()),
+            start: Instant::now(),
+            done: false,
+        };
+        OnAnswer::new(self.inner.call(req), Some(pending))
     }
 }
 
 /// A request on its way; dropped unanswered, it still leaves the gauge.
 #[derive(Debug)]
-struct Pending {
+pub struct Pending {
     recorder: Arc<Recorder>,
     route: Option<usize>,
     method: usize,
@@ -127,27 +124,8 @@ impl Drop for Pending {
     }
 }
 
-pin_project_lite::pin_project! {
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        guard: Option<Pending>,
-    }
-}
-
-impl<F, RB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
-        if let Some(p) = this.guard.take() {
-            p.finish(out.as_ref().ok());
-        }
-        Poll::Ready(out)
+impl<RB, E> Hook<RB, E> for Pending {
+    fn run(self, out: &mut Result<Response<RB>, E>) {
+        self.finish(out.as_ref().ok());
     }
 }

@@ -30,9 +30,7 @@
 pub mod key;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -52,6 +50,7 @@ use crate::body::Body;
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
 use crate::layers::cache::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::layers::ceil_secs;
+use crate::layers::on_answer::{Hook, OnAnswer};
 use crate::layers::{BoxResponseFuture, call_boxed};
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
@@ -467,7 +466,7 @@ where
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = Either<
-        Either<Ready<Result<Response<Body>, BoxError>>, AddHeaders<S::Future>>,
+        Either<Ready<Result<Response<Body>, BoxError>>, OnAnswer<S::Future, RateHeaders>>,
         BoxResponseFuture,
     >;
 
@@ -477,10 +476,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let pass = |inner: &mut S, req, headers| {
-            Either::Left(Either::Right(AddHeaders {
-                inner: inner.call(req),
-                headers,
-            }))
+            Either::Left(Either::Right(OnAnswer::new(inner.call(req), headers)))
         };
         let Some(shared) = &self.shared else {
             return pass(&mut self.inner, req, None);
@@ -519,29 +515,11 @@ where
     }
 }
 
-pin_project_lite::pin_project! {
-    /// Adds the rate-limit headers to the inner service's answer.
-    #[derive(Debug)]
-    pub struct AddHeaders<F> {
-        #[pin]
-        inner: F,
-        headers: Option<RateHeaders>,
-    }
-}
-
-impl<F, B> Future for AddHeaders<F>
-where
-    F: Future<Output = Result<Response<B>, BoxError>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut out = std::task::ready!(this.inner.poll(cx));
-        if let (Ok(resp), Some(h)) = (&mut out, this.headers.take()) {
-            h.write_to(resp.headers_mut());
+impl<B, E> Hook<B, E> for RateHeaders {
+    fn run(self, out: &mut Result<Response<B>, E>) {
+        if let Ok(resp) = out {
+            self.write_to(resp.headers_mut());
         }
-        Poll::Ready(out)
     }
 }
 
