@@ -44,6 +44,32 @@ use crate::route::RouteTable;
 pub type BoxResponseFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
+/// What a layer that clones its inner service into its own async work
+/// (cache, rate limit in shared mode, retry) needs of it.
+pub trait Inner:
+    tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = BoxError,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Calls the inner service behind a boxed future: awaiting `S::Future`
 /// directly inside an async block trips rustc's higher-ranked `Send` check
 /// over the boxed error's lifetime.

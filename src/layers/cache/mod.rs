@@ -108,14 +108,7 @@ pub struct CacheService<S> {
 
 type BoxFut = super::BoxResponseFuture;
 
-impl<S> tower::Service<Request<Body>> for CacheService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: super::Inner> tower::Service<Request<Body>> for CacheService<S> {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = futures_util::future::Either<S::Future, BoxFut>;

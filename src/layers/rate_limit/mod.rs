@@ -455,14 +455,7 @@ fn current(name: &str, remaining: u64, reset: u64) -> String {
     s
 }
 
-impl<S> tower::Service<Request<Body>> for RateLimit<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: crate::layers::Inner> tower::Service<Request<Body>> for RateLimit<S> {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = Either<

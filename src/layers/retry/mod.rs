@@ -36,10 +36,10 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 
 use self::backoff::Backoff;
-use super::BoxResponseFuture;
 use super::circuit::Circuits;
 use super::classify::{Failure, UpstreamFailure};
 use super::timeout::Deadline;
+use super::{BoxResponseFuture, Inner};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::config::{Config, RetryMode};
@@ -127,31 +127,6 @@ fn floor_share(floor: u32, worker: usize, workers: usize) -> u32 {
     let i = u32::try_from(worker).unwrap_or(u32::MAX);
     let share = floor / n + u32::from(i < floor % n);
     share.min(i32::MAX as u32 - 1)
-}
-
-/// What the layer below must be.
-pub trait Inner:
-    tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = BoxError,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Inner for S where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = BoxError,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static
-{
 }
 
 impl<S> tower::Layer<S> for RetryLayer {
