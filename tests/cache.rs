@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Mock, Sidecar, client};
+use common::{Mock, Sidecar, assert_needs_token, client, token_only_sidecar};
 use reqwest::Response;
 use serde_json::{Value, json};
 
@@ -390,24 +390,8 @@ async fn cache_stats_and_clear_endpoints() {
 #[tokio::test]
 async fn clear_is_guarded() {
     let mock = Mock::start();
-    let sc = Sidecar::start(
-        &mock.url(),
-        "[admin]\ntoken = \"t0k\"\ntrust_loopback = false\n",
-    )
-    .await;
-    let r = client()
-        .post(sc.url("/api/cache/clear"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
-    let r = client()
-        .post(sc.url("/api/cache/clear"))
-        .bearer_auth("t0k")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let sc = token_only_sidecar(&mock.url(), "t0k").await;
+    assert_needs_token(&sc, "/api/cache/clear", "t0k").await;
     // Stats are read-only and open.
     assert_eq!(sc.get_status("/api/cache/stats").await, 200);
 }

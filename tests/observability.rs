@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Mock, Redis, Sidecar, client, eventually};
+use common::{Mock, Redis, Sidecar, assert_needs_token, client, eventually, token_only_sidecar};
 use serde_json::{Value, json};
 
 const NO_LIMITS: &str = "[rate_limit]\nenabled = false\n";
@@ -194,17 +194,8 @@ async fn active_requests_counts_requests_in_flight() {
 #[tokio::test]
 async fn the_reset_is_guarded() {
     let mock = mock();
-    let toml = "[admin]\ntoken = \"s3cret\"\ntrust_loopback = false\n";
-    let sc = Sidecar::start(&mock.url(), toml).await;
-    let url = sc.url("/api/metrics/reset");
-    assert_eq!(client().post(&url).send().await.unwrap().status(), 403);
-    let r = client()
-        .post(&url)
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let sc = token_only_sidecar(&mock.url(), "s3cret").await;
+    assert_needs_token(&sc, "/api/metrics/reset", "s3cret").await;
 }
 
 #[tokio::test]

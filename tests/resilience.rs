@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Mock, Sidecar, client, eventually};
+use common::{Mock, Sidecar, assert_needs_token, client, eventually, token_only_sidecar};
 use serde_json::{Value, json};
 
 /// Fast waits so that the tests do not sleep through real backoff; `retry`
@@ -189,18 +189,8 @@ async fn five_failures_open_the_circuit_one_probe_closes_it_and_reset_closes_it(
 #[tokio::test]
 async fn the_reset_is_guarded() {
     let mock = mock();
-    let toml = "[admin]\ntoken = \"s3cret\"\ntrust_loopback = false\n";
-    let sc = Sidecar::start(&mock.url(), toml).await;
-    let url = sc.url("/api/circuit-breakers/reset");
-    let r = client().post(&url).send().await.unwrap();
-    assert_eq!(r.status(), 403);
-    let r = client()
-        .post(&url)
-        .bearer_auth("s3cret")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let sc = token_only_sidecar(&mock.url(), "s3cret").await;
+    assert_needs_token(&sc, "/api/circuit-breakers/reset", "s3cret").await;
     // Reading the states needs no token.
     assert_eq!(sc.get_status("/api/circuit-breakers").await, 200);
 }

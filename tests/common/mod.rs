@@ -274,6 +274,23 @@ pub fn closed_port() -> ClosedPort {
     }
 }
 
+/// A sidecar whose admin endpoints open only with this bearer token (the
+/// loopback peer of the tests is not trusted).
+pub async fn token_only_sidecar(upstream: &str, token: &str) -> Sidecar {
+    let toml = format!("[admin]\ntoken = \"{token}\"\ntrust_loopback = false\n");
+    Sidecar::start(upstream, &toml).await
+}
+
+/// A mutating admin endpoint refuses a POST without the token (403) and
+/// answers one with it (200).
+pub async fn assert_needs_token(sc: &Sidecar, path: &str, token: &str) {
+    let url = sc.url(path);
+    let r = client().post(&url).send().await.unwrap();
+    assert_eq!(r.status(), 403, "{path} without the token");
+    let r = client().post(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{path} with the token");
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
