@@ -34,8 +34,8 @@ up=$(free_port); ngx=$(free_port); ngxc=$(free_port); sc=$(free_port); sc10k=$(f
 scoff=$(free_port); scf=$(free_port); upf=$(free_port); scnm=$(free_port)
 
 # The fast upstream: the mock app with no simulated latency, one thread.
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
-uppid=$!; pids+=($uppid); wait_port "$up"
+start_app "$up" --search-latency-ms 0 --rag-latency-ms 0
+uppid=$app_pid
 
 mkdir -p "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 # nginx's workers drop to an unprivileged user: let them into the temp dirs.
@@ -47,9 +47,8 @@ ngxpid=$!; pids+=($ngxpid); wait_port "$ngx"; wait_port "$ngxc"
 
 # The sidecar as shipped, access log off (nginx's is off too), rate limits
 # off (they would turn a load test into a 429 test).
-(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") &
-scpid=$!; pids+=($scpid); wait_port "$sc"
+start_sidecar "$sc" "$up" config/rag-sidecar.toml ENABLE_RATE_LIMIT=False
+scpid=$sidecar_pid
 curl -fsS "http://127.0.0.1:$sc$PATH_" >/dev/null
 idle_rss=$(rss $scpid)
 
@@ -89,9 +88,7 @@ run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
 load_rss=$(rss $scpid)
 
 # Rate limiting on (a limit too high to reject) vs off, same route.
-(cd "$work" && exec env LOG_LEVEL=warn DEFAULT_RATE_LIMIT="1000000000 per minute" NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scrl" --upstream "http://127.0.0.1:$up") &
-pids+=($!); wait_port "$scrl"
+start_sidecar "$scrl" "$up" config/rag-sidecar.toml DEFAULT_RATE_LIMIT="1000000000 per minute"
 rl_results="$work/ratelimit.txt"
 AB_ROUNDS=${AB_ROUNDS:-9}; AB_DURATION=${AB_DURATION:-3s}
 ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$rl_results" bench/report.lua rate-limit-off="http://127.0.0.1:$sc$PATH_" \
@@ -100,17 +97,13 @@ ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$rl_results" bench/report.lu
 # Retry + circuit-breaker layers on (as shipped) vs off, same route, nothing
 # failing: what the resilience layers cost on the happy path.
 printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work/off.toml"
-(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$work/off.toml" --listen "127.0.0.1:$scoff" --upstream "http://127.0.0.1:$up") &
-pids+=($!); wait_port "$scoff"
+start_sidecar "$scoff" "$up" "$work/off.toml" ENABLE_RATE_LIMIT=False
 res_results="$work/resilience.txt"
 ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$res_results" bench/report.lua resilience-on="http://127.0.0.1:$sc$PATH_" \
   resilience-off="http://127.0.0.1:$scoff$PATH_"
 
 # Metrics on (as shipped) vs ENABLE_METRICS=False, same route.
-(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False ENABLE_METRICS=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scnm" --upstream "http://127.0.0.1:$up") &
-pids+=($!); wait_port "$scnm"
+start_sidecar "$scnm" "$up" config/rag-sidecar.toml ENABLE_RATE_LIMIT=False ENABLE_METRICS=False
 metrics_results="$work/metrics.txt"
 ROUNDS=$AB_ROUNDS DURATION=$AB_DURATION run_rounds "$metrics_results" bench/report.lua metrics-on="http://127.0.0.1:$sc$PATH_" \
   metrics-off="http://127.0.0.1:$scnm$PATH_"
@@ -128,11 +121,8 @@ PY
 
 # The outage: a second app that answers 503 to everything for 10 s, behind
 # a sidecar as shipped (rate limits off).
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$upf" --search-latency-ms 0 --rag-latency-ms 0 --threads 1 >/dev/null &
-pids+=($!); wait_port "$upf"
-(cd "$work" && exec env LOG_LEVEL=error ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$OLDPWD/config/rag-sidecar.toml" --listen "127.0.0.1:$scf" --upstream "http://127.0.0.1:$upf") &
-pids+=($!); wait_port "$scf"
+start_app "$upf" --search-latency-ms 0 --rag-latency-ms 0
+start_sidecar "$scf" "$upf" config/rag-sidecar.toml LOG_LEVEL=error ENABLE_RATE_LIMIT=False
 fault_report=$(python3 bench/fault.py "$scf" "$upf" 10 "$CONNECTIONS" "$PATH_")
 
 # Cache hits: the same POST /api/search answered from nginx's proxy_cache and
@@ -157,9 +147,8 @@ cat > "$work/10k.toml" <<TOML
 name = "search"
 cache = { max_items = 10000 }
 TOML
-(cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$work/10k.toml" --listen "127.0.0.1:$sc10k" --upstream "http://127.0.0.1:$up") &
-sc10kpid=$!; pids+=($sc10kpid); wait_port "$sc10k"
+start_sidecar "$sc10k" "$up" "$work/10k.toml" ENABLE_RATE_LIMIT=False
+sc10kpid=$sidecar_pid
 rss_10k_before=$(rss $sc10kpid)
 python3 - "$sc10k" <<'PY'
 import http.client, json, sys

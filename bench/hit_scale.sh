@@ -18,8 +18,7 @@ BIN=${BIN:-target/release}
 need wrk wrk
 
 up=$(free_port)
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --threads 1 >/dev/null &
-pids+=($!); wait_port "$up"
+start_app "$up" --search-latency-ms 0
 # Room for 100 000 entries in the search namespace and in the byte budget.
 cat > "$work/scale.toml" <<TOML
 [cache]
@@ -31,9 +30,8 @@ TOML
 declare -A port pid
 for n in 1000 100000; do
   port[$n]=$(free_port)
-  (cd "$work" && exec env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS="$WORKERS" "$OLDPWD/$BIN/rag-sidecar" \
-      --config "$work/scale.toml" --listen "127.0.0.1:${port[$n]}" --upstream "http://127.0.0.1:$up") &
-  pid[$n]=$!; pids+=($!); wait_port "${port[$n]}"
+  start_sidecar "${port[$n]}" "$up" "$work/scale.toml" ENABLE_RATE_LIMIT=False
+  pid[$n]=$sidecar_pid
   printf 'KEYS = %d\nFILL = true\ndofile("bench/keys.lua")\n' "$n" > "$work/fill$n.lua"
   printf 'KEYS = %d\ndofile("bench/keys.lua")\n' "$n" > "$work/hit$n.lua"
 done

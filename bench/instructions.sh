@@ -19,8 +19,7 @@ BIN=${BIN:-target/release}
 need valgrind valgrind
 
 up=$(free_port)
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --threads 1 >/dev/null &
-pids+=($!); wait_port "$up"
+start_app "$up" --search-latency-ms 0
 printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work/resilience-off.toml"
 
 instructions() { # instructions CONFIG ENV N → total instructions of the sidecar

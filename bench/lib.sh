@@ -23,3 +23,18 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+
+# The binaries under test ($BIN, set by each script before these run).
+start_app() { # start_app PORT [ARG...] — the mock app, one thread; its pid in $app_pid
+  local port=$1; shift
+  "$BIN/mock-legacy-app" --listen "127.0.0.1:$port" --threads 1 "$@" >/dev/null &
+  app_pid=$!; pids+=("$app_pid"); wait_port "$port"
+}
+start_sidecar() { # start_sidecar PORT APP_PORT CONFIG [VAR=VALUE...] — its pid in $sidecar_pid
+  # Run from the work directory, so no .env in the checkout is read; the
+  # variables given override LOG_LEVEL=warn and NUM_THREADS=${WORKERS:-2}.
+  local port=$1 app=$2 config; config=$(realpath "$3"); shift 3
+  (cd "$work" && exec env LOG_LEVEL=warn NUM_THREADS="${WORKERS:-2}" "$@" "$OLDPWD/$BIN/rag-sidecar" \
+      --config "$config" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$app") &
+  sidecar_pid=$!; pids+=("$sidecar_pid"); wait_port "$port"
+}

@@ -14,8 +14,8 @@ need wrk wrk
 NGINX=$(nginx_bin)
 
 up=$(free_port); ngx=$(free_port); sc=$(free_port)
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 5 --threads 1 >/dev/null &
-mock=$!; pids+=($mock); wait_port "$up"
+start_app "$up" --search-latency-ms 5
+mock=$app_pid
 mkdir -p "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 chmod 755 "$work"; chmod 777 "$work"/{body,proxy,fastcgi,uwsgi,scgi,cache}
 cat > "$work/nginx.conf" <<NGINX
@@ -58,8 +58,7 @@ name = "search"
 timeout = "1s"
 cache = { ttl = "1s" }
 TOML
-(cd "$work" && exec env LOG_LEVEL=error NUM_THREADS=2 "$OLDPWD/$BIN/rag-sidecar" --config "$work/sc.toml" \
-    --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") & pids+=($!); wait_port "$sc"
+start_sidecar "$sc" "$up" "$work/sc.toml" LOG_LEVEL=error NUM_THREADS=2
 for port in $ngx $sc; do
   for i in $(seq 0 19); do
     curl -fsS -o /dev/null -X POST -H 'Content-Type: application/json' \

@@ -21,13 +21,11 @@ RSS_BOUND_KIB=$(( (128 + 64) * 1024 ))
 need wrk wrk
 
 up=$(free_port); sc=$(free_port)
-"$BIN/mock-legacy-app" --listen "127.0.0.1:$up" --search-latency-ms 0 --threads 1 >/dev/null &
-pids+=($!); wait_port "$up"
+start_app "$up" --search-latency-ms 0
 printf 'trusted_proxies = ["127.0.0.1/32"]\n' > "$work/soak.toml"
-(cd "$work" && exec env LOG_LEVEL=warn DEFAULT_RATE_LIMIT="1000000000 per minute" \
-    SEARCH_RATE_LIMIT="1000000000 per minute" NUM_THREADS=2 "$OLDPWD/$BIN/rag-sidecar" \
-    --config "$work/soak.toml" --listen "127.0.0.1:$sc" --upstream "http://127.0.0.1:$up") &
-scpid=$!; pids+=($scpid); wait_port "$sc"
+start_sidecar "$sc" "$up" "$work/soak.toml" NUM_THREADS=2 \
+    DEFAULT_RATE_LIMIT="1000000000 per minute" SEARCH_RATE_LIMIT="1000000000 per minute"
+scpid=$sidecar_pid
 echo "| run | requests | requests/s | errors | RSS MiB | cache entries (search) | rate-limit clients |"
 echo "|---:|---:|---:|---:|---:|---:|---:|"
 echo "| start | 0 | – | – | $(awk -v r="$(rss "$scpid")" 'BEGIN {printf "%.1f", r/1024}') | 0 | 0 |"
