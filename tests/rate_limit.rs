@@ -63,6 +63,19 @@ async fn thirty_pass_and_the_thirty_first_gets_the_legacy_429() {
     assert_eq!(mock.stats().await["requests"].as_u64().unwrap(), before);
     // A repeated (cacheable) question is limited too: the limit sits before the cache.
     assert_eq!(search(&sc, 0, &[]).await.status(), 429);
+    // Both rejections are counted for the route, on /metrics.
+    let metrics = client()
+        .get(sc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("rag_sidecar_ratelimit_rejected_total{route=\"search\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
