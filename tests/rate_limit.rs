@@ -78,6 +78,46 @@ async fn thirty_pass_and_the_thirty_first_gets_the_legacy_429() {
     );
 }
 
+/// The fields are on the sidecar's own answers of a limited route too: an
+/// unreachable app (502), the route's deadline (504), an oversized upload
+/// (413). On the cached search route the failed miss says so in `X-Cache`.
+#[tokio::test]
+async fn the_sidecars_own_answers_on_a_limited_route_carry_the_fields() {
+    let closed = common::closed_port();
+    let sc = Sidecar::start(&closed.url(), "").await;
+    let r = search(&sc, 0, &[]).await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(h(&r, "x-ratelimit-limit"), "30");
+    assert_eq!(h(&r, "x-ratelimit-remaining"), "29");
+    assert_eq!(h(&r, "ratelimit-policy"), "\"search\";q=30;w=60");
+    assert!(h(&r, "ratelimit").starts_with("\"search\";r=29;t="));
+    assert_eq!(h(&r, "x-cache"), "MISS");
+    assert_eq!(h(&r, "cache-status"), "rag-sidecar; fwd=miss; detail=error");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "Bad gateway", "{body}");
+
+    let mock = Mock::start();
+    let toml = "max_request_body = 1024\n[[routes]]\nname = \"search\"\ntimeout = \"300ms\"\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    let r = search(&sc, 1, &[("X-Mock-Delay-Ms", "5000")]).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(h(&r, "x-ratelimit-remaining"), "29");
+    assert_eq!(h(&r, "x-cache"), "MISS");
+    let r = client()
+        .post(sc.url("/api/upload"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(h(&r, "x-ratelimit-limit"), "10");
+    assert_eq!(h(&r, "ratelimit-policy"), "\"upload\";q=10;w=60");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "Payload too large"
+    );
+}
+
 #[tokio::test]
 async fn routes_have_their_own_limits_and_the_default_applies_elsewhere() {
     let mock = Mock::start();

@@ -170,7 +170,7 @@ where
     let mode = policy::request_mode(req.headers());
     if mode == RequestMode::Bypass {
         count(counters, |c| &c.bypass);
-        let mut resp = call_boxed(&mut inner, req).await?;
+        let mut resp = answered(call_boxed(&mut inner, req).await);
         mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
         return Ok(resp);
     }
@@ -183,7 +183,7 @@ where
         Buffered::Whole(b) => b,
         Buffered::Partial(rest) => {
             count(counters, |c| &c.bypass);
-            let mut resp = call_boxed(&mut inner, Request::from_parts(parts, rest)).await?;
+            let mut resp = answered(call_boxed(&mut inner, Request::from_parts(parts, rest)).await);
             mark(
                 &mut resp,
                 "BYPASS",
@@ -293,7 +293,7 @@ where
             tracing::debug!("serving stale: upstream failed: {e}");
             return Ok(serve_stale(sh, &ns, s, "upstream-error"));
         }
-        (Err(e), None) => return Err(e),
+        (Err(e), None) => return Ok(failed_miss(&e, fwd)),
         (Ok(r), Some(s)) if r.status().is_server_error() => {
             return Ok(serve_stale(sh, &ns, s, r.status().as_str()));
         }
@@ -322,7 +322,12 @@ where
     }
     let (rparts, rbody) = resp.into_parts();
     let read = tokio::time::timeout(limit, read_bounded(rbody, ns.max_body)).await;
-    let read = read.map_err(|_| -> BoxError { Box::new(UpstreamTimeout(limit)) })?;
+    let Ok(read) = read else {
+        return Ok(failed_miss(
+            &(Box::new(UpstreamTimeout(limit)) as BoxError),
+            fwd,
+        ));
+    };
     let bytes = match read {
         Ok(Buffered::Whole(b)) => b,
         Ok(Buffered::Partial(rest)) => {
@@ -335,7 +340,12 @@ where
             );
             return Ok(resp);
         }
-        Err(e) => return Err(Box::new(UpstreamUnavailable(e))),
+        Err(e) => {
+            return Ok(failed_miss(
+                &(Box::new(UpstreamUnavailable(e)) as BoxError),
+                fwd,
+            ));
+        }
     };
     let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
     // An exact-size copy: the body read from the upstream may be a slice of a
@@ -370,6 +380,25 @@ where
         None,
     );
     Ok(resp)
+}
+
+/// A failure below (502, 504, an open circuit, ...) as the sidecar's own
+/// answer, the one the rescue would give: answered here so that it carries
+/// `X-Cache` like every other answer of a cached route.
+fn answered(result: Result<Response<Body>, BoxError>) -> Response<Body> {
+    result.unwrap_or_else(|e| crate::error::rescue(&e))
+}
+
+/// A miss whose forwarding failed, with no stale answer at hand.
+fn failed_miss(e: &BoxError, fwd: &str) -> Response<Body> {
+    let mut resp = crate::error::rescue(e);
+    mark(
+        &mut resp,
+        "MISS",
+        format!("rag-sidecar; fwd={fwd}; detail=error"),
+        None,
+    );
+    resp
 }
 
 fn count(

@@ -499,17 +499,24 @@ impl<S: crate::layers::Inner> tower::Service<Request<Body>> for RateLimit<S> {
                 None => shared.check(&policy, &key),
             };
             let headers = Shared::decide(&policy, &verdicts).map_err(|e| -> BoxError { e })?;
-            let mut resp = call_boxed(&mut inner, req).await?;
+            let mut out = call_boxed(&mut inner, req).await;
             if let Some(h) = headers {
-                h.write_to(resp.headers_mut());
+                h.run(&mut out);
             }
-            Ok(resp)
+            out
         }))
     }
 }
 
-impl<B, E> Hook<B, E> for RateHeaders {
-    fn run(self, out: &mut Result<Response<B>, E>) {
+/// "The headers are on every response of a limited route": the sidecar's
+/// own answers too (502, 504, 413, an open circuit). Those arrive here as
+/// errors, so this answers them (the rescue's own answer, which the rescue
+/// above then passes through) to have a response to write the fields on.
+impl Hook<Body, BoxError> for RateHeaders {
+    fn run(self, out: &mut Result<Response<Body>, BoxError>) {
+        if let Err(e) = out {
+            *out = Ok(crate::error::rescue(e));
+        }
         if let Ok(resp) = out {
             self.write_to(resp.headers_mut());
         }
