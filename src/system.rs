@@ -251,7 +251,7 @@ impl Sampler {
             cpu_percent: f64::from(p.cpu_usage()),
             memory: p.memory(),
             threads: p.tasks().map_or(1, |t| t.len().max(1)),
-            status: p.status().to_string().to_lowercase(),
+            status: psutil_status(p.status()).to_string(),
         });
         Snapshot {
             cpu_percent: f64::from(s.global_cpu_usage()),
@@ -259,6 +259,29 @@ impl Sampler {
             disk,
             process,
         }
+    }
+}
+
+/// The process state as the legacy app's psutil names it (`STATUS_*`:
+/// "running", "sleeping", "disk-sleep", ...), which the legacy
+/// `/api/system` shape carries; sysinfo's own labels differ ("Runnable").
+fn psutil_status(s: sysinfo::ProcessStatus) -> &'static str {
+    use sysinfo::ProcessStatus as S;
+    match s {
+        S::Run => "running",
+        S::Sleep => "sleeping",
+        S::Idle => "idle",
+        S::Stop => "stopped",
+        S::Zombie => "zombie",
+        S::Tracing => "tracing-stop",
+        S::Dead => "dead",
+        S::Wakekill => "wake-kill",
+        S::Waking => "waking",
+        S::Parked => "parked",
+        S::LockBlocked => "locked",
+        S::UninterruptibleDiskSleep => "disk-sleep",
+        S::Suspended => "suspended",
+        S::Unknown(_) => "unknown",
     }
 }
 
@@ -284,8 +307,21 @@ mod tests {
         assert_eq!(j["process"]["pid"], std::process::id());
         assert!(j["process"]["threads"].as_u64().unwrap() >= 1);
         assert!(j["process"]["memory_mb"].as_f64().unwrap() > 0.0);
-        assert!(j["process"]["status"].is_string());
+        let status = j["process"]["status"].as_str().unwrap();
+        assert!(
+            ["running", "sleeping", "disk-sleep", "idle"].contains(&status),
+            "psutil's name for a live process: {status}"
+        );
         assert!(j["cpu_percent"].is_number());
+    }
+
+    #[test]
+    fn process_states_have_psutil_names() {
+        use sysinfo::ProcessStatus as S;
+        assert_eq!(psutil_status(S::Run), "running");
+        assert_eq!(psutil_status(S::Sleep), "sleeping");
+        assert_eq!(psutil_status(S::UninterruptibleDiskSleep), "disk-sleep");
+        assert_eq!(psutil_status(S::Tracing), "tracing-stop");
     }
 
     #[test]
