@@ -79,6 +79,8 @@ async fn redis_down_or_slow_never_fails_or_stalls_a_request() {
         stats(&sc).await["redis_connected"] == false
     })
     .await;
+    // The legacy reading of a Redis outage: the cache runs on memory.
+    assert_eq!(stats(&sc).await["backend"], "memory");
     for (i, expect) in [(0, "MISS"), (1, "HIT")] {
         let t = Instant::now();
         let r = search(&sc, "while down").await;
@@ -95,6 +97,7 @@ async fn redis_down_or_slow_never_fails_or_stalls_a_request() {
     // Back on the same port: the sidecar reconnects by itself.
     redis.restart();
     connected(&sc).await;
+    assert_eq!(stats(&sc).await["backend"], "redis");
     assert_eq!(x_cache(&search(&sc, "after restart").await), "MISS");
     assert_eq!(redis.keys("rag-sidecar:search:*").len(), 1);
 

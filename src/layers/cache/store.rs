@@ -400,16 +400,16 @@ impl CacheStore {
     /// The `/api/cache/stats` body: the legacy fields plus per-namespace ones.
     pub fn stats_json(&self) -> Value {
         let mut m = self.counters.to_json();
+        // The layer in use now, as the legacy app reported it: "memory"
+        // while Redis is off or down (its troubleshooting guide's "backend
+        // shows memory instead of redis"), "redis" again once reconnected.
+        let connected = self.redis_connected();
         m.insert(
             "backend".into(),
-            json!(if self.redis.is_some() {
-                "redis"
-            } else {
-                "memory"
-            }),
+            json!(if connected { "redis" } else { "memory" }),
         );
         m.insert("memory_items".into(), json!(self.memory_items()));
-        m.insert("redis_connected".into(), json!(self.redis_connected()));
+        m.insert("redis_connected".into(), json!(connected));
         let mut names: Vec<_> = self.namespaces.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         let per: serde_json::Map<String, Value> = names
