@@ -362,18 +362,23 @@ impl Config {
         let mut report = LoadReport::default();
         let mut pending = Pending::default();
 
-        let path = overrides.config.clone().or_else(|| {
-            env.get(ENV_CONFIG)
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        });
-        if let Some(path) = path {
+        // Errors name where the path came from: the flag or the variable.
+        let path = overrides
+            .config
+            .clone()
+            .map(|p| (p, "--config"))
+            .or_else(|| {
+                env.get(ENV_CONFIG)
+                    .filter(|s| !s.is_empty())
+                    .map(|p| (PathBuf::from(p), ENV_CONFIG))
+            });
+        if let Some((path, given_as)) = path {
             match std::fs::read_to_string(&path) {
-                Ok(text) => match file::parse(&text) {
-                    Ok(f) => cfg.apply_file(&f, &mut errs, &mut pending),
-                    Err(e) => errs.push(&path.display().to_string(), None, e),
-                },
-                Err(e) => errs.push("--config", Some(&path.display().to_string()), e.to_string()),
+                Ok(text) => {
+                    let shown = path.display().to_string();
+                    cfg.apply_text(&text, &shown, &mut errs, &mut pending);
+                }
+                Err(e) => errs.push(given_as, Some(&path.display().to_string()), e.to_string()),
             }
             report.config_file = Some(path);
         }
@@ -407,10 +412,10 @@ impl Config {
         cfg.apply_overrides(overrides, &mut errs);
         cfg.finish(pending, &mut errs);
 
-        if errs.0.is_empty() {
+        if errs.list.is_empty() {
             Ok((cfg, report))
         } else {
-            Err(ConfigErrors(errs.0))
+            Err(ConfigErrors(errs.list))
         }
     }
 
@@ -420,15 +425,12 @@ impl Config {
         let mut cfg = Config::default();
         let mut errs = Errors::default();
         let mut pending = Pending::default();
-        match file::parse(text) {
-            Ok(f) => cfg.apply_file(&f, &mut errs, &mut pending),
-            Err(e) => errs.push("config", None, e),
-        }
+        cfg.apply_text(text, "config", &mut errs, &mut pending);
         cfg.finish(pending, &mut errs);
-        if errs.0.is_empty() {
+        if errs.list.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigErrors(errs.0))
+            Err(ConfigErrors(errs.list))
         }
     }
 
@@ -441,7 +443,27 @@ impl Config {
         self.routes.iter_mut().find(|r| r.name == name)
     }
 
-    fn apply_file(&mut self, f: &FileConfig, errs: &mut Errors, pending: &mut Pending) {
+    /// A TOML text's shape errors (under `name`, the file), then its values,
+    /// so that one run reports both kinds.
+    fn apply_text(&mut self, text: &str, name: &str, errs: &mut Errors, pending: &mut Pending) {
+        let parsed = file::parse(text);
+        for e in parsed.errors {
+            errs.push(name, None, e);
+        }
+        if let Some(f) = parsed.config {
+            self.apply_file(&f, &parsed.route_numbers, errs, pending);
+        }
+    }
+
+    /// `route_numbers`: the text's number of each route, when some routes
+    /// were left out for shape errors (else their position).
+    fn apply_file(
+        &mut self,
+        f: &FileConfig,
+        route_numbers: &[usize],
+        errs: &mut Errors,
+        pending: &mut Pending,
+    ) {
         errs.set(&mut self.listen, "listen", f.listen.as_deref(), parse_addr);
         errs.set(
             &mut self.upstream,
@@ -612,7 +634,8 @@ impl Config {
             set_plain(&mut self.metrics_enabled, m.enabled);
         }
         for (i, rf) in f.routes.iter().flatten().enumerate() {
-            self.apply_route(i, rf, errs, pending);
+            let n = route_numbers.get(i).copied().unwrap_or(i);
+            self.apply_route(n, rf, errs, pending);
         }
     }
 
@@ -1012,15 +1035,11 @@ impl Config {
         ];
         for (key, v) in positive {
             if v == 0 {
-                errs.push(key, Some("0"), "must be at least 1".into());
+                errs.push_checked(key, "0", "must be at least 1".into());
             }
         }
         if self.threads > 1024 {
-            errs.push(
-                "threads",
-                Some(&self.threads.to_string()),
-                "at most 1024".into(),
-            );
+            errs.push_checked("threads", &self.threads.to_string(), "at most 1024".into());
         }
         for (key, d) in [
             ("header_read_timeout", self.header_read_timeout),
@@ -1030,18 +1049,16 @@ impl Config {
             ("circuit_breaker.timeout", self.circuit_breaker.timeout),
         ] {
             if d.is_zero() {
-                errs.push(key, Some("0s"), "must be more than zero".into());
+                errs.push_checked(key, "0s", "must be more than zero".into());
             }
         }
         if self.retry.initial_wait > self.retry.max_wait {
-            errs.push(
-                "retry.max_wait",
-                Some(&fmt_duration(self.retry.max_wait)),
-                format!(
-                    "smaller than retry.initial_wait ({})",
-                    fmt_duration(self.retry.initial_wait)
-                ),
+            let initial = errs.name_of("retry.initial_wait");
+            let reason = format!(
+                "smaller than {initial} ({})",
+                fmt_duration(self.retry.initial_wait)
             );
+            errs.push_checked("retry.max_wait", &fmt_duration(self.retry.max_wait), reason);
         }
         if !(0.0..=100.0).contains(&self.retry.budget_percent) || self.retry.budget_percent.is_nan()
         {
@@ -1052,10 +1069,11 @@ impl Config {
             );
         }
         if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
-            errs.push(
+            let listen = errs.name_of("listen");
+            errs.push_checked(
                 "admin_listen",
-                Some(&self.listen.to_string()),
-                "must differ from listen".into(),
+                &self.listen.to_string(),
+                format!("must differ from {listen}"),
             );
         }
     }
@@ -1178,14 +1196,58 @@ struct Pending {
     cache_items: Vec<String>,
 }
 
+/// The file keys that an environment variable or a flag also sets, and
+/// that [`Config::finish`] checks on the effective value: its errors name
+/// the variable or flag when one of them gave the value.
+const ALIASES: &[(&str, &str)] = &[
+    ("NUM_THREADS", "threads"),
+    ("--threads", "threads"),
+    ("CACHE_MAX_MEMORY_ITEMS", "cache.max_memory_items"),
+    ("CACHE_DEFAULT_TTL", "cache.default_ttl"),
+    ("RETRY_INITIAL_WAIT", "retry.initial_wait"),
+    ("RETRY_MAX_WAIT", "retry.max_wait"),
+    ("CIRCUIT_BREAKER_THRESHOLD", "circuit_breaker.threshold"),
+    ("CIRCUIT_BREAKER_TIMEOUT", "circuit_breaker.timeout"),
+    ("LISTEN_ADDR", "listen"),
+    ("--listen", "listen"),
+    ("--admin-listen", "admin_listen"),
+];
+
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+struct Errors {
+    list: Vec<ConfigError>,
+    /// File key → the variable or flag that set its effective value, and
+    /// the value as given there.
+    given: HashMap<&'static str, (&'static str, String)>,
+}
 
 impl Errors {
+    /// Notes who set a key, for [`Self::push_checked`].
+    fn note(&mut self, key: &str, raw: &str) {
+        if let Some(&(by, file_key)) = ALIASES.iter().find(|(by, _)| *by == key) {
+            self.given.insert(file_key, (by, raw.trim().to_string()));
+        }
+    }
+
+    /// An error found on the effective value of file key `key`: named as
+    /// the variable or flag that gave it, with the value as given, if one did.
+    fn push_checked(&mut self, key: &'static str, value: &str, reason: String) {
+        let value = self
+            .given
+            .get(key)
+            .map_or_else(|| value.to_string(), |(_, raw)| raw.clone());
+        self.push(self.name_of(key), Some(&value), reason);
+    }
+
+    /// What set file key `key`'s effective value: a variable, a flag or the key.
+    fn name_of(&self, key: &'static str) -> &'static str {
+        self.given.get(key).map_or(key, |(by, _)| *by)
+    }
+
     fn push(&mut self, key: &str, value: Option<&str>, reason: String) {
         // A Redis URL may carry its password: never print it.
         let secret = matches!(key, "redis.url" | "REDIS_URL" | "REDIS_HOST");
-        self.0.push(ConfigError {
+        self.list.push(ConfigError {
             key: key.to_string(),
             value: value.map(|v| {
                 if secret {
@@ -1208,7 +1270,10 @@ impl Errors {
     ) {
         if let Some(raw) = raw {
             match parse(raw) {
-                Ok(v) => *slot = v,
+                Ok(v) => {
+                    *slot = v;
+                    self.note(key, raw);
+                }
                 Err(e) => self.push(key, Some(raw), e),
             }
         }
@@ -1222,7 +1287,10 @@ impl Errors {
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) {
         match parse(raw) {
-            Ok(v) => *slot = Some(v),
+            Ok(v) => {
+                *slot = Some(v);
+                self.note(key, raw);
+            }
             Err(e) => self.push(key, Some(raw), e),
         }
     }

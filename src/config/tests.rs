@@ -379,7 +379,8 @@ fn every_error_names_key_and_value() {
         ("REDIS_PORT", Some("70000"))
     );
     let e = one_error(d.load(&Overrides::default(), &[("NUM_THREADS", "0")]));
-    assert_eq!(e.key, "threads");
+    assert_eq!(e.key, "NUM_THREADS");
+    // The default max_wait is what is too small: named by its file key.
     let e = one_error(d.load(&Overrides::default(), &[("RETRY_INITIAL_WAIT", "20")]));
     assert_eq!(e.key, "retry.max_wait");
     let flag_cases = [
@@ -532,4 +533,98 @@ fn from_toml_round_trips_a_rendering_and_names_bad_keys() {
     assert_eq!(cfg.to_toml(), Config::default().to_toml());
     let err = Config::from_toml("[retry]\nmax_wait = \"soon\"\n").unwrap_err();
     assert!(err.to_string().contains("retry.max_wait"), "{err}");
+}
+
+/// `check-config` "prints every error with its key": shape errors (unknown
+/// keys, wrong types, a route without its name) no longer hide each other
+/// or the value errors elsewhere in the file, and route numbers stay the
+/// text's after a route is left out.
+#[test]
+fn a_file_with_many_errors_reports_each_with_its_key() {
+    let d = Dir::new();
+    let text = r#"
+listen = "0.0.0.0:70000"
+bogus_key = 1
+max_inflight = "many"
+[cache]
+default_ttl = "5 fortnights"
+foo = 2
+[rate_limit]
+default = "60 per fortnight"
+[[routes]]
+path = "/no-name"
+[[routes]]
+name = "search"
+timeout = 5
+[[routes]]
+name = "r3"
+path = "/r3"
+bogus = 1
+[[routes]]
+name = "r4"
+path = "nope"
+"#;
+    let o = Overrides {
+        config: Some(d.file(text)),
+        ..Overrides::default()
+    };
+    let all = ConfigErrors(errors_of(d.load(&o, &[]))).to_string();
+    for needle in [
+        "key `bogus_key`",
+        "key `max_inflight`",
+        "key `cache.foo`",
+        "key `routes[0]`: missing field `name`",
+        "key `routes[1].timeout`",
+        "key `routes[2].bogus`",
+        "listen = \"0.0.0.0:70000\"",
+        "cache.default_ttl = \"5 fortnights\"",
+        "rate_limit.default = \"60 per fortnight\"",
+        "routes[3].path = \"nope\"",
+    ] {
+        assert!(all.contains(needle), "{needle} missing from:\n{all}");
+    }
+    assert_eq!(all.lines().count(), 10, "{all}");
+    // The first shape error still gives its line.
+    assert!(all.lines().next().unwrap().contains("(line 3)"), "{all}");
+}
+
+/// A value checked on the whole configuration is named as it was given:
+/// by the variable or flag that set it, with the value as written there.
+#[test]
+fn whole_config_checks_name_the_variable_or_flag_that_gave_the_value() {
+    let d = Dir::new();
+    let e = one_error(d.load(&Overrides::default(), &[("NUM_THREADS", "0")]));
+    assert_eq!(
+        (e.key.as_str(), e.value.as_deref()),
+        ("NUM_THREADS", Some("0"))
+    );
+    let flag = Overrides {
+        threads: Some("0".into()),
+        ..Overrides::default()
+    };
+    assert_eq!(one_error(d.load(&flag, &[])).key, "--threads");
+    let e = one_error(d.load(&Overrides::default(), &[("CACHE_DEFAULT_TTL", "0")]));
+    assert_eq!(
+        (e.key.as_str(), e.value.as_deref()),
+        ("CACHE_DEFAULT_TTL", Some("0"))
+    );
+    let e = one_error(d.load(
+        &Overrides::default(),
+        &[("RETRY_INITIAL_WAIT", "5"), ("RETRY_MAX_WAIT", "2")],
+    ));
+    assert_eq!(e.key, "RETRY_MAX_WAIT");
+    assert!(e.reason.contains("RETRY_INITIAL_WAIT"), "{e}");
+    // Set in the file, the file's key is named.
+    let o = Overrides {
+        config: Some(d.file("threads = 0\n")),
+        ..Overrides::default()
+    };
+    assert_eq!(one_error(d.load(&o, &[])).key, "threads");
+    // A config path from RAG_SIDECAR_CONFIG is named as that variable.
+    let absent = d.0.path().join("absent.toml");
+    let e = one_error(d.load(
+        &Overrides::default(),
+        &[(ENV_CONFIG, absent.to_str().unwrap())],
+    ));
+    assert_eq!(e.key, ENV_CONFIG);
 }
