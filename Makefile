@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench fuzz chaos soak clean
+.PHONY: all build release run test lint unit bench profile fuzz chaos soak clean
 
 all: build
 
@@ -41,6 +41,12 @@ bench: release
 	bench/hit_scale.sh
 	bench/instructions.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
+
+## Where the sidecar's CPU time per request goes, by crate (perf samples
+## under the bench's load, proxied and cache hits; installs linux-perf).
+profile:
+	$(CARGO) build -j$(JOBS) --profile profiling --bins
+	bench/profile.sh
 
 ## The chaos run at full size (tests/chaos.rs with CHAOS=full: faults of
 ## 10 s under 32 clients; the table goes to target/chaos.md; `make test` runs
