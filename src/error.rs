@@ -31,6 +31,14 @@ pub struct UpstreamTimeout(pub Duration);
 #[error("request body not received within {}", crate::config::fmt_duration(*.0))]
 pub struct ClientTimeout(pub Duration);
 
+/// Reading the client's request body failed: the client hung up part way
+/// through an upload, or sent a malformed chunk. The client's doing, not
+/// the upstream's: it answers 400 and never counts against a circuit, the
+/// upstream's failure figures or the health score's error rate.
+#[derive(Debug, thiserror::Error)]
+#[error("request body broke off: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
 /// The request body is larger than allowed.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds {0} bytes")]
@@ -57,6 +65,7 @@ pub struct Rescued {
 pub enum ErrorKind {
     RateLimited,
     ClientTimeout,
+    ClientBody,
     BodyTooLarge,
     Overloaded,
     CircuitOpen,
@@ -70,6 +79,7 @@ impl ErrorKind {
         match self {
             Self::RateLimited => "rate_limited",
             Self::ClientTimeout => "client_timeout",
+            Self::ClientBody => "client_body",
             Self::BodyTooLarge => "body_too_large",
             Self::Overloaded => "overloaded",
             Self::CircuitOpen => "circuit_open",
@@ -83,6 +93,7 @@ impl ErrorKind {
         match self {
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -95,6 +106,7 @@ impl ErrorKind {
         match self {
             Self::RateLimited => "Rate limit exceeded",
             Self::ClientTimeout => "Request timeout",
+            Self::ClientBody => "Bad request",
             Self::BodyTooLarge => "Payload too large",
             Self::Overloaded | Self::CircuitOpen => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
@@ -129,6 +141,10 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()
     {
         ErrorKind::BodyTooLarge
+    } else if find_cause::<ClientBodyError>(err).is_some() {
+        // Before the upstream kinds: the hyper client error that reports a
+        // request body's failure wraps it.
+        ErrorKind::ClientBody
     } else if find_cause::<tower::load_shed::error::Overloaded>(err).is_some() {
         ErrorKind::Overloaded
     } else if find_cause::<CircuitOpen>(err).is_some() {

@@ -558,7 +558,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 // on a header the app will never see.
                 crate::proxy::strip_hop_by_hop(req.headers_mut());
                 req.extensions_mut().insert(ClientAddr(self.peer));
-                let req: Request<Body> = req.map(body::boxed);
+                // Errors reading the client's body are typed as the client's,
+                // so no layer mistakes them for the upstream's.
+                let req: Request<Body> = req.map(|b| {
+                    body::boxed(http_body_util::BodyExt::map_err(
+                        b,
+                        crate::error::ClientBodyError,
+                    ))
+                });
                 let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
                 // A combinator, not an async block: rustc cannot prove the
                 // boxed-error lifetimes of an async block over `Oneshot` general.

@@ -284,3 +284,47 @@ async fn an_h2_stream_reset_mid_upload_ends_the_upstream_request_and_nothing_els
     assert_eq!(resp.await.unwrap().status(), 200);
     still_serves(&sc).await;
 }
+
+/// A request body that breaks off is the client's doing, not the app's:
+/// a malformed chunk gets a 400 JSON answer, on a streamed route and on a
+/// cached one (whose key reads the body first), and uploads abandoned part
+/// way (the client stops writing) count as nothing for the shared circuit —
+/// before, six of them opened it for every route.
+#[tokio::test]
+async fn broken_request_bodies_are_the_clients_and_never_open_the_circuit() {
+    let mock = Mock::start();
+    let toml = "[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
+                [circuit_breaker]\nthreshold = 5\ntimeout = \"60s\"\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    for path in ["/api/upload", "/api/search"] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\nzz\r\n"
+        );
+        assert_eq!(raw(&sc, req.as_bytes()).await, Some(400), "{path}");
+    }
+    for i in 0..6 {
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(
+            b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly a few bytes",
+        )
+        .await
+        .unwrap();
+        // The client stops sending; the sidecar's answer (whatever it is)
+        // or its close ends the exchange.
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        let head = String::from_utf8_lossy(&answer);
+        assert!(
+            head.is_empty() || head.starts_with("HTTP/1.1 400"),
+            "abort {i}: {head}"
+        );
+    }
+    let c = sc.get_json("/api/circuit-breakers").await;
+    assert_eq!(c["upstream"]["state"], "closed", "{c}");
+    assert_eq!(c["upstream"]["failure_count"], 0, "{c}");
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["errors"]["connect_error"], 0, "{m}");
+    still_serves(&sc).await;
+}

@@ -72,8 +72,10 @@ impl Failure {
     pub fn of_error(err: &BoxError) -> Option<Self> {
         // A body error of the client's shows up inside a hyper client error
         // too: the typed causes are checked before the generic ones.
-        if crate::error::classify(err.as_ref()) == crate::error::ErrorKind::BodyTooLarge
-            || find_cause::<crate::error::ClientTimeout>(err.as_ref()).is_some()
+        if matches!(
+            crate::error::classify(err.as_ref()),
+            crate::error::ErrorKind::BodyTooLarge | crate::error::ErrorKind::ClientBody
+        ) || find_cause::<crate::error::ClientTimeout>(err.as_ref()).is_some()
         {
             None
         } else if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() {

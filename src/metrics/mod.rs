@@ -46,9 +46,10 @@ pub const METHODS: [&str; 8] = [
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The sidecar's own error answers counted by kind (the upstream's failures
 /// are counted by type in [`crate::layers::classify::FailureCounts`]).
-pub const OWN_ERRORS: [ErrorKind; 6] = [
+pub const OWN_ERRORS: [ErrorKind; 7] = [
     ErrorKind::RateLimited,
     ErrorKind::ClientTimeout,
+    ErrorKind::ClientBody,
     ErrorKind::BodyTooLarge,
     ErrorKind::Overloaded,
     ErrorKind::CircuitOpen,
@@ -80,7 +81,7 @@ pub struct Shard {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     cache_stale: AtomicU64,
-    own_errors: [AtomicU64; 6],
+    own_errors: [AtomicU64; OWN_ERRORS.len()],
     active: AtomicI64,
     request_duration: Window,
     /// Per route.

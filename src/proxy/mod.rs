@@ -29,7 +29,7 @@ pub use self::headers::{
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
-use crate::error::{UpstreamUnavailable, find_cause};
+use crate::error::{ClientBodyError, UpstreamUnavailable, find_cause};
 use crate::server::ClientAddr;
 
 /// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
@@ -79,10 +79,13 @@ impl UpstreamClient {
     }
 }
 
-/// Keeps a body-limit error visible to the rescue; everything else from the
-/// client means the upstream could not be used.
+/// Keeps an error of the request body (over the limit, or broken off by the
+/// client) visible as what it is; everything else from the client means the
+/// upstream could not be used.
 fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
-    if find_cause::<http_body_util::LengthLimitError>(&e).is_some() {
+    if find_cause::<http_body_util::LengthLimitError>(&e).is_some()
+        || find_cause::<ClientBodyError>(&e).is_some()
+    {
         Box::new(e)
     } else {
         Box::new(UpstreamUnavailable(Box::new(e)))
