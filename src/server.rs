@@ -508,7 +508,17 @@ struct ConnService {
 /// (Smuggling by `Content-Length` + `Transfer-Encoding` is hyper's to
 /// refuse: it frames by the latter, drops the former and closes the
 /// connection after the answer.)
+///
+/// And, as RFC 9112 §3.2 requires, an HTTP/1.1 request without a `Host`
+/// field or with more than one: which host is meant would be the proxy's
+/// guess, and the app's and the cache's could differ.
 fn refused<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.version() == http::Version::HTTP_11 {
+        let mut hosts = req.headers().get_all(http::header::HOST).iter();
+        if hosts.next().is_none() || hosts.next().is_some() {
+            return Some("an HTTP/1.1 request needs exactly one Host header");
+        }
+    }
     let path = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
     path.split('/')
         .any(|s| s == "." || s == "..")

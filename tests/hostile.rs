@@ -100,6 +100,26 @@ async fn request_smuggling_attempts_are_refused() {
         stats["by_path"]["/api/search"].as_u64() <= Some(1),
         "{stats}"
     );
+    // RFC 9112 §3.2: no Host, or two, is a 400 from the sidecar itself
+    // (the app would otherwise see whichever the proxy picked); HTTP/1.0
+    // may go without.
+    let before = mock.stats().await["requests"].as_u64();
+    for req in [
+        "GET /api/stats HTTP/1.1\r\n\r\n",
+        "GET /api/stats HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "GET /api/cache/stats HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        assert_eq!(raw(&sc, req.as_bytes()).await, Some(400), "{req:?}");
+    }
+    assert_eq!(mock.stats().await["requests"].as_u64(), before);
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    s.write_all(b"GET /api/stats HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
 }
 
 #[tokio::test]
