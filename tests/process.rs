@@ -267,3 +267,40 @@ async fn each_retry_is_logged_at_warning_with_its_type_and_request_id() {
         assert!(line.contains(&what), "{line}");
     }
 }
+
+/// A Redis outage is logged as the legacy app did ("Redis connection
+/// failed, falling back to in-memory cache"), once, not at every reconnect
+/// attempt, and its end is logged too.
+#[tokio::test]
+async fn a_redis_outage_is_logged_once_and_so_is_its_end() {
+    let (mock, mut redis) = (Mock::start(), common::Redis::start());
+    let listen = free_addr();
+    let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", mock.url());
+    let p = SidecarProcess::start(
+        &toml,
+        &[
+            ("REDIS_URL", &redis.url()),
+            ("LOG_FILE", "logs/sidecar.log"),
+            ("LOG_LEVEL", "INFO"),
+        ],
+        listen,
+    );
+    let log = p.dir.path().join("logs/sidecar.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let failed = "Redis connection failed, falling back to in-memory cache";
+    common::eventually("connected", async || read().contains("Redis connected")).await;
+    redis.stop();
+    common::eventually("the outage logged", async || read().contains(failed)).await;
+    redis.restart();
+    common::eventually("the end logged", async || {
+        read().contains("Redis connected again")
+    })
+    .await;
+    let text = read();
+    assert_eq!(text.matches(failed).count(), 1, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(failed) && l.contains("WARN")),
+        "{text}"
+    );
+}

@@ -26,6 +26,8 @@ pub enum RedisError {
     Command(#[from] fred::error::Error),
     #[error("redis: no answer within {0:?}")]
     Timeout(Duration),
+    #[error("redis: not connected (reconnecting in the background)")]
+    Disconnected,
 }
 
 /// GCRA on the Redis server, atomically (one script run per check), with the
@@ -83,6 +85,34 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Logs the connection's changes, not every failed attempt (fred retries
+/// every 500 ms while Redis is down): a warning with the legacy app's words
+/// when it is lost or cannot be made, and a line when it is back.
+fn log_connection_changes(client: &Client) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Up until told otherwise, so that a first failure is reported.
+    let up = Arc::new(AtomicBool::new(true));
+    let on_error = Arc::clone(&up);
+    drop(client.on_error(move |(e, server)| {
+        if on_error.swap(false, Ordering::Relaxed) {
+            let server = server.map(|s| s.to_string()).unwrap_or_default();
+            tracing::warn!(%server, "Redis connection failed, falling back to in-memory cache: {e}");
+        } else {
+            tracing::debug!("redis: still unreachable: {e}");
+        }
+        std::future::ready(Ok(()))
+    }));
+    drop(client.on_reconnect(move |server| {
+        if !up.swap(true, Ordering::Relaxed) {
+            tracing::info!(%server, "Redis connected again: the cache is shared again");
+        } else {
+            tracing::info!(%server, "Redis connected");
+        }
+        std::future::ready(Ok(()))
+    }));
+}
+
 impl RedisStore {
     /// Builds the clients and starts connecting in the background; never
     /// waits for Redis, so a sidecar starts (memory-only) while it is down.
@@ -105,6 +135,7 @@ impl RedisStore {
         let subscriber = builder.build_subscriber_client()?;
         // The connection tasks run detached: dropping a JoinHandle does not
         // stop its task.
+        log_connection_changes(&client);
         drop(client.connect());
         drop(subscriber.connect());
         drop(subscriber.manage_subscriptions());
@@ -156,7 +187,7 @@ impl RedisStore {
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RedisError> {
         if !self.is_connected() {
-            return Err(RedisError::Timeout(Duration::ZERO));
+            return Err(RedisError::Disconnected);
         }
         let c = self.client.with_options(&self.opts());
         self.bounded(c.get::<Option<Vec<u8>>, _>(self.full_key(key)))
@@ -166,7 +197,7 @@ impl RedisStore {
     /// `SET key value PX ttl`.
     pub async fn set(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), RedisError> {
         if !self.is_connected() {
-            return Err(RedisError::Timeout(Duration::ZERO));
+            return Err(RedisError::Disconnected);
         }
         let px = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let c = self.client.with_options(&self.opts());
@@ -184,7 +215,7 @@ impl RedisStore {
     /// UNLINK in pages of 100, never KEYS. Returns how many were removed.
     pub async fn clear(&self, pattern: &str) -> Result<usize, RedisError> {
         if !self.is_connected() {
-            return Err(RedisError::Timeout(Duration::ZERO));
+            return Err(RedisError::Disconnected);
         }
         let full = self.full_key(pattern);
         let mut removed = 0usize;
@@ -225,7 +256,7 @@ impl RedisStore {
         burst: u64,
     ) -> Result<GcraOutcome, RedisError> {
         if !self.is_connected() {
-            return Err(RedisError::Timeout(Duration::ZERO));
+            return Err(RedisError::Disconnected);
         }
         let interval_ms = u64::try_from(interval.as_millis())
             .unwrap_or(u64::MAX)
