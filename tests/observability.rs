@@ -68,6 +68,16 @@ async fn the_legacy_metrics_count_time_and_reset() {
     assert!(recent[0]["timestamp"].as_f64().unwrap() > 1.7e9);
     assert!(m["uptime_seconds"].is_u64());
 
+    let error_rate_issue = async || {
+        let h = sc.get_json("/api/health/detailed").await;
+        h["issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.as_str().unwrap().starts_with("High error rate"))
+    };
+    assert!(error_rate_issue().await, "one 5xx in four requests");
+
     let before = sc_text(&sc, "/metrics").await;
     let r = sc.post("/api/metrics/reset", "").await;
     assert_eq!(r.status(), 200);
@@ -81,6 +91,8 @@ async fn the_legacy_metrics_count_time_and_reset() {
     assert_eq!(m["errors"]["upstream_5xx"], 0);
     assert_eq!(m["timers"], json!({}));
     assert_eq!(m["recent_errors"], json!([]));
+    // The health score's error rate starts over with the counters.
+    assert!(!error_rate_issue().await);
     // Prometheus counters never go back.
     let after = sc_text(&sc, "/metrics").await;
     let total = |text: &str| series_sum(text, "rag_sidecar_requests_total{");

@@ -705,6 +705,7 @@ impl Metrics {
         drop(base);
         for s in &self.shards {
             s.request_duration.reset();
+            s.error_rate.reset();
             for w in s.upstream.iter() {
                 w.reset();
             }

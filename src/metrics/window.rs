@@ -156,6 +156,16 @@ impl ErrorRate {
         }
     }
 
+    /// Forgets every answer (the metrics reset: the health score's error
+    /// rate starts over with the counters).
+    pub fn reset(&self) {
+        for b in self.buckets.iter() {
+            b.epoch.store(u64::MAX, Ordering::Release);
+            b.total.store(0, Ordering::Relaxed);
+            b.errors.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// (requests, errors) of the buckets still inside the window.
     pub fn totals(&self, now_secs: u64) -> (u64, u64) {
         let epoch = now_secs / BUCKET_SECS;
