@@ -14,6 +14,8 @@
 //! Prometheus registry is brought up to date from all sources at each scrape.
 
 pub mod layer;
+#[cfg(target_os = "linux")]
+mod process;
 pub mod window;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -517,7 +519,7 @@ impl Prom {
         }
         #[cfg(target_os = "linux")]
         {
-            let pc = prometheus::process_collector::ProcessCollector::new(
+            let pc = process::ProcessMetrics::new(
                 i32::try_from(std::process::id()).unwrap_or(0),
                 "rag_sidecar",
             );
