@@ -179,11 +179,13 @@ pub fn build_stack(
         // Rate limiting, before the cache: rejected requests reach neither
         // the cache nor the upstream (nor, later, the retry layer).
         .layer(shared.rate_limit.clone())
+        // Refuse oversized bodies (413): a declared length at once, a
+        // chunked body as it is counted. Above the cache, whose key reads
+        // the body first: a declared 60 MB must not wait for the first MiB.
+        .layer(BodyLimitLayer::new(cfg.max_request_body))
         // The cache: hits (and coalesced waiters) skip everything below;
         // upstream failures below come back here to be answered stale.
         .layer(shared.cache.clone())
-        // Refuse oversized bodies before they are forwarded (413).
-        .layer(BodyLimitLayer::new(cfg.max_request_body))
         // The route's overall deadline; retries run inside it.
         .layer(RouteTimeoutLayer::new(fallback_timeout).counting(Arc::clone(&resilience.failures)))
         // Retries with backoff and budget, above the breaker so that each
