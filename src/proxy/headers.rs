@@ -59,11 +59,20 @@ pub fn set_forwarded(
     host: Option<HeaderValue>,
     trusted: &[IpNet],
 ) {
-    let peer_str = peer.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_str}"),
-        _ => peer_str,
-    };
+    // Every line the request carried, in order (HAProxy, for one, adds a
+    // line of its own), then the peer.
+    let mut xff = String::new();
+    for prev in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+    {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    xff.push_str(&peer.to_string());
     if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
@@ -123,5 +132,18 @@ mod tests {
             "an untrusted peer cannot claim https"
         );
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_in_order() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), None, &[]);
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 203.0.113.7, 127.0.0.1");
+        let mut none = HeaderMap::new();
+        set_forwarded(&mut none, "127.0.0.1".parse().unwrap(), None, &[]);
+        assert_eq!(none[&X_FORWARDED_FOR], "127.0.0.1");
     }
 }

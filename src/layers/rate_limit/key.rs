@@ -39,25 +39,44 @@ pub fn client_key(
 }
 
 /// The peer, or the right-most untrusted `X-Forwarded-For` entry when the
-/// peer is a trusted proxy.
+/// peer is a trusted proxy (every line of the header, in order). Walking
+/// from the right, an entry that is not an address (`unknown`, garbage)
+/// ends the walk: what lies to its left was written by someone no trusted
+/// proxy vouches for, so the request counts against the nearest trusted hop
+/// instead (as nginx's realip stops there). `IP:port` entries, which some
+/// load balancers append, are read as their address.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = headers
+    let entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    hops.iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .or(hops.first())
-        .copied()
-        .unwrap_or(peer)
+    let mut nearest = peer;
+    for entry in entries.iter().rev() {
+        let Some(ip) = hop_address(entry) else {
+            return nearest;
+        };
+        if !is_trusted(&ip) {
+            return ip;
+        }
+        nearest = ip;
+    }
+    // Every hop trusted: the left-most.
+    nearest
+}
+
+/// `203.0.113.7`, `203.0.113.7:4711`, `2001:db8::1` or `[2001:db8::1]:4711`.
+fn hop_address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 #[cfg(test)]
@@ -102,6 +121,28 @@ mod tests {
         assert_eq!(
             client_ip(ip("10.0.0.2"), &xff("not-an-ip"), &trusted),
             ip("10.0.0.2")
+        );
+        // An entry that is not an address ends the walk at the trusted hop
+        // to its right: nothing the client wrote left of it is believed.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff("9.9.9.9, 203.0.113.50:4711"), &trusted),
+            ip("203.0.113.50"),
+            "IP:port is read as its address"
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff("9.9.9.9, unknown"), &trusted),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &xff("9.9.9.9, bogus, 10.0.0.9"), &trusted),
+            ip("10.0.0.9")
+        );
+        // Several header lines are one list, in order.
+        let mut two = xff("6.6.6.6");
+        two.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &two, &trusted),
+            ip("198.51.100.7")
         );
         // No trusted proxies configured: always the peer.
         assert_eq!(
