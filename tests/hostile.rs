@@ -348,3 +348,48 @@ async fn broken_request_bodies_are_the_clients_and_never_open_the_circuit() {
     assert_eq!(m["errors"]["connect_error"], 0, "{m}");
     still_serves(&sc).await;
 }
+
+/// An upload that stalls (the client stops sending but keeps the
+/// connection) until the route's deadline is the client's timeout: 408,
+/// not a 504 counted against the upstream. Three of them leave a
+/// two-failure circuit closed.
+#[tokio::test]
+async fn a_stalled_upload_is_a_client_timeout_not_an_upstream_one() {
+    let mock = Mock::start();
+    let toml = "[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
+                [circuit_breaker]\nthreshold = 2\ntimeout = \"60s\"\n\
+                [[routes]]\nname = \"upload\"\ntimeout = \"300ms\"\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    for i in 0..3 {
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(
+            b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes",
+        )
+        .await
+        .unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("answered at the route's deadline")
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 408", "stall {i}");
+    }
+    let c = sc.get_json("/api/circuit-breakers").await;
+    assert_eq!(c["upstream"]["state"], "closed", "{c}");
+    assert_eq!(c["upstream"]["failure_count"], 0, "{c}");
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["errors"]["timeout"], 0, "{m}");
+    assert_eq!(m["errors"]["client_timeout"], 3, "{m}");
+    // A slow app with the whole body in hand is still the app's timeout:
+    // 504, counted.
+    let r = client()
+        .post(sc.url("/api/upload"))
+        .header("X-Mock-Delay-Ms", "2000")
+        .body("whole")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["errors"]["timeout"], 1, "{m}");
+}

@@ -7,6 +7,12 @@
 //! The deadline travels with the request as a [`Deadline`] extension: the
 //! retry layer never waits past it, and each upstream attempt
 //! ([`super::classify`]) is bounded by it from inside the circuit breaker.
+//!
+//! A deadline that passes while the client is still sending its body is the
+//! client's doing, not the upstream's: a stalled upload must not count as an
+//! upstream timeout (five would open the shared circuit). The body is
+//! watched ([`BodySent`], also read by the breaker's permit), and such a
+//! timeout answers 408 as a [`ClientTimeout`], counted as nothing upstream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,12 +20,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
 use http::Request;
 
 use super::WorkerHandle;
 use super::classify::{Failure, FailureCounts};
 use crate::BoxError;
-use crate::error::UpstreamTimeout;
+use crate::body::Body;
+use crate::error::{ClientTimeout, UpstreamTimeout};
 use crate::route::MatchedRoute;
 
 /// When the route's overall time is up, as a request extension.
@@ -72,7 +82,76 @@ pub struct RouteTimeout<S> {
     counts: Option<WorkerHandle<FailureCounts>>,
 }
 
-impl<S, B> tower::Service<Request<B>> for RouteTimeout<S>
+/// Whether the request's body has been delivered whole (to the upstream
+/// client, or to the retry layer's buffer), as a request extension. Absent
+/// when the request had no body to send.
+#[derive(Debug, Clone)]
+pub struct BodySent(Arc<AtomicBool>);
+
+impl BodySent {
+    pub fn is_sent(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A request body whose complete delivery can be watched.
+pub trait Watch: Sized {
+    fn watched(self) -> (Self, Option<BodySent>);
+}
+
+impl Watch for Body {
+    fn watched(self) -> (Self, Option<BodySent>) {
+        if http_body::Body::is_end_stream(&self) {
+            return (self, None);
+        }
+        let sent = BodySent(Arc::new(AtomicBool::new(false)));
+        let body = crate::body::boxed(Tracked {
+            inner: self,
+            sent: sent.clone(),
+        });
+        (body, Some(sent))
+    }
+}
+
+impl Watch for () {
+    fn watched(self) -> (Self, Option<BodySent>) {
+        (self, None)
+    }
+}
+
+/// Sets [`BodySent`] once the body has yielded its end.
+struct Tracked {
+    inner: Body,
+    sent: BodySent,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once `is_end_stream` says so, without asking
+        // for the final `None`.
+        if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.sent.0.store(true, Ordering::Release);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, B: Watch> tower::Service<Request<B>> for RouteTimeout<S>
 where
     S: tower::Service<Request<B>, Error = BoxError>,
 {
@@ -84,7 +163,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let (body, sent) = body.watched();
+        let mut req = Request::from_parts(parts, body);
+        if let Some(s) = &sent {
+            req.extensions_mut().insert(s.clone());
+        }
         let after = req
             .extensions()
             .get::<MatchedRoute>()
@@ -98,6 +183,7 @@ where
             inner: tokio::time::timeout_at(at, self.inner.call(req)),
             after,
             counts: self.counts.clone(),
+            sent,
         }
     }
 }
@@ -109,6 +195,7 @@ pin_project_lite::pin_project! {
         inner: tokio::time::Timeout<F>,
         after: Duration,
         counts: Option<WorkerHandle<FailureCounts>>,
+        sent: Option<BodySent>,
     }
 }
 
@@ -123,6 +210,9 @@ where
         match std::task::ready!(this.inner.poll(cx)) {
             Ok(out) => Poll::Ready(out),
             Err(_elapsed) => {
+                if this.sent.as_ref().is_some_and(|s| !s.is_sent()) {
+                    return Poll::Ready(Err(Box::new(ClientTimeout(*this.after))));
+                }
                 if let Some(c) = this.counts {
                     c.record(Failure::Timeout);
                 }

@@ -163,6 +163,7 @@ impl Breaker {
             probe,
             done: false,
             deadline: None,
+            body: None,
         }
     }
 }
@@ -287,9 +288,18 @@ pub struct Permit {
     probe: bool,
     done: bool,
     deadline: Option<Instant>,
+    /// The request's body delivery: a deadline that passes before the
+    /// client sent it all is the client's, not a failure.
+    body: Option<crate::layers::timeout::BodySent>,
 }
 
 impl Permit {
+    /// Watches the request body's delivery (see `body`).
+    pub fn watching(mut self, body: Option<crate::layers::timeout::BodySent>) -> Self {
+        self.body = body;
+        self
+    }
+
     /// A drop at or after `deadline` is a timeout: a failure.
     pub fn expires_at(mut self, deadline: Instant) -> Self {
         self.deadline = Some(deadline);
@@ -318,7 +328,8 @@ impl Drop for Permit {
         if self.done {
             return;
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        let body_pending = self.body.as_ref().is_some_and(|b| !b.is_sent());
+        if self.deadline.is_some_and(|d| Instant::now() >= d) && !body_pending {
             self.breaker.on_failure(self.probe);
         } else {
             self.breaker.on_cancel(self.probe);

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use self::breaker::{Admission, Breaker, Permit};
 use super::classify::UpstreamFailure;
-use super::timeout::Deadline;
+use super::timeout::{BodySent, Deadline};
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
@@ -167,10 +167,13 @@ where
             };
         };
         let permit = match b.admit() {
-            Admission::Permitted(p) => match req.extensions().get::<Deadline>() {
-                Some(d) => p.expires_at(d.at),
-                None => p,
-            },
+            Admission::Permitted(p) => {
+                let p = p.watching(req.extensions().get::<BodySent>().cloned());
+                match req.extensions().get::<Deadline>() {
+                    Some(d) => p.expires_at(d.at),
+                    None => p,
+                }
+            }
             Admission::Rejected { retry_after } => {
                 let err = CircuitOpen {
                     circuit: Arc::clone(b.name()),
