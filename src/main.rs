@@ -130,8 +130,21 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT, which starts the drain. A second signal
+/// during the drain ends the process at once (exit 1), as an operator who
+/// presses Ctrl-C twice expects.
 async fn shutdown_signal() {
+    let first = signal().await;
+    tracing::info!("{first} received: draining (a second signal exits at once)");
+    tokio::spawn(async {
+        let second = signal().await;
+        tracing::warn!("{second} received again: exiting without waiting for in-flight requests");
+        std::process::exit(1);
+    });
+}
+
+/// The next SIGINT or SIGTERM, by name.
+async fn signal() -> &'static str {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -149,7 +162,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        () = ctrl_c => "SIGINT",
+        () = term => "SIGTERM",
     }
 }

@@ -304,3 +304,35 @@ async fn a_redis_outage_is_logged_once_and_so_is_its_end() {
         "{text}"
     );
 }
+
+/// A second SIGTERM (or Ctrl-C) during the drain ends the process at once,
+/// with a failure status, instead of waiting out `shutdown_grace`.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let mock = Mock::start();
+    let listen = free_addr();
+    let toml = format!(
+        "listen = \"{listen}\"\nupstream = \"{}\"\nshutdown_grace = \"20s\"\n",
+        mock.url()
+    );
+    let mut p = SidecarProcess::start(&toml, &[], listen);
+    let _stuck = tokio::spawn(
+        client()
+            .get(format!("http://{listen}/api/stats"))
+            .header("X-Mock-Delay-Ms", "15000")
+            .send(),
+    );
+    mock.wait_stats("the slow request upstream", |s| s["in_flight"] == 1)
+        .await;
+    sigterm(p.pid());
+    // The first signal has been handled once the port stops accepting.
+    common::eventually("the drain started", async || {
+        tokio::net::TcpStream::connect(listen).await.is_err()
+    })
+    .await;
+    let t = Instant::now();
+    sigterm(p.pid());
+    let status = wait_exit(&mut p, Duration::from_secs(5));
+    assert!(!status.success(), "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
