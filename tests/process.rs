@@ -85,23 +85,35 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert!(wait_exit(&mut p, Duration::from_secs(10)).success());
 }
 
-#[tokio::test]
-async fn shutdown_grace_bounds_the_drain() {
+type Pending = tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>;
+
+/// The binary with this `shutdown_grace`, and one request in flight at the
+/// app for `delay_ms`.
+async fn with_a_stuck_request(
+    grace: &str,
+    delay_ms: u64,
+) -> (SidecarProcess, Mock, std::net::SocketAddr, Pending) {
     let mock = Mock::start();
     let listen = free_addr();
     let toml = format!(
-        "listen = \"{listen}\"\nupstream = \"{}\"\nshutdown_grace = \"300ms\"\n",
+        "listen = \"{listen}\"\nupstream = \"{}\"\nshutdown_grace = \"{grace}\"\n",
         mock.url()
     );
-    let mut p = SidecarProcess::start(&toml, &[], listen);
+    let p = SidecarProcess::start(&toml, &[], listen);
     let stuck = tokio::spawn(
         client()
             .get(format!("http://{listen}/api/stats"))
-            .header("X-Mock-Delay-Ms", "8000")
+            .header("X-Mock-Delay-Ms", delay_ms.to_string())
             .send(),
     );
     mock.wait_stats("the stuck request upstream", |s| s["in_flight"] == 1)
         .await;
+    (p, mock, listen, stuck)
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let (mut p, _mock, _listen, stuck) = with_a_stuck_request("300ms", 8000).await;
     let t = Instant::now();
     sigterm(p.pid());
     assert!(wait_exit(&mut p, Duration::from_secs(5)).success());
@@ -309,21 +321,7 @@ async fn a_redis_outage_is_logged_once_and_so_is_its_end() {
 /// with a failure status, instead of waiting out `shutdown_grace`.
 #[tokio::test]
 async fn a_second_signal_during_the_drain_exits_at_once() {
-    let mock = Mock::start();
-    let listen = free_addr();
-    let toml = format!(
-        "listen = \"{listen}\"\nupstream = \"{}\"\nshutdown_grace = \"20s\"\n",
-        mock.url()
-    );
-    let mut p = SidecarProcess::start(&toml, &[], listen);
-    let _stuck = tokio::spawn(
-        client()
-            .get(format!("http://{listen}/api/stats"))
-            .header("X-Mock-Delay-Ms", "15000")
-            .send(),
-    );
-    mock.wait_stats("the slow request upstream", |s| s["in_flight"] == 1)
-        .await;
+    let (mut p, _mock, listen, _stuck) = with_a_stuck_request("20s", 15000).await;
     sigterm(p.pid());
     // The first signal has been handled once the port stops accepting.
     common::eventually("the drain started", async || {
