@@ -567,6 +567,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 // before any layer reads the request: the cache must not key
                 // on a header the app will never see.
                 crate::proxy::strip_hop_by_hop(req.headers_mut());
+                crate::proxy::drop_unfit_request_id(req.headers_mut());
                 req.extensions_mut().insert(ClientAddr(self.peer));
                 // Errors reading the client's body are typed as the client's,
                 // so no layer mistakes them for the upstream's.

@@ -132,6 +132,23 @@ async fn request_id_is_kept_or_generated_and_sent_both_ways() {
         id.as_str()
     );
 
+    // An id that is too long (it would be forwarded, echoed and logged in
+    // full) or not plain visible ASCII is replaced by a fresh one.
+    for unfit in ["x".repeat(20_000), "two words".to_string()] {
+        let resp = client()
+            .get(sc.url("/__mock/echo"))
+            .header("X-Request-Id", unfit.as_str())
+            .send()
+            .await
+            .unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(id.len(), 36, "a UUID instead of {:.20}: {id}", unfit);
+        assert_eq!(
+            json_of(resp).await["headers"]["x-request-id"][0],
+            id.as_str()
+        );
+    }
+
     // The sidecar's own error answers carry it too.
     let dead = closed_port();
     // (Retries off: connection errors would otherwise be retried first.)

@@ -22,6 +22,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers and those the `Connection` header names.
 /// `Transfer-Encoding` goes too: hyper frames each side itself.
@@ -53,6 +54,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`. The
 /// incoming `-Proto`/`-Host` are kept only from a trusted proxy.
+/// The longest client `X-Request-Id` kept (a UUID is 36; W3C trace ids 55).
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Drops a client's `X-Request-Id` that is too long or not plain visible
+/// ASCII, so a fresh one is minted: the id is forwarded, returned and
+/// written to every log line of the request.
+pub fn drop_unfit_request_id(headers: &mut HeaderMap) {
+    let unfit = headers.get(X_REQUEST_ID).is_some_and(|v| {
+        v.len() > MAX_REQUEST_ID || !v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    });
+    if unfit {
+        headers.remove(X_REQUEST_ID);
+    }
+}
+
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,

@@ -24,7 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
 pub use self::headers::{
-    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, set_forwarded, strip_hop_by_hop,
+    X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, drop_unfit_request_id,
+    set_forwarded, strip_hop_by_hop,
 };
 use crate::BoxError;
 use crate::body::{self, Body};

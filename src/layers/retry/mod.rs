@@ -48,7 +48,7 @@ use crate::layers::cache::StaleAtHand;
 use crate::route::MatchedRoute;
 use crate::server::ClientAddr;
 
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+use crate::proxy::X_REQUEST_ID;
 
 /// Answers worth another try (besides connection errors and timeouts).
 const RETRY_STATUSES: [StatusCode; 5] = [
