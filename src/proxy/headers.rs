@@ -2,6 +2,7 @@
 //! headers, including every name listed in `Connection`, never cross; the
 //! `X-Forwarded-*` family tells the app who the client was.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -88,7 +89,8 @@ pub fn set_forwarded(
         xff.push_str(prev);
         xff.push_str(", ");
     }
-    xff.push_str(&peer.to_string());
+    // Written in place: no second string for the address.
+    let _ = write!(xff, "{peer}");
     if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
