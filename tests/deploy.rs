@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Mock, Sidecar, client};
+use common::{Mock, Sidecar};
 use serde_json::{Value, json};
 
 fn deploy() -> PathBuf {
@@ -282,14 +282,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_exists() {
     let mock = Mock::start_with(&["--search-latency-ms", "0"]);
     let sc = Sidecar::start(&mock.url(), "").await;
     sc.post_json("/api/search", &json!({"query": "q"})).await;
-    let text = client()
-        .get(sc.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sc.get_text("/metrics").await;
     let exported = metric_names(&text);
     for (what, source) in [("alerts.yml", &rules), ("the dashboard", &dashboard)] {
         let used = metric_names(source);

@@ -78,7 +78,7 @@ async fn the_legacy_metrics_count_time_and_reset() {
     };
     assert!(error_rate_issue().await, "one 5xx in four requests");
 
-    let before = sc_text(&sc, "/metrics").await;
+    let before = sc.get_text("/metrics").await;
     let r = sc.post("/api/metrics/reset", "").await;
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -94,18 +94,12 @@ async fn the_legacy_metrics_count_time_and_reset() {
     // The health score's error rate starts over with the counters.
     assert!(!error_rate_issue().await);
     // Prometheus counters never go back.
-    let after = sc_text(&sc, "/metrics").await;
+    let after = sc.get_text("/metrics").await;
     let total = |text: &str| series_sum(text, "rag_sidecar_requests_total{");
     assert_eq!(total(&before), 4.0);
     assert_eq!(total(&after), 4.0);
     sc.post_json("/api/search", &json!({"query": "c"})).await;
     assert_eq!(sc.get_json("/api/metrics").await["counters"]["requests"], 1);
-}
-
-async fn sc_text(sc: &Sidecar, path: &str) -> String {
-    let r = client().get(sc.url(path)).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.text().await.unwrap()
 }
 
 /// The sum of the samples whose line starts with `prefix`.

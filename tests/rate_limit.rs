@@ -64,14 +64,7 @@ async fn thirty_pass_and_the_thirty_first_gets_the_legacy_429() {
     // A repeated (cacheable) question is limited too: the limit sits before the cache.
     assert_eq!(search(&sc, 0, &[]).await.status(), 429);
     // Both rejections are counted for the route, on /metrics.
-    let metrics = client()
-        .get(sc.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sc.get_text("/metrics").await;
     assert!(
         metrics.contains("rag_sidecar_ratelimit_rejected_total{route=\"search\"} 2"),
         "{metrics}"

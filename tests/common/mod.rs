@@ -204,6 +204,13 @@ impl Sidecar {
             .unwrap()
     }
 
+    /// GET a sidecar path that must answer 200, and its text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = client().get(self.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        r.text().await.unwrap()
+    }
+
     /// POST a body to a sidecar path.
     pub async fn post(&self, path: &str, body: &'static str) -> reqwest::Response {
         client()
