@@ -53,10 +53,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`. The
-/// incoming `-Proto`/`-Host` are kept only from a trusted proxy.
 /// The longest client `X-Request-Id` kept (a UUID is 36; W3C trace ids 55).
-pub const MAX_REQUEST_ID: usize = 128;
+const MAX_REQUEST_ID: usize = 128;
 
 /// Drops a client's `X-Request-Id` that is too long or not plain visible
 /// ASCII, so a fresh one is minted: the id is forwarded, returned and
@@ -70,6 +68,8 @@ pub fn drop_unfit_request_id(headers: &mut HeaderMap) {
     }
 }
 
+/// Sets `X-Forwarded-For` (appending the peer), `-Proto` and `-Host`. The
+/// incoming `-Proto`/`-Host` are kept only from a trusted proxy.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
