@@ -158,6 +158,12 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     }
 }
 
+/// The answer a layer's result stands for: the response, or the error's
+/// rescue. For layers that must decorate the sidecar's own answers too.
+pub fn rescued(result: Result<Response<Body>, BoxError>) -> Response<Body> {
+    result.unwrap_or_else(|e| rescue(&e))
+}
+
 /// Turns an error from the stack into its JSON response, marked with a
 /// [`Rescued`] extension.
 pub fn rescue(err: &BoxError) -> Response<Body> {

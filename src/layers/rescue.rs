@@ -89,9 +89,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Inner { fut } => Poll::Ready(Ok(
-                std::task::ready!(fut.poll(cx)).unwrap_or_else(|e| crate::error::rescue(&e))
-            )),
+            Proj::Inner { fut } => {
+                Poll::Ready(Ok(crate::error::rescued(std::task::ready!(fut.poll(cx)))))
+            }
             Proj::Failed { resp } => Poll::Ready(Ok(resp.take().unwrap_or_else(|| {
                 crate::body::json(
                     http::StatusCode::INTERNAL_SERVER_ERROR,

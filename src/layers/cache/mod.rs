@@ -43,7 +43,7 @@ use self::store::{CacheStore, Counters, Namespace};
 use super::call_boxed;
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
-use crate::error::{ClientTimeout, UpstreamTimeout, UpstreamUnavailable};
+use crate::error::{ClientTimeout, UpstreamTimeout, UpstreamUnavailable, rescued};
 use crate::route::MatchedRoute;
 
 pub use self::store::Clock;
@@ -170,7 +170,7 @@ where
     let mode = policy::request_mode(req.headers());
     if mode == RequestMode::Bypass {
         count(counters, |c| &c.bypass);
-        let mut resp = answered(call_boxed(&mut inner, req).await);
+        let mut resp = rescued(call_boxed(&mut inner, req).await);
         mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
         return Ok(resp);
     }
@@ -183,7 +183,7 @@ where
         Buffered::Whole(b) => b,
         Buffered::Partial(rest) => {
             count(counters, |c| &c.bypass);
-            let mut resp = answered(call_boxed(&mut inner, Request::from_parts(parts, rest)).await);
+            let mut resp = rescued(call_boxed(&mut inner, Request::from_parts(parts, rest)).await);
             mark(
                 &mut resp,
                 "BYPASS",
@@ -293,7 +293,7 @@ where
             tracing::debug!("serving stale: upstream failed: {e}");
             return Ok(serve_stale(sh, &ns, s, "upstream-error"));
         }
-        (Err(e), None) => return Ok(failed_miss(&e, fwd)),
+        (Err(e), None) => return Ok(failed_miss(e, fwd)),
         (Ok(r), Some(s)) if r.status().is_server_error() => {
             return Ok(serve_stale(sh, &ns, s, r.status().as_str()));
         }
@@ -323,10 +323,7 @@ where
     let (rparts, rbody) = resp.into_parts();
     let read = tokio::time::timeout(limit, read_bounded(rbody, ns.max_body)).await;
     let Ok(read) = read else {
-        return Ok(failed_miss(
-            &(Box::new(UpstreamTimeout(limit)) as BoxError),
-            fwd,
-        ));
+        return Ok(failed_miss(UpstreamTimeout(limit), fwd));
     };
     let bytes = match read {
         Ok(Buffered::Whole(b)) => b,
@@ -340,12 +337,7 @@ where
             );
             return Ok(resp);
         }
-        Err(e) => {
-            return Ok(failed_miss(
-                &(Box::new(UpstreamUnavailable(e)) as BoxError),
-                fwd,
-            ));
-        }
+        Err(e) => return Ok(failed_miss(UpstreamUnavailable(e), fwd)),
     };
     let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
     // An exact-size copy: the body read from the upstream may be a slice of a
@@ -382,16 +374,12 @@ where
     Ok(resp)
 }
 
-/// A failure below (502, 504, an open circuit, ...) as the sidecar's own
-/// answer, the one the rescue would give: answered here so that it carries
-/// `X-Cache` like every other answer of a cached route.
-fn answered(result: Result<Response<Body>, BoxError>) -> Response<Body> {
-    result.unwrap_or_else(|e| crate::error::rescue(&e))
-}
-
-/// A miss whose forwarding failed, with no stale answer at hand.
-fn failed_miss(e: &BoxError, fwd: &str) -> Response<Body> {
-    let mut resp = crate::error::rescue(e);
+/// A miss whose forwarding failed, with no stale answer at hand: the
+/// rescue's answer, made here (as for a failed bypass, with
+/// [`rescued`]) so that it carries `X-Cache` like every other answer of a
+/// cached route.
+fn failed_miss(e: impl Into<BoxError>, fwd: &str) -> Response<Body> {
+    let mut resp = crate::error::rescue(&e.into());
     mark(
         &mut resp,
         "MISS",
