@@ -68,15 +68,16 @@ impl Failure {
     }
 
     /// The type of a failed exchange; `None` for errors that are not the
-    /// upstream's (a client body that broke off, a body too large).
+    /// upstream's (a client body that broke off or stalled, a body too large).
     pub fn of_error(err: &BoxError) -> Option<Self> {
         // A body error of the client's shows up inside a hyper client error
         // too: the typed causes are checked before the generic ones.
         if matches!(
             crate::error::classify(err.as_ref()),
-            crate::error::ErrorKind::BodyTooLarge | crate::error::ErrorKind::ClientBody
-        ) || find_cause::<crate::error::ClientTimeout>(err.as_ref()).is_some()
-        {
+            crate::error::ErrorKind::BodyTooLarge
+                | crate::error::ErrorKind::ClientBody
+                | crate::error::ErrorKind::ClientTimeout
+        ) {
             None
         } else if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() {
             Some(Self::Timeout)

@@ -94,29 +94,18 @@ impl BodySent {
     }
 }
 
-/// A request body whose complete delivery can be watched.
-pub trait Watch: Sized {
-    fn watched(self) -> (Self, Option<BodySent>);
-}
-
-impl Watch for Body {
-    fn watched(self) -> (Self, Option<BodySent>) {
-        if http_body::Body::is_end_stream(&self) {
-            return (self, None);
-        }
-        let sent = BodySent(Arc::new(AtomicBool::new(false)));
-        let body = crate::body::boxed(Tracked {
-            inner: self,
-            sent: sent.clone(),
-        });
-        (body, Some(sent))
+/// The body, watched when there is one to send (bodiless requests are
+/// passed as they are, with no flag).
+fn watched(body: Body) -> (Body, Option<BodySent>) {
+    if http_body::Body::is_end_stream(&body) {
+        return (body, None);
     }
-}
-
-impl Watch for () {
-    fn watched(self) -> (Self, Option<BodySent>) {
-        (self, None)
-    }
+    let sent = BodySent(Arc::new(AtomicBool::new(false)));
+    let body = crate::body::boxed(Tracked {
+        inner: body,
+        sent: sent.clone(),
+    });
+    (body, Some(sent))
 }
 
 /// Sets [`BodySent`] once the body has yielded its end.
@@ -151,9 +140,9 @@ impl http_body::Body for Tracked {
     }
 }
 
-impl<S, B: Watch> tower::Service<Request<B>> for RouteTimeout<S>
+impl<S> tower::Service<Request<Body>> for RouteTimeout<S>
 where
-    S: tower::Service<Request<B>, Error = BoxError>,
+    S: tower::Service<Request<Body>, Error = BoxError>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -163,9 +152,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (parts, body) = req.into_parts();
-        let (body, sent) = body.watched();
+        let (body, sent) = watched(body);
         let mut req = Request::from_parts(parts, body);
         if let Some(s) = &sent {
             req.extensions_mut().insert(s.clone());
@@ -229,7 +218,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn times_out_by_the_route() {
-        let slow = tower::service_fn(|_req: Request<()>| async {
+        let slow = tower::service_fn(|_req: Request<Body>| async {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, BoxError>("late")
         });
@@ -238,7 +227,11 @@ mod tests {
             .counting(Arc::clone(&counts))
             .layer(slow);
         let start = tokio::time::Instant::now();
-        let err = svc.clone().oneshot(Request::new(())).await.unwrap_err();
+        let err = svc
+            .clone()
+            .oneshot(Request::new(crate::body::empty()))
+            .await
+            .unwrap_err();
         assert!(err.downcast_ref::<UpstreamTimeout>().is_some());
         assert_eq!(counts.get(Failure::Timeout), 1);
         assert_eq!(start.elapsed(), Duration::from_secs(3));
@@ -246,7 +239,7 @@ mod tests {
         let mut cfg = crate::config::Config::default();
         cfg.routes.last_mut().unwrap().timeout = Duration::from_secs(20);
         let table = crate::route::RouteTable::new(&cfg);
-        let mut req = Request::new(());
+        let mut req = Request::new(crate::body::empty());
         req.extensions_mut()
             .insert(table.matched(&http::Method::GET, "/x"));
         assert_eq!(svc.oneshot(req).await.unwrap(), "late");
