@@ -7,7 +7,8 @@
 # kernel, from /proc/PID/stat around the run) is split by the share of
 # samples in the kernel and in each group of user-space symbols.
 #
-# This is the evidence for the budget argument in the README ("Benchmark"):
+# This is the evidence for the budget argument in docs/benchmarks.md
+# ("Where the time goes"):
 # to match nginx's throughput on the proxied route the sidecar's user time
 # would have to fit in what nginx spends beyond the kernel work both share.
 # Needs perf (Debian linux-perf) and the `profiling` build (release with
