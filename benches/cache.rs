@@ -70,7 +70,7 @@ fn hit_bench(c: &mut Criterion) {
         );
         let cfg = config_from(&toml);
         let store = rt
-            .block_on(async { CacheStore::new(&cfg) })
+            .block_on(async { CacheStore::new(&cfg, None) })
             .unwrap_or_else(|e| panic!("{e}"));
         let Some(ns) = store.namespace("search").map(Arc::clone) else {
             return;

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use rag_sidecar::admin::ready::Readiness;
 use rag_sidecar::config::{Config, PathMatch, Route};
+use rag_sidecar::extensions::CacheOutcome;
 use rag_sidecar::layers::Resilience;
 use rag_sidecar::layers::cache::store::CacheStore;
 use rag_sidecar::layers::rate_limit::RateLimitLayer;
 use rag_sidecar::metrics::{Finished, Metrics, Sources};
 use rag_sidecar::proxy::UpstreamClient;
+use rag_sidecar::proxy::ready::Readiness;
 use rag_sidecar::system::Monitor;
 
 fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
@@ -33,13 +34,16 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         cfg.routes.insert(0, route);
     }
     cfg.threads = 2;
-    let cache = CacheStore::new(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    let cache = CacheStore::new(&cfg, None).unwrap_or_else(|e| panic!("{e}"));
+    let resilience = Resilience::new(&cfg);
     let sources = Sources {
         cache,
-        rate_limit: RateLimitLayer::new(&cfg, None),
-        resilience: Resilience::new(&cfg),
+        rate_limit: Arc::new(RateLimitLayer::new(&cfg, None)),
+        failures: resilience.failures,
+        retries: resilience.retries,
+        circuits: resilience.circuits,
         system: Arc::new(Monitor::default()),
-        readiness: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
+        probe: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
         redis_configured: false,
     };
     let metrics = Metrics::new(&cfg, sources);
@@ -51,9 +55,9 @@ fn request(route: usize, status: u16) -> Finished<'static> {
         route: Some(route),
         method: (route % 2),
         status,
-        at: std::time::Instant::now(),
+        at: tokio::time::Instant::now(),
         elapsed: Duration::from_micros(300 + route as u64 * 100),
-        x_cache: Some(b"MISS"),
+        cache: Some(CacheOutcome::Miss),
         own_error: None,
         upstream_failure: None,
         request_id: None,

@@ -10,9 +10,9 @@ use futures_util::FutureExt;
 use http::{Method, Request, Response};
 use rag_sidecar::body::{self, Body};
 use rag_sidecar::config::{Config, rate};
+use rag_sidecar::extensions::ClientAddr;
 use rag_sidecar::layers::rate_limit::RateLimitLayer;
 use rag_sidecar::route::RouteTable;
-use rag_sidecar::server::ClientAddr;
 use tower::{Layer, Service};
 
 fn allowed_request(c: &mut Criterion) {

@@ -1,20 +1,20 @@
-//! Typed errors of the request path and the one rescue that turns each into
-//! the legacy-style JSON answer (`{"error": ..., "message": ...}`).
+//! Every typed error of the request path, and the bounded kinds they are
+//! sorted into. A leaf: layers return these inside a [`BoxError`], and the
+//! rescue layer (`layers::rescue`) is the one place that turns an error into
+//! an answer. [`classify`] walks the source chain (a hyper client error
+//! wraps the body error that caused it) and picks the most specific kind;
+//! [`ErrorKind::as_str`] is the bounded label the metrics use, and
+//! [`Failure`] the legacy type of a failed upstream attempt.
 //!
-//! Layers return these inside a [`BoxError`]; [`rescue`] walks the source
-//! chain (a hyper client error wraps the body error that caused it), picks the
-//! most specific kind, and answers with its status. hyper never sees an `Err`,
-//! which would drop the connection without a reply. [`ErrorKind::as_str`] is
-//! the bounded label the metrics use.
+//! A layer that wants headers (or response extensions) on the answer its
+//! error becomes attaches them to the error with [`Decorated`], instead of
+//! answering the error itself.
 
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, header};
-use serde_json::json;
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::BoxError;
-use crate::body::{self, Body};
-use crate::layers::rate_limit::RateLimited;
 
 /// The upstream could not be reached (connection refused, reset, DNS).
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +102,8 @@ impl ErrorKind {
         }
     }
 
-    fn title(self) -> &'static str {
+    /// The legacy `error` field of its answer.
+    pub fn title(self) -> &'static str {
         match self {
             Self::RateLimited => "Rate limit exceeded",
             Self::ClientTimeout => "Request timeout",
@@ -158,115 +159,132 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     }
 }
 
-/// The answer a layer's result stands for: the response, or the error's
-/// rescue. For layers that must decorate the sidecar's own answers too.
-pub fn rescued(result: Result<Response<Body>, BoxError>) -> Response<Body> {
-    result.unwrap_or_else(|e| rescue(&e))
+/// A request over its limit (answered 429 with the legacy body).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RateLimited {
+    /// `30 requests per minute limit reached`
+    pub message: String,
+    /// Whole seconds, at least 1.
+    pub retry_after: u64,
+    /// The rate-limit headers of the answer.
+    pub headers: Option<RateHeaders>,
 }
 
-/// Turns an error from the stack into its JSON response, marked with a
-/// [`Rescued`] extension.
-pub fn rescue(err: &BoxError) -> Response<Body> {
-    let kind = classify(err.as_ref());
-    let mut resp = answer(err, kind);
-    let message = match kind {
-        ErrorKind::Internal => "Internal proxy error".to_string(),
-        _ => capitalise(&err.to_string()),
-    };
-    resp.extensions_mut().insert(Rescued { kind, message });
-    resp
+pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The rate-limit fields of one answer, written straight into its header
+/// map (building a map of their own and merging it would hash and store
+/// every field twice). On every answer of a limited route: the 429's, the
+/// app's, and the sidecar's own errors (through [`Decorated`]).
+#[derive(Debug, Clone)]
+pub struct RateHeaders {
+    pub limit: HeaderValue,
+    pub remaining: u64,
+    /// Unix time, seconds.
+    pub reset_at: u64,
+    pub policy: Option<HeaderValue>,
+    /// `RateLimit`: `"name";r=…;t=…`.
+    pub current: Option<HeaderValue>,
 }
 
-fn answer(err: &BoxError, kind: ErrorKind) -> Response<Body> {
-    if let Some(r) = find_cause::<RateLimited>(err.as_ref()) {
-        // The legacy 429: its body, Retry-After and the rate-limit headers.
-        let mut resp = body::json(
-            StatusCode::TOO_MANY_REQUESTS,
-            &json!({"error": "Rate limit exceeded", "message": r.message, "retry_after": r.retry_after}),
-        );
-        if let Some(h) = &r.headers {
-            h.write_to(resp.headers_mut());
+impl RateHeaders {
+    pub fn write_to(&self, h: &mut HeaderMap) {
+        h.reserve(5);
+        h.insert(X_RATELIMIT_LIMIT, self.limit.clone());
+        h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
+        h.insert(X_RATELIMIT_RESET, HeaderValue::from(self.reset_at));
+        if let Some(p) = &self.policy {
+            h.insert(RATELIMIT_POLICY, p.clone());
         }
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
-        return resp;
-    }
-    if let Some(c) = find_cause::<CircuitOpen>(err.as_ref()) {
-        // The legacy open-circuit answer, naming the circuit.
-        let mut resp = body::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"error": "Service unavailable", "message": c.to_string(),
-                    "circuit": &*c.circuit, "retry_after": c.retry_after}),
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(c.retry_after));
-        return resp;
-    }
-    let message = match kind {
-        ErrorKind::Overloaded => "Too many requests in flight; try again shortly".to_string(),
-        ErrorKind::BodyTooLarge => match find_cause::<BodyTooLarge>(err.as_ref()) {
-            Some(e) => capitalise(&e.to_string()),
-            None => "Request body exceeds the configured limit".to_string(),
-        },
-        ErrorKind::Internal | ErrorKind::RateLimited => "Internal proxy error".to_string(),
-        _ => capitalise(&err.to_string()),
-    };
-    let mut resp = body::json(
-        kind.status(),
-        &json!({"error": kind.title(), "message": message}),
-    );
-    if kind == ErrorKind::Overloaded {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    resp
-}
-
-fn capitalise(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
+        if let Some(c) = &self.current {
+            h.insert(RATELIMIT, c.clone());
+        }
     }
 }
 
-/// The response for a panic caught in the stack (tower-http `CatchPanic`).
-pub fn panic_response(
-    _panic: Box<dyn std::any::Any + Send + 'static>,
-) -> Response<http_body_util::Full<bytes::Bytes>> {
-    let body = serde_json::to_vec(&json!({
-        "error": "Internal server error",
-        "message": "Internal proxy error",
-    }))
-    .unwrap_or_default();
-    let mut resp = Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
+/// An error with headers and response extensions for the answer it becomes,
+/// added by a layer it passed through (the rate-limit fields, the cache's
+/// `X-Cache`). Its message is its source's; the rescue applies every
+/// `Decorated` in the chain, the outermost last.
+#[derive(Debug)]
+pub struct Decorated {
+    pub source: BoxError,
+    pub headers: HeaderMap,
+    pub extensions: Extensions,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Decorated {
+    /// `err` with nothing added yet (an already decorated error is reused).
+    pub fn new(err: BoxError) -> Self {
+        Self {
+            source: err,
+            headers: HeaderMap::new(),
+            extensions: Extensions::new(),
+        }
+    }
+}
 
-    #[derive(Debug, thiserror::Error)]
-    #[error("wrapper")]
-    struct Wrapper(#[source] BoxError);
+impl std::fmt::Display for Decorated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
 
-    #[test]
-    fn classification_walks_the_chain() {
-        let nested: BoxError = Box::new(Wrapper(Box::new(BodyTooLarge(10))));
-        assert_eq!(classify(nested.as_ref()), ErrorKind::BodyTooLarge);
-        let t: BoxError = Box::new(Wrapper(Box::new(UpstreamTimeout(Duration::from_secs(3)))));
-        assert_eq!(classify(t.as_ref()), ErrorKind::UpstreamTimeout);
-        let o: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
-        assert_eq!(rescue(&o).status(), StatusCode::SERVICE_UNAVAILABLE);
-        let other: BoxError = "boom".into();
-        assert_eq!(rescue(&other).status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let u: BoxError = Box::new(UpstreamUnavailable("refused".into()));
-        assert_eq!(rescue(&u).status(), StatusCode::BAD_GATEWAY);
+impl std::error::Error for Decorated {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.source.as_ref())
+    }
+}
+
+/// The legacy error types of an upstream attempt (PRODUCT.md "Retry and
+/// circuit breaking").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Failure {
+    GeminiRateLimit,
+    Upstream5xx,
+    ConnectError,
+    Timeout,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 4] = [
+        Self::GeminiRateLimit,
+        Self::Upstream5xx,
+        Self::ConnectError,
+        Self::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GeminiRateLimit => "gemini_rate_limit",
+            Self::Upstream5xx => "upstream_5xx",
+            Self::ConnectError => "connect_error",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// The type of a failed exchange; `None` for errors that are not the
+    /// upstream's (a client body that broke off or stalled, a body too large).
+    pub fn of_error(err: &BoxError) -> Option<Self> {
+        // A body error of the client's shows up inside a hyper client error
+        // too: the typed causes are checked before the generic ones.
+        match classify(err.as_ref()) {
+            ErrorKind::BodyTooLarge | ErrorKind::ClientBody | ErrorKind::ClientTimeout => None,
+            _ if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() => Some(Self::Timeout),
+            _ if find_cause::<UpstreamUnavailable>(err.as_ref()).is_some() => {
+                Some(Self::ConnectError)
+            }
+            _ => None,
+        }
+    }
+
+    /// Its position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }

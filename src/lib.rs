@@ -2,30 +2,62 @@
 //! retries, circuit breaking and observability in front of a legacy Flask
 //! RAG app without touching it.
 //!
-//! The tree shows the stack: [`server`] accepts connections and hands each
-//! request to [`admin`] (the sidecar's own endpoints) or to the proxy stack
-//! assembled in [`layers::build_stack`], which ends in [`proxy`], the pooled
-//! upstream client. [`config`] builds the one configuration every part reads;
-//! [`error`] is the one place typed errors become JSON responses. [`metrics`]
-//! records and renders the figures, [`system`] watches the machine and
-//! [`health`] scores it all.
+//! # Layering
+//!
+//! A module may use what sits below it, never above it; a layer never uses
+//! another layer. `tests/architecture.rs` reads every `crate::` and
+//! `super::` path of the library against its table of allowed dependencies,
+//! so this stays true: a new module gets a row there and a place here.
+//!
+//! ```text
+//! main (binary)       parses the CLI, loads the config, runs the app
+//!  └ app              composition root: builds the process-wide state,
+//!    │                starts the background tasks, one stack per worker
+//!    └ server         accepts and serves connections; dispatch (an enum)
+//!      └ admin        the sidecar's own endpoints: reads layer state, metrics
+//!        └ layers     build_stack: which layer wraps which, and why
+//!          └ layers::{match_route, access_log, rescue, inflight, rate_limit,
+//!          │          body_limit, cache, timeout, retry, circuit, classify}
+//!          │          one concern each; none uses another
+//!          └ proxy    the upstream client, headers, the readiness probe
+//!            └ redis  one Redis client (cache and limiter): scripts, pub/sub
+//!              └ metrics   per concern; each layer records into it or
+//!                │         reports through a trait it defines
+//!                └ system · health
+//!                  └ extensions   what layers pass each other on a request
+//!                    └ service    the shared tower plumbing (OnAnswer, …)
+//!                      └ error    every typed error of the request path
+//!                        └ logging · route · config · body
+//! ```
+//!
+//! What two layers share travels as a typed extension ([`extensions`]): the
+//! client address, the deadline, the body-sent flag, a stale answer at hand,
+//! the upstream failure, the cache outcome. An error becomes a response in
+//! one place, the rescue layer; a layer that wants headers on its error
+//! attaches them to the error ([`error::Decorated`]). Metrics imports no
+//! layer: the cache, the limiter, the breakers and the readiness probe
+//! report through traits of [`metrics`] that they implement.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_debug_implementations)]
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod extensions;
 pub mod health;
 pub mod layers;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod redis;
 pub mod route;
 pub mod server;
+pub mod service;
 pub mod system;
 
-/// The error type inside the stack; [`error::rescue`] turns it into a response.
+/// The error type inside the stack; the rescue layer turns it into a response.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rag_sidecar::app::App;
 use rag_sidecar::config::{Config, Overrides, ProcessEnv};
-use rag_sidecar::server::Server;
 
 /// Exit status for a bad configuration (BSD `EX_USAGE`, as linkerd does).
 const EXIT_CONFIG: u8 = 64;
@@ -95,7 +95,7 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
     for name in &report.ignored_env {
         tracing::debug!("{name} is set but means nothing to a proxy; ignored");
     }
-    // Worker 0 of the thread-per-core server runs here; `Server::run` starts
+    // Worker 0 of the thread-per-core server runs here; `App::run` starts
     // the other `threads - 1` on their own current-thread runtimes.
     let mut builder = tokio::runtime::Builder::new_current_thread();
     let runtime = match builder.enable_all().build() {
@@ -109,7 +109,7 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
         let listen = cfg.listen;
         let upstream = cfg.upstream.to_string();
         let threads = cfg.threads;
-        let server = match Server::bind(cfg).await {
+        let server = match App::bind(cfg).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("{e}");

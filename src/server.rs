@@ -1,15 +1,18 @@
 //! Accepting connections and serving them: hyper-util's auto builder (HTTP/1.1
 //! and h2c on one port), the slowloris guard, per-connection dispatch to the
-//! admin router or the proxy stack, and graceful shutdown.
+//! admin router or the proxy stack, and graceful shutdown. It builds
+//! nothing: the composition root ([`crate::app`]) hands it the listeners,
+//! one stack per worker and the admin router.
 //!
 //! Thread per core, as nginx's workers: `threads` workers, each a
 //! current-thread tokio runtime with its own `SO_REUSEPORT` listener on the
 //! proxy address and its own upstream connection pool, so a request is read,
 //! forwarded and answered on one thread with no cross-thread wake-ups. This
 //! measured ~10 % less CPU per request than tokio's work-stealing runtime on
-//! the same hardware, and a lower p99 (README, "Benchmark"). State that must
-//! be global (the in-flight cap, the admin state, later caches and limiters)
-//! is shared behind `Arc`. Worker 0 runs on the caller's runtime.
+//! the same hardware, and a lower p99 (docs/dependencies.md, "Thread per
+//! core"). State that must be global (the in-flight cap, the admin state,
+//! the caches and limiters) is shared behind `Arc`. Worker 0 runs on the
+//! caller's runtime.
 //!
 //! Shutdown, on the future passed to [`Server::run`] (SIGTERM/SIGINT in the
 //! binary): `/readyz` turns 503, every worker closes its listener, in-flight
@@ -21,7 +24,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -33,30 +35,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::admin::{Admin, AdminState, Endpoint, ready::Readiness};
+use crate::admin::Admin;
 use crate::body::{self, Body};
 use crate::config::Config;
-use crate::layers::cache::CacheLayer;
-use crate::layers::cache::store::CacheStore;
-use crate::layers::rate_limit::RateLimitLayer;
-use crate::layers::{ProxyStack, Resilience, Shared, build_stack};
-use crate::metrics::{Metrics, Sources};
-use crate::proxy::{Proxy, UpstreamClient};
-use crate::route::RouteTable;
+use crate::error::ClientBodyError;
+use crate::extensions::ClientAddr;
+use crate::layers::ProxyStack;
+use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// How often the upstream is probed in the background (readiness, health,
-/// metrics).
-const READINESS_EVERY: Duration = Duration::from_secs(5);
-
-/// The TCP peer of the connection a request came on, as a request extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientAddr(pub SocketAddr);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -66,11 +56,24 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cache: {0}")]
-    Cache(String),
 }
 
 type ResponseBody = Either<Body, tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::BoxError>>;
+
+/// The bound, not yet serving sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    proxy: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+    admin: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// How many proxy listeners (one per worker) there are.
+    pub fn workers(&self) -> usize {
+        self.proxy.len()
+    }
+}
 
 /// One worker: a listener on the shared address and its own stack (and so
 /// its own upstream pool).
@@ -80,7 +83,7 @@ struct Worker {
     stack: ProxyStack,
 }
 
-/// A bound, not yet running sidecar.
+/// A bound, not yet running server.
 #[derive(Debug)]
 pub struct Server {
     workers: Vec<Worker>,
@@ -94,14 +97,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listeners and builds the stacks.
-    pub async fn bind(cfg: Config) -> Result<Self, ServerError> {
-        Self::bind_with(cfg, Vec::new()).await
-    }
-
-    /// Like [`Self::bind`], serving extra admin endpoints besides the built-in ones.
-    pub async fn bind_with(cfg: Config, extra: Vec<Endpoint>) -> Result<Self, ServerError> {
-        let cfg = Arc::new(cfg);
+    /// Binds the proxy listeners (one per worker, `SO_REUSEPORT`) and the
+    /// admin listener, before anything else is built: a port in use is an
+    /// error at once.
+    pub fn bind(cfg: &Config) -> Result<Listeners, ServerError> {
         // SO_REUSEPORT would let us share a port another process holds:
         // probe it with a plain bind first, so "in use" is an error.
         if cfg.listen.port() != 0 {
@@ -118,11 +117,11 @@ impl Server {
             addr: cfg.listen,
             source,
         })?;
-        let mut listeners = vec![first];
+        let mut proxy = vec![first];
         for _ in 1..cfg.threads.max(1) {
-            listeners.push(bind_reuseport(addr)?);
+            proxy.push(bind_reuseport(addr)?);
         }
-        let admin_listener = cfg
+        let admin = cfg
             .admin_listen
             .map(|addr| {
                 std::net::TcpListener::bind(addr)
@@ -130,73 +129,22 @@ impl Server {
                     .map_err(|source| ServerError::Bind { addr, source })
             })
             .transpose()?;
+        Ok(Listeners { proxy, addr, admin })
+    }
 
-        let routes = RouteTable::new(&cfg);
-        let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
-        let cache = CacheStore::new(&cfg).map_err(ServerError::Cache)?;
-        let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
-        let rate_limit = RateLimitLayer::new(&cfg, cache.redis().cloned());
-        // Forget clients whose limits have recovered, once a minute.
-        let sweeper = rate_limit.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                sweeper.sweep();
-            }
-        });
-        let readiness = Arc::new(Readiness::new(
-            UpstreamClient::new(&cfg),
-            &cfg.readiness_path,
-        ));
-        readiness.spawn_periodic(READINESS_EVERY);
-        let monitor = Arc::new(crate::system::Monitor::default());
-        monitor.spawn(std::env::current_dir().unwrap_or_else(|_| ".".into()));
-        let resilience = Resilience::new(&cfg);
-        let metrics = Metrics::new(
-            &cfg,
-            Sources {
-                cache: Arc::clone(&cache),
-                rate_limit: rate_limit.clone(),
-                resilience: resilience.clone(),
-                system: monitor,
-                readiness: Arc::clone(&readiness),
-                redis_configured: cfg.redis.url.is_some(),
-            },
-        );
-        let shared = Shared {
-            inflight,
-            cache: cache_layer,
-            rate_limit,
-            resilience,
-            metrics: Arc::clone(&metrics),
-        };
-        let workers = listeners
+    /// The server over bound listeners: worker `i` serves `stacks[i]` (one
+    /// per proxy listener), the admin router its endpoints.
+    pub fn new(cfg: &Config, listeners: Listeners, stacks: Vec<ProxyStack>, admin: Admin) -> Self {
+        let Listeners {
+            proxy,
+            addr,
+            admin: admin_listener,
+        } = listeners;
+        let workers = proxy
             .into_iter()
-            .enumerate()
-            .map(|(i, listener)| Worker {
-                listener,
-                stack: build_stack(
-                    &cfg,
-                    routes.clone(),
-                    Proxy::new(UpstreamClient::new(&cfg), &cfg),
-                    &shared,
-                    i,
-                ),
-            })
+            .zip(stacks)
+            .map(|(listener, stack)| Worker { listener, stack })
             .collect();
-        let state = Arc::new(AdminState {
-            readiness,
-            metrics,
-            config: Arc::clone(&cfg),
-            started: Instant::now(),
-            cache,
-            resilience: shared.resilience.clone(),
-        });
-        let mut endpoints = crate::admin::builtin_endpoints();
-        endpoints.extend(extra);
-        let admin = Admin::with_endpoints(state, endpoints);
-
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // Without a timer the header-read timeout is silently off.
         builder
@@ -214,7 +162,7 @@ impl Server {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
-        Ok(Self {
+        Self {
             workers,
             addr,
             admin_listener,
@@ -222,7 +170,7 @@ impl Server {
             builder,
             grace: cfg.shutdown_grace,
             head_timeout: cfg.header_read_timeout,
-        })
+        }
     }
 
     /// Where the proxy listens (useful with port 0).
@@ -252,7 +200,7 @@ impl Server {
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = admin_listener.and_then(|l| {
             let l = to_tokio(l)?;
-            let svc = Dispatch::new(Some(admin.clone()), None);
+            let svc = Dispatch::Admin(admin.clone());
             let stop = async {
                 let _ = admin_stopped.await;
             };
@@ -264,8 +212,18 @@ impl Server {
                 head_timeout,
             )))
         });
-        let admin_on_proxy_port = admin_task.is_none().then(|| admin.clone());
-        let moved = admin_task.is_some().then(|| admin.clone());
+        // The proxy port's dispatch: with the admin endpoints, or refusing them.
+        let moved = admin_task.is_some();
+        let dispatch = |stack| match moved {
+            true => Dispatch::Proxy {
+                moved: admin.clone(),
+                stack,
+            },
+            false => Dispatch::Both {
+                admin: admin.clone(),
+                stack,
+            },
+        };
 
         let mut workers = workers.into_iter();
         let Some(first) = workers.next() else {
@@ -274,14 +232,7 @@ impl Server {
         let mut done = Vec::new();
         for (i, w) in workers.enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let (svc, builder, stop) = (
-                Dispatch {
-                    moved: moved.clone(),
-                    ..Dispatch::new(admin_on_proxy_port.clone(), Some(w.stack))
-                },
-                builder.clone(),
-                stop_rx.clone(),
-            );
+            let (svc, builder, stop) = (dispatch(w.stack), builder.clone(), stop_rx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("rag-sidecar-w{}", i + 1))
                 .spawn(move || {
@@ -301,10 +252,7 @@ impl Server {
                 Err(e) => tracing::error!("cannot start a worker thread: {e}"),
             }
         }
-        let svc = Dispatch {
-            moved,
-            ..Dispatch::new(admin_on_proxy_port, Some(first.stack))
-        };
+        let svc = dispatch(first.stack);
         let own = worker(first.listener, svc, builder, stop_rx, grace, head_timeout);
         let signal = async {
             shutdown.await;
@@ -476,23 +424,17 @@ async fn request_started(stream: &TcpStream, within: Duration) -> bool {
     }
 }
 
-/// Sends each request to the admin router or the proxy stack.
+/// Where a connection's requests go.
 #[derive(Debug, Clone)]
-struct Dispatch {
-    admin: Option<Admin>,
-    stack: Option<ProxyStack>,
-    /// The admin router that `admin_listen` moved away, to refuse its paths.
-    moved: Option<Admin>,
-}
-
-impl Dispatch {
-    fn new(admin: Option<Admin>, stack: Option<ProxyStack>) -> Self {
-        Self {
-            admin,
-            stack,
-            moved: None,
-        }
-    }
+enum Dispatch {
+    /// The admin port (`admin_listen`): the sidecar's endpoints only.
+    Admin(Admin),
+    /// The proxy port with the sidecar's endpoints on it (the default): the
+    /// admin router's paths go to it, the rest to the stack.
+    Both { admin: Admin, stack: ProxyStack },
+    /// The proxy port when `admin_listen` moved the endpoints away: their
+    /// paths are refused (404), never proxied.
+    Proxy { moved: Admin, stack: ProxyStack },
 }
 
 /// [`Dispatch`] for one connection, knowing its peer.
@@ -525,6 +467,17 @@ fn refused<B>(req: &Request<B>) -> Option<&'static str> {
         .then_some("dot segments are not allowed in paths")
 }
 
+impl ConnService {
+    fn admin(
+        &self,
+        admin: &Admin,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>> {
+        let fut = admin.call(req, self.peer);
+        Box::pin(async move { Ok(fut.await.map(Either::Left)) })
+    }
+}
+
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
@@ -539,53 +492,38 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             );
             return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
         }
-        let Dispatch {
-            admin,
-            stack,
-            moved,
-        } = &self.svc;
-        if let Some(admin) = admin {
-            if stack.is_none() || admin.handles(req.uri().path()) {
-                let fut = admin.call(req, self.peer);
-                return Box::pin(async move { Ok(fut.await.map(Either::Left)) });
+        let stack = match &self.svc {
+            Dispatch::Admin(admin) => return self.admin(admin, req),
+            Dispatch::Both { admin, stack } => {
+                if admin.handles(req.uri().path()) {
+                    return self.admin(admin, req);
+                }
+                stack
             }
-        }
-        // With `admin_listen`, the sidecar's endpoints are not on this port,
-        // and not the app's either: never proxied.
-        if let Some(admin) = moved {
-            if admin.handles(req.uri().path()) {
-                let resp = body::json(
-                    http::StatusCode::NOT_FOUND,
-                    &serde_json::json!({"error": "Not found", "message": "the sidecar's endpoints are served on admin_listen"}),
-                );
-                return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+            Dispatch::Proxy { moved, stack } => {
+                if moved.handles(req.uri().path()) {
+                    let resp = body::json(
+                        http::StatusCode::NOT_FOUND,
+                        &serde_json::json!({"error": "Not found", "message": "the sidecar's endpoints are served on admin_listen"}),
+                    );
+                    return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+                }
+                stack
             }
-        }
-        match stack {
-            Some(stack) => {
-                // Hop-by-hop headers (and those `Connection` names) are gone
-                // before any layer reads the request: the cache must not key
-                // on a header the app will never see.
-                crate::proxy::strip_hop_by_hop(req.headers_mut());
-                crate::proxy::drop_unfit_request_id(req.headers_mut());
-                req.extensions_mut().insert(ClientAddr(self.peer));
-                // Errors reading the client's body are typed as the client's,
-                // so no layer mistakes them for the upstream's.
-                let req: Request<Body> = req.map(|b| {
-                    body::boxed(http_body_util::BodyExt::map_err(
-                        b,
-                        crate::error::ClientBodyError,
-                    ))
-                });
-                let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
-                // A combinator, not an async block: rustc cannot prove the
-                // boxed-error lifetimes of an async block over `Oneshot` general.
-                Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right))))
-            }
-            // Unreachable by construction: a Dispatch has an admin or a stack.
-            None => Box::pin(std::future::ready(Ok(Response::new(Either::Left(
-                body::empty(),
-            ))))),
-        }
+        };
+        // Hop-by-hop headers (and those `Connection` names) are gone
+        // before any layer reads the request: the cache must not key
+        // on a header the app will never see.
+        strip_hop_by_hop(req.headers_mut());
+        drop_unfit_request_id(req.headers_mut());
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        // Errors reading the client's body are typed as the client's,
+        // so no layer mistakes them for the upstream's.
+        let req: Request<Body> =
+            req.map(|b| body::boxed(http_body_util::BodyExt::map_err(b, ClientBodyError)));
+        let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
+        // A combinator, not an async block: rustc cannot prove the
+        // boxed-error lifetimes of an async block over `Oneshot` general.
+        Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right))))
     }
 }

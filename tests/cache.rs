@@ -2,6 +2,11 @@
 //! canonical keys, identities, request directives, what is not stored,
 //! coalescing, stale-if-error, invalidation, and the cache endpoints.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

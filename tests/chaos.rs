@@ -12,6 +12,11 @@
 //! with `CHAOS=full` (faults of 10 s, more clients) and writes the table to
 //! target/chaos.md.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::collections::BTreeMap;

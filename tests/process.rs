@@ -1,6 +1,11 @@
 //! The real binary: graceful shutdown on SIGTERM, memory while streaming a
 //! large upload, and logging to a file in JSON.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::process::Command;

@@ -2,6 +2,11 @@
 //! mock legacy app (a real process). Streaming both ways, header rewriting,
 //! request ids, h2c, and every error the proxy answers itself.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::time::Duration;
@@ -402,12 +407,12 @@ async fn a_port_another_sidecar_holds_is_an_error_not_shared() {
     let mock = Mock::start();
     let addr = common::free_addr();
     let toml = format!("listen = \"{addr}\"\nupstream = \"{}\"\n", mock.url());
-    let first = rag_sidecar::server::Server::bind(common::config(&toml, &[]))
+    let first = rag_sidecar::app::App::bind(common::config(&toml, &[]))
         .await
         .unwrap();
     // Both would set SO_REUSEPORT; the second must still be refused, or the
     // kernel would split connections between two configurations.
-    let second = rag_sidecar::server::Server::bind(common::config(&toml, &[])).await;
+    let second = rag_sidecar::app::App::bind(common::config(&toml, &[])).await;
     let err = second.expect_err("second bind refused");
     assert!(err.to_string().contains("cannot listen"), "{err}");
     drop(first);

@@ -3,6 +3,11 @@
 //! limits, client keys (address, trusted X-Forwarded-For, header), dry run,
 //! exemptions, and switching it off.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use common::{Mock, Sidecar, client};

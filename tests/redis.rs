@@ -3,6 +3,11 @@
 //! memory while Redis is down or slow, reconnection by itself, clearing with
 //! SCAN, and invalidation through pub/sub.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //! mock legacy app's fault injection over real sockets: what the client
 //! sees, and how many calls the upstream saw.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

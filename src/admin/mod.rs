@@ -9,7 +9,6 @@ pub mod cache;
 pub mod circuits;
 pub mod guard;
 pub mod observe;
-pub mod ready;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,9 +20,13 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
-use self::ready::Readiness;
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::layers::Resilience;
+use crate::layers::cache::store::CacheStore;
+use crate::metrics::Metrics;
+use crate::proxy::ready::Readiness;
+use crate::system::Monitor;
 
 /// What a handler gets: shared state, the caller and the request.
 #[derive(Debug)]
@@ -51,11 +54,13 @@ pub struct Endpoint {
 pub struct AdminState {
     pub config: Arc<Config>,
     pub readiness: Arc<Readiness>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<Metrics>,
     pub started: Instant,
-    pub cache: Arc<crate::layers::cache::store::CacheStore>,
+    pub cache: Arc<CacheStore>,
     /// Circuits, retry and upstream-failure figures.
-    pub resilience: crate::layers::Resilience,
+    pub resilience: Resilience,
+    /// The machine's figures (`/api/system`).
+    pub system: Arc<Monitor>,
 }
 
 /// The admin router.

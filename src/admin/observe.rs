@@ -69,7 +69,7 @@ fn not_sampled() -> Response<Body> {
 }
 
 pub async fn system(ctx: Ctx) -> Response<Body> {
-    match ctx.state.metrics.sources().system.latest() {
+    match ctx.state.system.latest() {
         Some(s) => body::json(StatusCode::OK, &s.to_json()),
         None => not_sampled(),
     }
@@ -90,7 +90,6 @@ pub fn uptime_human(d: Duration) -> String {
 pub async fn health_detailed(ctx: Ctx) -> Response<Body> {
     let st = &ctx.state;
     let m = &st.metrics;
-    let src = m.sources();
     let health = m.health();
     let uptime = m.uptime();
     let metrics = if m.enabled() {
@@ -111,9 +110,9 @@ pub async fn health_detailed(ctx: Ctx) -> Response<Body> {
             "uptime_seconds": uptime.as_secs(),
             "uptime_human": uptime_human(uptime),
             "metrics": metrics,
-            "cache": src.cache.stats_json(),
-            "circuit_breakers": src.resilience.circuits.to_json(),
-            "system": src.system.latest().map_or(Value::Null, |s| s.to_json()),
+            "cache": st.cache.stats_json(),
+            "circuit_breakers": st.resilience.circuits.to_json(),
+            "system": st.system.latest().map_or(Value::Null, |s| s.to_json()),
             "upstream": upstream,
         }),
     )

@@ -19,6 +19,11 @@
 //! `mock-legacy-app listening on <addr>`, to stdout and exits with status 0 on
 //! SIGTERM or SIGINT.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "the mock app is test scaffolding, not the request path: plain locks over its scripted state"
+)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::error::Error;

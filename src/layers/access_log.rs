@@ -8,9 +8,9 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response};
 use tokio::time::Instant;
 
-use crate::layers::on_answer::{Hook, OnAnswer};
+use crate::extensions::ClientAddr;
 use crate::route::MatchedRoute;
-use crate::server::ClientAddr;
+use crate::service::{Hook, OnAnswer};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AccessLogLayer;

@@ -6,9 +6,10 @@
 //! It sits right over the upstream client, under the circuit breaker and the
 //! retry layer, so both read the same verdict: a failed answer carries an
 //! [`UpstreamFailure`] extension, a failed exchange is a typed error
-//! ([`Failure::of_error`]). Timeouts are the route timeout's: it counts them
-//! here ([`FailureCounts`]), and the breaker's permit, dropped at the
-//! deadline, counts them as failures, without a second timer per attempt.
+//! ([`Failure::of_error`]). Failures are counted by type in the metrics'
+//! [`FailureCounts`]. Timeouts are the route timeout's: it counts them, and
+//! the breaker's permit, dropped at the deadline, counts them as failures,
+//! without a second timer per attempt.
 //!
 //! Body sniffing is bounded: at most [`SNIFF_BYTES`] (plus one chunk) and
 //! [`SNIFF_WAIT`]; the bytes read are put back in front of the rest, so the
@@ -17,7 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,104 +29,19 @@ use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use tokio::time::Instant;
 
-use super::BoxResponseFuture;
-use super::timeout::Deadline;
 use crate::BoxError;
 use crate::body::{self, Body};
-use crate::error::{UpstreamTimeout, UpstreamUnavailable, find_cause};
+use crate::error::Failure;
+use crate::extensions::{Deadline, UpstreamFailure};
 use crate::metrics::Recorder;
+use crate::metrics::resilience::FailureCounts;
 use crate::route::MatchedRoute;
+use crate::service::BoxResponseFuture;
 
 /// How much of a 5xx body is searched for the quota patterns.
 pub const SNIFF_BYTES: usize = 4096;
 /// How long the sniff waits for those bytes.
 pub const SNIFF_WAIT: Duration = Duration::from_secs(1);
-
-/// The legacy error types of an upstream attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Failure {
-    GeminiRateLimit,
-    Upstream5xx,
-    ConnectError,
-    Timeout,
-}
-
-impl Failure {
-    pub const ALL: [Failure; 4] = [
-        Self::GeminiRateLimit,
-        Self::Upstream5xx,
-        Self::ConnectError,
-        Self::Timeout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::GeminiRateLimit => "gemini_rate_limit",
-            Self::Upstream5xx => "upstream_5xx",
-            Self::ConnectError => "connect_error",
-            Self::Timeout => "timeout",
-        }
-    }
-
-    /// The type of a failed exchange; `None` for errors that are not the
-    /// upstream's (a client body that broke off or stalled, a body too large).
-    pub fn of_error(err: &BoxError) -> Option<Self> {
-        // A body error of the client's shows up inside a hyper client error
-        // too: the typed causes are checked before the generic ones.
-        if matches!(
-            crate::error::classify(err.as_ref()),
-            crate::error::ErrorKind::BodyTooLarge
-                | crate::error::ErrorKind::ClientBody
-                | crate::error::ErrorKind::ClientTimeout
-        ) {
-            None
-        } else if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() {
-            Some(Self::Timeout)
-        } else if find_cause::<UpstreamUnavailable>(err.as_ref()).is_some() {
-            Some(Self::ConnectError)
-        } else {
-            None
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// A response extension: this answer is a failure of the given type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UpstreamFailure(pub Failure);
-
-impl UpstreamFailure {
-    /// The failure an attempt's result stands for, if any.
-    pub fn of(result: &Result<Response<Body>, BoxError>) -> Option<Failure> {
-        match result {
-            Ok(resp) => resp.extensions().get::<UpstreamFailure>().map(|f| f.0),
-            Err(e) => Failure::of_error(e),
-        }
-    }
-}
-
-/// Upstream failures by type since start (or the last metrics reset).
-#[derive(Debug, Default)]
-pub struct FailureCounts([AtomicU64; 4]);
-
-impl FailureCounts {
-    pub fn record(&self, f: Failure) {
-        self.0[f.index()].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self, f: Failure) -> u64 {
-        self.0[f.index()].load(Ordering::Relaxed)
-    }
-
-    pub fn reset(&self) {
-        for c in &self.0 {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
-}
 
 #[derive(Debug)]
 struct Shared {
@@ -197,7 +113,7 @@ where
         let deadline = req.extensions().get::<Deadline>().copied();
         let timed = self.shared.recorder.as_ref().and_then(|rec| {
             let route = req.extensions().get::<MatchedRoute>()?;
-            Some((rec.route(&route.name)?, std::time::Instant::now()))
+            Some((rec.route(&route.name)?, Instant::now()))
         });
         ResponseFuture::Call {
             fut: self.inner.call(req),
@@ -218,7 +134,7 @@ pin_project_lite::pin_project! {
             shared: Option<Arc<Shared>>,
             deadline: Option<Deadline>,
             // The route's index and when the attempt began, when timed.
-            timed: Option<(usize, std::time::Instant)>,
+            timed: Option<(usize, Instant)>,
         },
         Sniff { fut: BoxResponseFuture },
     }
@@ -361,6 +277,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_types,
+    reason = "scripted test services record their calls under a plain lock"
+)]
 mod tests {
     use super::*;
     use tower::{Layer, ServiceExt};

@@ -1,7 +1,11 @@
 //! The proxy stack. [`build_stack`] is the one place that says which layer
 //! wraps which, and why; everything else is a layer of its own module.
 //!
-//! Layers added first see the request first.
+//! Layers added first see the request first. A layer never imports another
+//! layer's module: what they share travels as a typed extension
+//! ([`crate::extensions`]), an error ([`crate::error`]) or, where one layer
+//! must ask about another's state (the retry about the route's circuit),
+//! as a function handed over here.
 
 pub mod access_log;
 pub mod body_limit;
@@ -10,7 +14,6 @@ pub mod circuit;
 pub mod classify;
 pub mod inflight;
 pub mod match_route;
-pub mod on_answer;
 pub mod rate_limit;
 pub mod rescue;
 pub mod retry;
@@ -28,69 +31,19 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use self::access_log::AccessLogLayer;
 use self::body_limit::BodyLimitLayer;
 use self::circuit::{CircuitLayer, Circuits};
-use self::classify::{ClassifyLayer, FailureCounts};
+use self::classify::ClassifyLayer;
 use self::match_route::MatchRouteLayer;
 use self::rescue::RescueLayer;
-use self::retry::{RetryLayer, RetryStats};
+use self::retry::{CircuitIsOpen, RetryLayer};
 use self::timeout::RouteTimeoutLayer;
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::metrics::layer::MetricsLayer;
+use crate::metrics::resilience::{FailureCounts, RetryStats};
 use crate::proxy::Proxy;
 use crate::route::RouteTable;
-
-/// A boxed response future, for layers that await the inner service inside
-/// their own async logic.
-pub type BoxResponseFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, BoxError>> + Send>>;
-
-/// What a layer that clones its inner service into its own async work
-/// (cache, rate limit in shared mode, retry) needs of it.
-pub trait Inner:
-    tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = BoxError,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Inner for S where
-    S: tower::Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = BoxError,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static
-{
-}
-
-/// Calls the inner service behind a boxed future: awaiting `S::Future`
-/// directly inside an async block trips rustc's higher-ranked `Send` check
-/// over the boxed error's lifetime.
-pub fn call_boxed<S>(inner: &mut S, req: Request<Body>) -> BoxResponseFuture
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    Box::pin(inner.call(req))
-}
-
-/// Whole seconds, rounded up: "retry in 0 s" would invite a retry too soon.
-pub fn ceil_secs(d: std::time::Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
-/// A worker's own handle on process-wide state. Layer services are cloned
-/// for every request, and cloning an `Arc` that every worker shares writes
-/// one cache line from all cores at once; a handle made per worker (when
-/// `build_stack` applies the layer) keeps that write on its own core.
-pub type WorkerHandle<T> = Arc<Arc<T>>;
 
 /// The assembled stack, type-erased once; never fails (errors are answers).
 pub type ProxyStack = BoxCloneService<
@@ -128,7 +81,7 @@ pub struct Shared {
     pub cache: cache::CacheLayer,
     pub rate_limit: rate_limit::RateLimitLayer,
     pub resilience: Resilience,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Assembles worker `worker`'s per-request stack over its proxy service.
@@ -148,7 +101,7 @@ pub fn build_stack(
     let stack = ServiceBuilder::new()
         // A panic anywhere below becomes a 500 JSON answer instead of a
         // connection dropped without a reply.
-        .layer(CatchPanicLayer::custom(crate::error::panic_response))
+        .layer(CatchPanicLayer::custom(rescue::panic_response))
         // Keep the client's X-Request-Id or mint a UUID before anything logs
         // or forwards, so the app and the logs share it.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -158,11 +111,7 @@ pub fn build_stack(
         // below), on this worker's own shard. Above the propagation below,
         // so it reads the request id off the answer instead of copying it
         // from every request.
-        .option_layer(
-            recorder
-                .clone()
-                .map(crate::metrics::layer::MetricsLayer::new),
-        )
+        .option_layer(recorder.clone().map(MetricsLayer::new))
         // Return the request id on every answer, the sidecar's own errors
         // included.
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -191,9 +140,12 @@ pub fn build_stack(
         // Retries with backoff and budget, above the breaker so that each
         // attempt is admitted (or refused) by the circuit on its own.
         .option_layer(cfg.retry.enabled.then(|| {
+            let circuits = Arc::clone(&resilience.circuits);
             RetryLayer::new(
                 cfg,
-                Arc::clone(&resilience.circuits),
+                CircuitIsOpen(Arc::new(move |r| {
+                    circuits.for_route(r).is_some_and(|b| b.is_open())
+                })),
                 Arc::clone(&resilience.retries),
                 worker,
                 cfg.threads,

@@ -5,8 +5,8 @@
 //! once its head has arrived (an SSE answer may run long).
 //!
 //! The deadline travels with the request as a [`Deadline`] extension: the
-//! retry layer never waits past it, and each upstream attempt
-//! ([`super::classify`]) is bounded by it from inside the circuit breaker.
+//! retry layer never waits past it, and each upstream attempt (the
+//! classifier's) is bounded by it from inside the circuit breaker.
 //!
 //! A deadline that passes while the client is still sending its body is the
 //! client's doing, not the upstream's: a stalled upload must not count as an
@@ -20,25 +20,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use bytes::Bytes;
 use http::Request;
 
-use super::WorkerHandle;
-use super::classify::{Failure, FailureCounts};
 use crate::BoxError;
 use crate::body::Body;
-use crate::error::{ClientTimeout, UpstreamTimeout};
+use crate::error::{ClientTimeout, Failure, UpstreamTimeout};
+use crate::extensions::{BodySent, Deadline};
+use crate::metrics::resilience::FailureCounts;
 use crate::route::MatchedRoute;
-
-/// When the route's overall time is up, as a request extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline {
-    pub at: tokio::time::Instant,
-    /// The route's timeout, for the 504's message.
-    pub route_timeout: Duration,
-}
+use crate::service::WorkerHandle;
 
 #[derive(Debug, Clone)]
 pub struct RouteTimeoutLayer {
@@ -82,25 +73,13 @@ pub struct RouteTimeout<S> {
     counts: Option<WorkerHandle<FailureCounts>>,
 }
 
-/// Whether the request's body has been delivered whole (to the upstream
-/// client, or to the retry layer's buffer), as a request extension. Absent
-/// when the request had no body to send.
-#[derive(Debug, Clone)]
-pub struct BodySent(Arc<AtomicBool>);
-
-impl BodySent {
-    pub fn is_sent(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
 /// The body, watched when there is one to send (bodiless requests are
 /// passed as they are, with no flag).
 fn watched(body: Body) -> (Body, Option<BodySent>) {
     if http_body::Body::is_end_stream(&body) {
         return (body, None);
     }
-    let sent = BodySent(Arc::new(AtomicBool::new(false)));
+    let sent = BodySent::new();
     let body = crate::body::boxed(Tracked {
         inner: body,
         sent: sent.clone(),
@@ -126,7 +105,7 @@ impl http_body::Body for Tracked {
         // hyper stops polling once `is_end_stream` says so, without asking
         // for the final `None`.
         if matches!(frame, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.sent.0.store(true, Ordering::Release);
+            self.sent.mark_sent();
         }
         frame
     }

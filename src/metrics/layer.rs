@@ -1,5 +1,5 @@
 //! `Metrics`: records every request on its worker's [`Recorder`] — route,
-//! method, status, duration, the cache's verdict (`X-Cache`), the sidecar's
+//! method, status, duration, the cache's verdict ([`CacheOutcome`]), the sidecar's
 //! own error kind ([`crate::error::Rescued`]) or the upstream's failure type
 //! ([`UpstreamFailure`]) — when the response head is ready. It sits right
 //! under the route match, above the access log and the rescue, so it sees
@@ -8,16 +8,15 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
+use tokio::time::Instant;
 
-use super::{Finished, Recorder, method_index};
+use super::requests::{Finished, Recorder, method_index};
 use crate::error::Rescued;
-use crate::layers::cache::X_CACHE;
-use crate::layers::classify::UpstreamFailure;
-use crate::layers::on_answer::{Hook, OnAnswer};
+use crate::extensions::{CacheOutcome, UpstreamFailure};
 use crate::route::MatchedRoute;
+use crate::service::{Hook, OnAnswer};
 
 #[derive(Debug, Clone)]
 pub struct MetricsLayer {
@@ -101,9 +100,7 @@ impl Pending {
             status: resp.map_or(500, |r| r.status().as_u16()),
             at: now,
             elapsed: now - self.start,
-            x_cache: resp
-                .and_then(|r| r.headers().get(X_CACHE))
-                .map(HeaderValue::as_bytes),
+            cache: ext.and_then(|e| e.get::<CacheOutcome>()).copied(),
             own_error: rescued.map(|r| (r.kind, r.message.as_str())),
             upstream_failure: ext.and_then(|e| e.get::<UpstreamFailure>()).map(|f| f.0),
             // Set on the answer by the request-id propagation below.

@@ -9,6 +9,7 @@
 //! over-limit upload), whose error is kept so the rescue answers 413.
 
 mod headers;
+pub mod ready;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,7 +32,7 @@ use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
 use crate::error::{ClientBodyError, UpstreamUnavailable, find_cause};
-use crate::server::ClientAddr;
+use crate::extensions::ClientAddr;
 
 /// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
 /// proxy clones it for every request).

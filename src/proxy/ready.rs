@@ -13,8 +13,9 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::UpstreamClient;
 use crate::body;
-use crate::proxy::UpstreamClient;
+use crate::metrics::system::{ProbeFigures, ProbeReading};
 
 const CACHE_FOR: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,6 +44,16 @@ impl Probe {
     }
 }
 
+/// The probe reports its last result to the metrics.
+impl ProbeFigures for Readiness {
+    fn last_probe(&self) -> Option<ProbeReading> {
+        self.last().map(|p| ProbeReading {
+            reachable: p.reachable,
+            latency: p.latency,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct Readiness {
     client: UpstreamClient,
@@ -50,6 +61,10 @@ pub struct Readiness {
     draining: AtomicBool,
     last: Mutex<Option<Probe>>,
     /// A copy of the last probe for readers that must not wait or probe.
+    #[allow(
+        clippy::disallowed_types,
+        reason = "held for a copy of the last probe, never across an await: readers must not wait on a probe under way"
+    )]
     latest: std::sync::Mutex<Option<Probe>>,
 }
 
@@ -62,6 +77,7 @@ impl Readiness {
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
             draining: AtomicBool::new(false),
             last: Mutex::new(None),
+            #[allow(clippy::disallowed_types, reason = "see the field")]
             latest: std::sync::Mutex::new(None),
         }
     }
@@ -90,7 +106,7 @@ impl Readiness {
         probe
     }
 
-    /// The last probe, without probing (for metrics and health).
+    /// The last probe, without probing (for the health endpoint).
     pub fn last(&self) -> Option<Probe> {
         self.latest
             .lock()

@@ -1,14 +1,20 @@
-//! The Redis layer of the cache, on fred. Every command is sent with
+//! The one Redis client of the sidecar, on fred, shared by the cache and the
+//! rate limiter (neither reaches into the other): connection options,
+//! timeouts, the key spaces under the prefix, and the commands on entries.
+//! [`scripts`] holds the server-side scripts, [`pubsub`] the invalidation
+//! channel.
+//! Every command is sent with
 //! `fail_fast` and a short timeout (`redis.timeout`, 50 ms), and one attempt:
 //! fred's default is to queue commands forever while Redis is down, which
 //! would stall requests. A failed call is an error for the caller to count
 //! and fall back from; fred reconnects by itself in the background
 //! (constant 500 ms policy) and [`RedisStore::is_connected`] follows it.
 //!
-//! Invalidation patterns are published on `<prefix>invalidate`; every
-//! sidecar's subscriber clears its memory layer when one arrives. The rate
-//! limiter's shared mode runs [`GCRA_LUA`] here too (one client, one
-//! connection, one reconnect policy for both).
+//! One client, one connection and one reconnect policy serve the cache's
+//! entries, the invalidation messages and the rate limiter's shared mode.
+
+pub mod pubsub;
+pub mod scripts;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +24,8 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use fred::types::scan::Scanner;
 use futures_util::StreamExt;
-use serde_json::json;
+
+use crate::config::RedisConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
@@ -30,39 +37,8 @@ pub enum RedisError {
     Disconnected,
 }
 
-/// GCRA on the Redis server, atomically (one script run per check), with the
-/// server's clock so replicas agree. KEYS[1] holds the theoretical arrival
-/// time (ms) and expires when the client's allowance is whole again.
-/// ARGV: emission interval (ms), burst. Returns {allowed, remaining, wait_ms,
-/// reset_ms}.
-pub const GCRA_LUA: &str = r#"
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local window = interval * burst
-local new_tat = tat + interval
-local allow_at = new_tat - window
-if now < allow_at then
-  return {0, 0, allow_at - now, tat - now}
-end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
-return {1, math.floor((window - (new_tat - now)) / interval), 0, new_tat - now}
-"#;
-
 /// The key space (after the prefix) of the rate limiter's keys.
 pub const RATE_LIMIT_SPACE: &str = "rl:";
-
-/// What the shared limiter said.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GcraOutcome {
-    pub allowed: bool,
-    pub remaining: u64,
-    pub wait: Duration,
-    pub reset: Duration,
-}
 
 #[derive(Clone)]
 pub struct RedisStore {
@@ -72,6 +48,7 @@ pub struct RedisStore {
     timeout: Duration,
     /// Identifies this process's own invalidation messages.
     origin: String,
+    /// The rate limiter's script ([`scripts::GCRA_LUA`]).
     gcra: std::sync::Arc<fred::types::scripts::Script>,
 }
 
@@ -114,6 +91,14 @@ fn log_connection_changes(client: &Client) {
 }
 
 impl RedisStore {
+    /// The client `redis.url` asks for, started; `None` without a URL.
+    pub fn from_config(cfg: &RedisConfig) -> Result<Option<Self>, RedisError> {
+        cfg.url
+            .as_deref()
+            .map(|url| Self::start(url, cfg.timeout, &cfg.key_prefix))
+            .transpose()
+    }
+
     /// Builds the clients and starts connecting in the background; never
     /// waits for Redis, so a sidecar starts (memory-only) while it is down.
     pub fn start(url: &str, timeout: Duration, prefix: &str) -> Result<Self, RedisError> {
@@ -145,7 +130,7 @@ impl RedisStore {
             prefix: prefix.to_string(),
             timeout,
             origin: uuid::Uuid::new_v4().to_string(),
-            gcra: std::sync::Arc::new(fred::types::scripts::Script::from_lua(GCRA_LUA)),
+            gcra: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::GCRA_LUA)),
         })
     }
 
@@ -153,7 +138,7 @@ impl RedisStore {
         self.client.is_connected()
     }
 
-    fn opts(&self) -> Options {
+    pub(crate) fn opts(&self) -> Options {
         Options {
             fail_fast: true,
             timeout: Some(self.timeout),
@@ -168,7 +153,7 @@ impl RedisStore {
     /// awaits a Redis call inline (the cache's request future among them)
     /// would grow by as much and be copied whole on each request, Redis used
     /// or not.
-    fn bounded<'a, T: Send + 'a>(
+    pub(crate) fn bounded<'a, T: Send + 'a>(
         &self,
         fut: impl Future<Output = Result<T, fred::error::Error>> + Send + 'a,
     ) -> Pin<Box<dyn Future<Output = Result<T, RedisError>> + Send + 'a>> {
@@ -181,7 +166,7 @@ impl RedisStore {
         })
     }
 
-    fn full_key(&self, key: &str) -> String {
+    pub(crate) fn full_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
@@ -245,95 +230,5 @@ impl RedisStore {
             page.next();
         }
         Ok(removed)
-    }
-
-    /// One GCRA check on the shared limiter (`EVALSHA`, loading the script
-    /// again after a Redis restart emptied its cache).
-    pub async fn gcra(
-        &self,
-        key: &str,
-        interval: Duration,
-        burst: u64,
-    ) -> Result<GcraOutcome, RedisError> {
-        if !self.is_connected() {
-            return Err(RedisError::Disconnected);
-        }
-        let interval_ms = u64::try_from(interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let key = self.full_key(key);
-        let v: Vec<i64> = self
-            .bounded(
-                self.gcra
-                    .evalsha_with_reload(&self.client, key, vec![interval_ms, burst]),
-            )
-            .await?;
-        let at = |i: usize| u64::try_from(v.get(i).copied().unwrap_or(0)).unwrap_or(0);
-        Ok(GcraOutcome {
-            allowed: at(0) == 1,
-            remaining: at(1),
-            wait: Duration::from_millis(at(2)),
-            reset: Duration::from_millis(at(3)),
-        })
-    }
-
-    fn channel(&self) -> String {
-        format!("{}invalidate", self.prefix)
-    }
-
-    /// Tells every sidecar (this one included: it ignores its own) to clear
-    /// these patterns from its memory layer.
-    pub async fn publish_invalidation(&self, patterns: &[String]) -> Result<(), RedisError> {
-        let msg = json!({"origin": self.origin, "patterns": patterns}).to_string();
-        let c = self.client.with_options(&self.opts());
-        self.bounded(c.publish::<i64, _, _>(self.channel(), msg))
-            .await
-            .map(|_| ())
-    }
-
-    /// Calls `on_patterns` for every invalidation another sidecar publishes.
-    /// Subscribes as soon as Redis is reachable; fred re-subscribes after a
-    /// reconnect.
-    pub fn listen(&self, on_patterns: impl Fn(Vec<String>) + Send + 'static) {
-        let sub = self.subscriber.clone();
-        let channel = self.channel();
-        tokio::spawn(async move {
-            loop {
-                if sub.is_connected() && sub.subscribe(channel.clone()).await.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        let mut rx = self.subscriber.message_rx();
-        let origin = self.origin.clone();
-        tokio::spawn(async move {
-            loop {
-                match rx.recv().await {
-                    Ok(msg) => {
-                        let Some(text) = msg.value.as_string() else {
-                            continue;
-                        };
-                        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-                            continue;
-                        };
-                        if v["origin"].as_str() == Some(origin.as_str()) {
-                            continue;
-                        }
-                        let patterns = v["patterns"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|p| p.as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        on_patterns(patterns);
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
     }
 }

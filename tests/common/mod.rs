@@ -1,6 +1,10 @@
 //! Test fixtures: the mock legacy app as a real process, the sidecar
 //! in-process (on a real 127.0.0.1 socket) or as the real binary.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
+)]
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -11,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rag_sidecar::admin::Endpoint;
+use rag_sidecar::app::App;
 use rag_sidecar::config::{Config, Overrides};
-use rag_sidecar::server::Server;
 
 /// The mock legacy app, killed on drop.
 pub struct Mock {
@@ -173,7 +177,7 @@ impl Sidecar {
             "readiness_path = \"/__mock/fast\"\n"
         };
         let text = format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{probe}{toml}");
-        let server = Server::bind_with(config(&text, env), extra).await.unwrap();
+        let server = App::bind_with(config(&text, env), extra).await.unwrap();
         let addr = server.local_addr().unwrap();
         let admin_addr = server.admin_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -72,17 +72,11 @@ pub fn cache_key(
     let mut key = String::with_capacity(namespace.len() + 33);
     key.push_str(namespace);
     key.push(':');
-    push_hex(&mut key, &digest[..16]);
-    key
-}
-
-/// Appends `bytes` as lowercase hex digits.
-pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    let mut hex = [0u8; 32];
+    if hex::encode_to_slice(&digest[..16], &mut hex).is_ok() {
+        key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     }
+    key
 }
 
 /// The canonical bytes of a JSON body, or `None` if it is not a JSON object

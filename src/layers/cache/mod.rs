@@ -25,11 +25,10 @@
 pub mod entry;
 pub mod key;
 pub mod policy;
-pub mod redis;
 pub mod store;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -40,11 +39,12 @@ use tokio::sync::watch;
 use self::entry::Entry;
 use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace};
-use super::call_boxed;
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
-use crate::error::{ClientTimeout, UpstreamTimeout, UpstreamUnavailable, rescued};
+use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
+use crate::extensions::{CacheOutcome, StaleAtHand};
 use crate::route::MatchedRoute;
+use crate::service::{BoxResponseFuture, Inner, call_boxed};
 
 pub use self::store::Clock;
 
@@ -54,11 +54,6 @@ pub const KEY_BODY_LIMIT: u64 = 256 * 1024;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// On a request the cache forwards while holding a stale answer for it: the
-/// retry layer below makes a single attempt, since a failure is answered
-/// with the stale entry at once anyway.
-#[derive(Debug, Clone, Copy)]
-pub struct StaleAtHand;
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 #[derive(Debug, Clone)]
@@ -106,9 +101,9 @@ pub struct CacheService<S> {
     shared: Arc<Shared>,
 }
 
-type BoxFut = super::BoxResponseFuture;
+type BoxFut = BoxResponseFuture;
 
-impl<S: super::Inner> tower::Service<Request<Body>> for CacheService<S> {
+impl<S: Inner> tower::Service<Request<Body>> for CacheService<S> {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = futures_util::future::Either<S::Future, BoxFut>;
@@ -138,7 +133,8 @@ impl<S: super::Inner> tower::Service<Request<Body>> for CacheService<S> {
         futures_util::future::Either::Right(Box::pin(async move {
             let resp = handle(&shared, inner, req, route.as_ref(), ns).await?;
             if let Some(route) = route.filter(|r| !r.invalidate.is_empty()) {
-                let from_upstream = resp.headers().get(&X_CACHE).is_none_or(|v| v != "HIT");
+                let from_upstream =
+                    resp.extensions().get::<CacheOutcome>() != Some(&CacheOutcome::Hit);
                 if resp.status().is_success() && from_upstream {
                     // In its own task: a client that hangs up now must not
                     // cancel the invalidation half way.
@@ -170,9 +166,11 @@ where
     let mode = policy::request_mode(req.headers());
     if mode == RequestMode::Bypass {
         count(counters, |c| &c.bypass);
-        let mut resp = rescued(call_boxed(&mut inner, req).await);
-        mark(&mut resp, "BYPASS", "rag-sidecar; fwd=bypass".into(), None);
-        return Ok(resp);
+        return marked(
+            call_boxed(&mut inner, req).await,
+            CacheOutcome::Bypass,
+            "rag-sidecar; fwd=bypass".into(),
+        );
     }
     let limit = route.map_or(std::time::Duration::from_secs(30), |r| r.timeout);
     let (parts, req_body) = req.into_parts();
@@ -183,14 +181,11 @@ where
         Buffered::Whole(b) => b,
         Buffered::Partial(rest) => {
             count(counters, |c| &c.bypass);
-            let mut resp = rescued(call_boxed(&mut inner, Request::from_parts(parts, rest)).await);
-            mark(
-                &mut resp,
-                "BYPASS",
+            return marked(
+                call_boxed(&mut inner, Request::from_parts(parts, rest)).await,
+                CacheOutcome::Bypass,
                 "rag-sidecar; fwd=bypass; detail=large-request".into(),
-                None,
             );
-            return Ok(resp);
         }
     };
     let key = key::cache_key(
@@ -215,7 +210,7 @@ where
                     count(counters, |c| &c.hits);
                     return Ok(replay(
                         &e,
-                        "HIT",
+                        CacheOutcome::Hit,
                         {
                             let mut digits = itoa::Buffer::new();
                             ["rag-sidecar; hit; ttl=", digits.format(ttl_left)].concat()
@@ -246,7 +241,7 @@ where
                         count(counters, |c| &c.coalesced);
                         return Ok(replay(
                             &e,
-                            "MISS",
+                            CacheOutcome::Miss,
                             "rag-sidecar; fwd=miss; collapsed".into(),
                             0,
                         ));
@@ -293,7 +288,7 @@ where
             tracing::debug!("serving stale: upstream failed: {e}");
             return Ok(serve_stale(sh, &ns, s, "upstream-error"));
         }
-        (Err(e), None) => return Ok(failed_miss(e, fwd)),
+        (Err(e), None) => return Err(failed_miss(e, fwd)),
         (Ok(r), Some(s)) if r.status().is_server_error() => {
             return Ok(serve_stale(sh, &ns, s, r.status().as_str()));
         }
@@ -314,7 +309,7 @@ where
         let mut resp = resp;
         mark(
             &mut resp,
-            "MISS",
+            CacheOutcome::Miss,
             format!("rag-sidecar; fwd={fwd}; detail={}", why.as_str()),
             None,
         );
@@ -323,7 +318,7 @@ where
     let (rparts, rbody) = resp.into_parts();
     let read = tokio::time::timeout(limit, read_bounded(rbody, ns.max_body)).await;
     let Ok(read) = read else {
-        return Ok(failed_miss(UpstreamTimeout(limit), fwd));
+        return Err(failed_miss(UpstreamTimeout(limit), fwd));
     };
     let bytes = match read {
         Ok(Buffered::Whole(b)) => b,
@@ -331,13 +326,13 @@ where
             let mut resp = Response::from_parts(rparts, rest);
             mark(
                 &mut resp,
-                "MISS",
+                CacheOutcome::Miss,
                 format!("rag-sidecar; fwd={fwd}; detail=too-large"),
                 None,
             );
             return Ok(resp);
         }
-        Err(e) => return Ok(failed_miss(UpstreamUnavailable(e), fwd)),
+        Err(e) => return Err(failed_miss(UpstreamUnavailable(e), fwd)),
     };
     let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
     // An exact-size copy: the body read from the upstream may be a slice of a
@@ -353,7 +348,7 @@ where
     if ns.generation() != generation {
         mark(
             &mut resp,
-            "MISS",
+            CacheOutcome::Miss,
             format!("rag-sidecar; fwd={fwd}; detail=invalidated"),
             None,
         );
@@ -367,26 +362,49 @@ where
     sh.store.put_redis(&key, &entry).await;
     mark(
         &mut resp,
-        "MISS",
+        CacheOutcome::Miss,
         format!("rag-sidecar; fwd={fwd}; stored; ttl={}", ns.ttl.as_secs()),
         None,
     );
     Ok(resp)
 }
 
-/// A miss whose forwarding failed, with no stale answer at hand: the
-/// rescue's answer, made here (as for a failed bypass, with
-/// [`rescued`]) so that it carries `X-Cache` like every other answer of a
-/// cached route.
-fn failed_miss(e: impl Into<BoxError>, fwd: &str) -> Response<Body> {
-    let mut resp = crate::error::rescue(&e.into());
-    mark(
-        &mut resp,
-        "MISS",
+/// A miss whose forwarding failed, with no stale answer at hand: the error,
+/// carrying `X-Cache` and `Cache-Status` for the answer the rescue makes of
+/// it, like every other answer of a cached route.
+fn failed_miss(e: impl Into<BoxError>, fwd: &str) -> BoxError {
+    decorated(
+        e.into(),
+        CacheOutcome::Miss,
         format!("rag-sidecar; fwd={fwd}; detail=error"),
-        None,
-    );
-    resp
+    )
+}
+
+/// A forwarded result, marked: the answer, or the error decorated with the
+/// same fields.
+fn marked(
+    result: Result<Response<Body>, BoxError>,
+    outcome: CacheOutcome,
+    status: String,
+) -> Result<Response<Body>, BoxError> {
+    match result {
+        Ok(mut resp) => {
+            mark(&mut resp, outcome, status, None);
+            Ok(resp)
+        }
+        Err(e) => Err(decorated(e, outcome, status)),
+    }
+}
+
+fn decorated(e: BoxError, outcome: CacheOutcome, status: String) -> BoxError {
+    let mut d = Decorated::new(e);
+    d.headers
+        .insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+    if let Ok(v) = HeaderValue::try_from(status) {
+        d.headers.insert(CACHE_STATUS, v);
+    }
+    d.extensions.insert(outcome);
+    Box::new(d)
 }
 
 fn count(
@@ -412,14 +430,14 @@ fn serve_stale(sh: &Shared, ns: &Namespace, e: &Entry, why: &str) -> Response<Bo
     };
     replay(
         e,
-        "STALE",
+        CacheOutcome::Stale,
         format!("rag-sidecar; fwd=stale; {detail}; ttl=-{over}"),
         age,
     )
 }
 
 /// The stored answer, with the cache's headers.
-fn replay(e: &Entry, x_cache: &'static str, status: String, age_secs: u64) -> Response<Body> {
+fn replay(e: &Entry, outcome: CacheOutcome, status: String, age_secs: u64) -> Response<Body> {
     let mut resp = Response::new(body::full(e.body.clone()));
     *resp.status_mut() = e.status;
     // Sized for the stored fields, the cache's three and what the layers
@@ -430,13 +448,16 @@ fn replay(e: &Entry, x_cache: &'static str, status: String, age_secs: u64) -> Re
     for (name, value) in &e.headers {
         h.append(name.clone(), value.clone());
     }
-    mark(&mut resp, x_cache, status, Some(age_secs));
+    mark(&mut resp, outcome, status, Some(age_secs));
     resp
 }
 
-fn mark(resp: &mut Response<Body>, x_cache: &'static str, status: String, age: Option<u64>) {
+/// `X-Cache`, `Cache-Status` and `Age` on the answer, and its
+/// [`CacheOutcome`] for the layers above.
+fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: Option<u64>) {
+    resp.extensions_mut().insert(outcome);
     let h = resp.headers_mut();
-    h.insert(X_CACHE, HeaderValue::from_static(x_cache));
+    h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     if let Ok(v) = HeaderValue::try_from(status) {
         h.insert(CACHE_STATUS, v);
     }
@@ -457,8 +478,12 @@ enum Outcome {
 
 /// Misses under way, by key.
 #[derive(Debug, Default)]
+#[allow(
+    clippy::disallowed_types,
+    reason = "held for one lookup, insert or remove per miss, never across an await"
+)]
 struct Inflight {
-    map: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    map: std::sync::Mutex<HashMap<String, watch::Receiver<Outcome>>>,
 }
 
 enum Join {

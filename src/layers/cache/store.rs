@@ -23,8 +23,9 @@ use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 use serde_json::{Value, json};
 
 use super::entry::Entry;
-use super::redis::RedisStore;
 use crate::config::Config;
+use crate::metrics::cache::{CacheFigures, NamespaceFigures};
+use crate::redis::RedisStore;
 
 /// Wall-clock milliseconds derived from tokio's clock: comparable across
 /// replicas (entries in Redis carry it), and paused/advanced in tests.
@@ -171,9 +172,10 @@ pub struct CacheStore {
 }
 
 impl CacheStore {
-    /// Builds the memory layer for every cached route, and starts the Redis
-    /// client (without waiting for it) when configured.
-    pub fn new(cfg: &Config) -> Result<Arc<Self>, String> {
+    /// Builds the memory layer for every cached route over `redis`, the
+    /// process's Redis client when one is configured (started by the
+    /// composition root, shared with the rate limiter).
+    pub fn new(cfg: &Config, redis: Option<RedisStore>) -> Result<Arc<Self>, String> {
         let cached: Vec<_> = cfg.routes.iter().filter_map(|r| r.cache.as_ref()).collect();
         let total_items: u64 = cached
             .iter()
@@ -223,13 +225,6 @@ impl CacheStore {
                 }),
             );
         }
-        let redis = match &cfg.redis.url {
-            Some(url) => Some(
-                RedisStore::start(url, cfg.redis.timeout, &cfg.redis.key_prefix)
-                    .map_err(|e| e.to_string())?,
-            ),
-            None => None,
-        };
         let store = Arc::new(Self {
             namespaces,
             redis,
@@ -237,8 +232,14 @@ impl CacheStore {
             clock: Clock::new(),
             stale_ms: u64::try_from(cfg.cache.stale_if_error.as_millis()).unwrap_or(u64::MAX),
         });
-        if let Some(r) = &store.redis {
-            let weak = Arc::downgrade(&store);
+        Ok(store)
+    }
+
+    /// Clears the memory layer on every invalidation another sidecar
+    /// publishes (a background task; nothing without Redis).
+    pub fn follow_invalidations(self: &Arc<Self>) {
+        if let Some(r) = &self.redis {
+            let weak = Arc::downgrade(self);
             r.listen(move |patterns| {
                 if let Some(s) = weak.upgrade() {
                     for p in &patterns {
@@ -248,7 +249,6 @@ impl CacheStore {
                 }
             });
         }
-        Ok(store)
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
@@ -379,11 +379,6 @@ impl CacheStore {
             .fetch_add(removed as u64, Ordering::Relaxed);
     }
 
-    /// The Redis client, shared with the rate limiter's shared mode.
-    pub fn redis(&self) -> Option<&RedisStore> {
-        self.redis.as_ref()
-    }
-
     pub fn redis_connected(&self) -> bool {
         self.redis.as_ref().is_some_and(RedisStore::is_connected)
     }
@@ -428,6 +423,37 @@ impl CacheStore {
     }
 }
 
+/// The store reports its figures to the metrics.
+impl CacheFigures for CacheStore {
+    fn namespaces(&self) -> Vec<NamespaceFigures> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        self.namespaces
+            .values()
+            .map(|ns| {
+                let c = &ns.counters;
+                NamespaceFigures {
+                    name: ns.name.clone(),
+                    hits: load(&c.hits),
+                    misses: load(&c.misses),
+                    stale: load(&c.stale),
+                    bypass: load(&c.bypass),
+                    coalesced: load(&c.coalesced),
+                    items: ns.items(),
+                    bytes: ns.bytes(),
+                }
+            })
+            .collect()
+    }
+
+    fn memory_items(&self) -> usize {
+        CacheStore::memory_items(self)
+    }
+
+    fn redis_connected(&self) -> bool {
+        CacheStore::redis_connected(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,7 +474,7 @@ mod tests {
     async fn item_cap_and_byte_budget_both_hold() {
         let mut cfg = Config::default();
         cfg.cache.max_memory_bytes = 4 * 1024 * 1024;
-        let store = CacheStore::new(&cfg).unwrap();
+        let store = CacheStore::new(&cfg, None).unwrap();
         let ns = Arc::clone(store.namespace("search").unwrap());
         // The namespace's share of the budget, by max_items (500 of 1700).
         let budget = ns.cache.capacity();
@@ -479,7 +505,7 @@ mod tests {
 
     #[tokio::test]
     async fn clear_patterns() {
-        let store = CacheStore::new(&Config::default()).unwrap();
+        let store = CacheStore::new(&Config::default(), None).unwrap();
         let search = Arc::clone(store.namespace("search").unwrap());
         let rag = Arc::clone(store.namespace("rag").unwrap());
         store.put(&search, "search:aa".into(), entry(1)).await;

@@ -12,30 +12,20 @@
 //! contract wants one probe. This is the linkerd `failfast` shape instead:
 //! a closed fast path of two atomic loads, a mutex only on transitions.
 
+#![allow(
+    clippy::disallowed_types,
+    reason = "the mutex is taken on state transitions only (the closed path reads two atomics), never across an await"
+)]
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-/// The state an operator sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Closed,
-    Open,
-    /// The open period is over; the next call (or the one under way) probes.
-    HalfOpen,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-            Self::HalfOpen => "half_open",
-        }
-    }
-}
+/// The state an operator sees: the metrics' own type, so that the breaker
+/// reports its state without a translation.
+pub use crate::metrics::resilience::CircuitState as State;
 
 #[derive(Debug)]
 enum Phase {
@@ -274,7 +264,7 @@ impl Core {
     }
 }
 
-pub use crate::layers::ceil_secs;
+pub use crate::service::ceil_secs;
 
 /// The right to make one call; report how it went. Dropped unreported
 /// after its deadline (the route timeout above gave up on the call), it
@@ -290,12 +280,12 @@ pub struct Permit {
     deadline: Option<Instant>,
     /// The request's body delivery: a deadline that passes before the
     /// client sent it all is the client's, not a failure.
-    body: Option<crate::layers::timeout::BodySent>,
+    body: Option<crate::extensions::BodySent>,
 }
 
 impl Permit {
     /// Watches the request body's delivery (see `body`).
-    pub fn watching(mut self, body: Option<crate::layers::timeout::BodySent>) -> Self {
+    pub fn watching(mut self, body: Option<crate::extensions::BodySent>) -> Self {
         self.body = body;
         self
     }

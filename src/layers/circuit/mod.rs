@@ -19,12 +19,12 @@ use http::{Request, Response};
 use serde_json::{Value, json};
 
 use self::breaker::{Admission, Breaker, Permit};
-use super::classify::UpstreamFailure;
-use super::timeout::{BodySent, Deadline};
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::CircuitOpen;
+use crate::extensions::{BodySent, Deadline, UpstreamFailure};
+use crate::metrics::resilience::{CircuitFigures, CircuitReading};
 use crate::route::MatchedRoute;
 
 /// Circuits every sidecar has, named or not by a route.
@@ -122,6 +122,22 @@ impl Circuits {
 #[derive(Debug, Clone)]
 pub struct CircuitLayer {
     circuits: Arc<Circuits>,
+}
+
+/// The breakers report their state and failures to the metrics.
+impl CircuitFigures for Circuits {
+    fn circuits(&self) -> Vec<CircuitReading> {
+        self.iter()
+            .map(|b| {
+                let snap = b.snapshot();
+                CircuitReading {
+                    name: Arc::clone(b.name()),
+                    state: snap.state,
+                    consecutive_failures: snap.failure_count,
+                }
+            })
+            .collect()
+    }
 }
 
 impl CircuitLayer {
@@ -255,9 +271,8 @@ mod tests {
             let mut resp = Response::new(crate::body::empty());
             if !h.load(Ordering::SeqCst) {
                 *resp.status_mut() = StatusCode::BAD_GATEWAY;
-                resp.extensions_mut().insert(UpstreamFailure(
-                    super::super::classify::Failure::Upstream5xx,
-                ));
+                resp.extensions_mut()
+                    .insert(UpstreamFailure(crate::error::Failure::Upstream5xx));
             }
             async move { Ok::<_, BoxError>(resp) }
         });

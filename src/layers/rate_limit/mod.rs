@@ -20,7 +20,7 @@
 //! `dry_run` computes and counts everything but lets requests through.
 //!
 //! With Redis configured, the limits are shared by every replica: each check
-//! runs a GCRA Lua script on the Redis server ([`GCRA_LUA`](crate::layers::cache::redis::GCRA_LUA): atomic, on the
+//! runs a GCRA Lua script on the Redis server ([`GCRA_LUA`](crate::redis::scripts::GCRA_LUA): atomic, on the
 //! server's clock, keys expiring once the client's allowance is whole). The
 //! client key is hashed in the Redis key name (an API key never appears
 //! there). While Redis is down or slow (the cache's short timeout), each
@@ -41,19 +41,19 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use ipnet::IpNet;
 
 use self::key::{ClientKey, client_key};
 use crate::BoxError;
-use crate::body::Body;
+use crate::body::{self, Body};
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
-use crate::layers::cache::redis::{RATE_LIMIT_SPACE, RedisStore};
-use crate::layers::ceil_secs;
-use crate::layers::on_answer::{Hook, OnAnswer};
-use crate::layers::{BoxResponseFuture, call_boxed};
+use crate::error::{Decorated, RateHeaders, RateLimited};
+use crate::extensions::ClientAddr;
+use crate::metrics::rate_limit::{RateLimitFigures, RouteRejections};
+use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
-use crate::server::ClientAddr;
+use crate::service::{BoxResponseFuture, Hook, Inner, OnAnswer, call_boxed, ceil_secs};
 
 type Limiter = RateLimiter<
     ClientKey,
@@ -61,53 +61,6 @@ type Limiter = RateLimiter<
     DefaultClock,
     StateInformationMiddleware,
 >;
-
-pub const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// A request over its limit (answered 429 by the rescue).
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct RateLimited {
-    /// `30 requests per minute limit reached`
-    pub message: String,
-    /// Whole seconds, at least 1.
-    pub retry_after: u64,
-    /// The rate-limit headers of the answer.
-    pub headers: Option<RateHeaders>,
-}
-
-/// The rate-limit fields of one answer, written straight into its header
-/// map (building a map of their own and merging it would hash and store
-/// every field twice).
-#[derive(Debug, Clone)]
-pub struct RateHeaders {
-    limit: HeaderValue,
-    remaining: u64,
-    /// Unix time, seconds.
-    reset_at: u64,
-    policy: Option<HeaderValue>,
-    /// `RateLimit`: `"name";r=…;t=…`.
-    current: Option<HeaderValue>,
-}
-
-impl RateHeaders {
-    pub fn write_to(&self, h: &mut HeaderMap) {
-        h.reserve(5);
-        h.insert(X_RATELIMIT_LIMIT, self.limit.clone());
-        h.insert(X_RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
-        h.insert(X_RATELIMIT_RESET, HeaderValue::from(self.reset_at));
-        if let Some(p) = &self.policy {
-            h.insert(RATELIMIT_POLICY, p.clone());
-        }
-        if let Some(c) = &self.current {
-            h.insert(RATELIMIT, c.clone());
-        }
-    }
-}
 
 /// One part of a route's limit string, with its limiter.
 #[derive(Debug)]
@@ -265,6 +218,23 @@ impl RateLimitLayer {
     }
 }
 
+/// The limiter reports its rejections and tracked keys to the metrics.
+impl RateLimitFigures for RateLimitLayer {
+    fn routes(&self) -> Vec<RouteRejections> {
+        self.policies()
+            .map(|(route, p)| RouteRejections {
+                route: route.to_string(),
+                rejected: p.rejected.load(Ordering::Relaxed),
+                dry_run_rejected: p.dry_run_rejected.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    fn tracked_keys(&self) -> usize {
+        RateLimitLayer::tracked_keys(self)
+    }
+}
+
 impl<S> tower::Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
@@ -356,9 +326,7 @@ fn key_digest(key: &ClientKey) -> String {
             .chain_update(v.as_bytes())
             .finalize(),
     };
-    let mut hex = String::with_capacity(32);
-    crate::layers::cache::key::push_hex(&mut hex, &digest[..16]);
-    hex
+    hex::encode(&digest[..16])
 }
 
 impl Shared {
@@ -455,7 +423,7 @@ fn current(name: &str, remaining: u64, reset: u64) -> String {
     s
 }
 
-impl<S: crate::layers::Inner> tower::Service<Request<Body>> for RateLimit<S> {
+impl<S: Inner> tower::Service<Request<Body>> for RateLimit<S> {
     type Response = Response<Body>;
     type Error = BoxError;
     type Future = Either<
@@ -510,15 +478,17 @@ impl<S: crate::layers::Inner> tower::Service<Request<Body>> for RateLimit<S> {
 
 /// "The headers are on every response of a limited route": the sidecar's
 /// own answers too (502, 504, 413, an open circuit). Those arrive here as
-/// errors, so this answers them (the rescue's own answer, which the rescue
-/// above then passes through) to have a response to write the fields on.
+/// errors: the fields go onto the error ([`Decorated`]), and the rescue above
+/// writes them on the answer it makes.
 impl Hook<Body, BoxError> for RateHeaders {
     fn run(self, out: &mut Result<Response<Body>, BoxError>) {
-        if let Err(e) = out {
-            *out = Ok(crate::error::rescue(e));
-        }
         if let Ok(resp) = out {
-            self.write_to(resp.headers_mut());
+            return self.write_to(resp.headers_mut());
+        }
+        if let Err(e) = std::mem::replace(out, Ok(Response::new(body::empty()))) {
+            let mut d = Decorated::new(e);
+            self.write_to(&mut d.headers);
+            *out = Err(Box::new(d));
         }
     }
 }
@@ -526,6 +496,8 @@ impl Hook<Body, BoxError> for RateHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::{RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING};
+    use http::HeaderMap;
 
     #[test]
     fn describes_like_flask_limiter() {

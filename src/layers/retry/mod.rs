@@ -22,7 +22,7 @@
 pub mod backoff;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -36,19 +36,15 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::util::rng::HasherRng;
 
 use self::backoff::Backoff;
-use super::circuit::Circuits;
-use super::classify::{Failure, UpstreamFailure};
-use super::timeout::Deadline;
-use super::{BoxResponseFuture, Inner};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::config::{Config, RetryMode};
-use crate::error::ClientTimeout;
-use crate::layers::cache::StaleAtHand;
-use crate::route::MatchedRoute;
-use crate::server::ClientAddr;
-
+use crate::error::{ClientTimeout, Failure};
+use crate::extensions::{Carried, Deadline, StaleAtHand, UpstreamFailure};
+use crate::metrics::resilience::RetryStats;
 use crate::proxy::X_REQUEST_ID;
+use crate::route::MatchedRoute;
+use crate::service::{BoxResponseFuture, Inner};
 
 /// Answers worth another try (besides connection errors and timeouts).
 const RETRY_STATUSES: [StatusCode; 5] = [
@@ -62,13 +58,16 @@ const RETRY_STATUSES: [StatusCode; 5] = [
 /// How long a request counts towards the budget.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
-/// Retry figures since start, for the metrics.
-#[derive(Debug, Default)]
-pub struct RetryStats {
-    /// Retries made.
-    pub retries: AtomicU64,
-    /// Retries not made because the budget was spent.
-    pub budget_exhausted: AtomicU64,
+/// Whether the route's circuit is open now: a retry would only be refused.
+/// Given by `build_stack`, which owns both layers, so that the retry does not
+/// reach into the breaker's module.
+#[derive(Clone)]
+pub struct CircuitIsOpen(pub Arc<dyn Fn(&MatchedRoute) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for CircuitIsOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CircuitIsOpen")
+    }
 }
 
 #[derive(Debug)]
@@ -77,7 +76,7 @@ struct Shared {
     backoff: Backoff,
     max_replay: u64,
     budget: TpsBudget,
-    circuits: Arc<Circuits>,
+    circuit_is_open: CircuitIsOpen,
     stats: Arc<RetryStats>,
 }
 
@@ -93,7 +92,7 @@ impl RetryLayer {
     /// budget state is shared between threads on the request path.
     pub fn new(
         cfg: &Config,
-        circuits: Arc<Circuits>,
+        circuit_is_open: CircuitIsOpen,
         stats: Arc<RetryStats>,
         worker: usize,
         workers: usize,
@@ -113,7 +112,7 @@ impl RetryLayer {
                     floor_share(r.budget_min_per_second, worker, workers),
                     percent.clamp(0.0, 1000.0),
                 ),
-                circuits,
+                circuit_is_open,
                 stats,
             }),
         }
@@ -236,11 +235,8 @@ fn attempts<S: Inner>(
     req: Request<Body>,
     body: Bytes,
 ) -> BoxResponseFuture {
-    let ext = req.extensions();
     let policy = Attempts {
-        deadline: ext.get::<Deadline>().copied(),
-        route: ext.get::<MatchedRoute>().cloned(),
-        client: ext.get::<ClientAddr>().copied(),
+        carried: Carried::take_from(req.extensions()),
         sh,
         body,
         done: 0,
@@ -255,12 +251,9 @@ struct Attempts {
     sh: Arc<Shared>,
     body: Bytes,
     done: u32,
-    // The extensions the layers below read, kept here and put back on the
-    // copy only when a retry is made: copying the request's whole extension
-    // map up front, for every request, costs several allocations.
-    deadline: Option<Deadline>,
-    route: Option<MatchedRoute>,
-    client: Option<ClientAddr>,
+    /// The extensions the layers below read, put back on the copy only
+    /// when a retry is made.
+    carried: Carried,
     /// Made on the first retry: most requests never need one.
     rng: Option<HasherRng>,
 }
@@ -280,11 +273,11 @@ impl Attempts {
         if self.done >= self.sh.max_retries {
             return None;
         }
-        let circuit = self
-            .route
-            .as_ref()
-            .and_then(|r| self.sh.circuits.for_route(r));
-        if circuit.is_some_and(|b| b.is_open()) {
+        if self
+            .carried
+            .route()
+            .is_some_and(|r| (self.sh.circuit_is_open.0)(r))
+        {
             return None;
         }
         let asked =
@@ -293,7 +286,11 @@ impl Attempts {
             let rng = self.rng.get_or_insert_with(HasherRng::new);
             self.sh.backoff.wait(self.done, rng)
         });
-        if self.deadline.is_some_and(|d| Instant::now() + wait >= d.at) {
+        if self
+            .carried
+            .deadline()
+            .is_some_and(|d| Instant::now() + wait >= d.at)
+        {
             tracing::debug!(
                 "not retrying: a wait of {:.1}s would pass the route's deadline",
                 wait.as_secs_f64()
@@ -339,16 +336,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
             self.sh.max_retries,
             wait.as_secs_f64()
         );
-        let ext = req.extensions_mut();
-        if let Some(d) = self.deadline {
-            ext.insert(d);
-        }
-        if let Some(r) = &self.route {
-            ext.insert(r.clone());
-        }
-        if let Some(c) = self.client {
-            ext.insert(c);
-        }
+        self.carried.put_on(req.extensions_mut());
         Some(tokio::time::sleep(wait))
     }
 
@@ -368,9 +356,13 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::disallowed_types,
+    reason = "scripted test services record their calls under a plain lock"
+)]
 mod tests {
     use super::*;
-    use crate::layers::circuit::CircuitLayer;
+    use crate::layers::circuit::{CircuitLayer, Circuits};
     use crate::layers::classify::ClassifyLayer;
     use crate::layers::timeout::RouteTimeoutLayer;
     use crate::route::RouteTable;
@@ -435,6 +427,14 @@ mod tests {
         }
     }
 
+    /// What `build_stack` gives the retry layer.
+    fn is_open(circuits: &Arc<Circuits>) -> CircuitIsOpen {
+        let circuits = Arc::clone(circuits);
+        CircuitIsOpen(Arc::new(move |r| {
+            circuits.for_route(r).is_some_and(|b| b.is_open())
+        }))
+    }
+
     struct Rig {
         cfg: Config,
         script: Script,
@@ -470,7 +470,7 @@ mod tests {
                 .layer(RouteTimeoutLayer::new(Duration::from_secs(30)))
                 .layer(RetryLayer::new(
                     &self.cfg,
-                    Arc::clone(circuits),
+                    is_open(circuits),
                     Arc::clone(stats),
                     0,
                     1,

@@ -1,0 +1,151 @@
+//! The composition root: binds the listeners, builds the process-wide state
+//! (the Redis client, the cache store, the limiters, the circuits, the
+//! metrics, the readiness probe, the machine monitor), starts the background
+//! tasks, assembles one proxy stack per worker and the admin router, and
+//! hands them to the [`Server`]. The only module that knows every part;
+//! nothing imports it but the binary and the tests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::admin::{Admin, AdminState, Endpoint};
+use crate::config::Config;
+use crate::layers::cache::CacheLayer;
+use crate::layers::cache::store::CacheStore;
+use crate::layers::rate_limit::RateLimitLayer;
+use crate::layers::{Resilience, Shared, build_stack};
+use crate::metrics::{Metrics, Sources};
+use crate::proxy::ready::Readiness;
+use crate::proxy::{Proxy, UpstreamClient};
+use crate::redis::{RedisError, RedisStore};
+use crate::route::RouteTable;
+use crate::server::{Server, ServerError};
+use crate::system::Monitor;
+
+/// How often the upstream is probed in the background (readiness, health,
+/// metrics).
+const READINESS_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the rate limiters forget clients whose limits have recovered.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+/// A bound, not yet running sidecar.
+#[derive(Debug)]
+pub struct App {
+    server: Server,
+}
+
+impl App {
+    /// Binds the listeners and builds everything.
+    pub async fn bind(cfg: Config) -> Result<Self, AppError> {
+        Self::bind_with(cfg, Vec::new()).await
+    }
+
+    /// Like [`Self::bind`], serving extra admin endpoints besides the built-in ones.
+    pub async fn bind_with(cfg: Config, extra: Vec<Endpoint>) -> Result<Self, AppError> {
+        let cfg = Arc::new(cfg);
+        // First, so that a port in use fails before anything is started.
+        let listeners = Server::bind(&cfg)?;
+
+        let routes = RouteTable::new(&cfg);
+        let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
+        // One Redis client for the cache and the rate limiter.
+        let redis = RedisStore::from_config(&cfg.redis)?;
+        let cache = CacheStore::new(&cfg, redis.clone()).map_err(AppError::Cache)?;
+        cache.follow_invalidations();
+        let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
+        let rate_limit = RateLimitLayer::new(&cfg, redis);
+        let sweeper = rate_limit.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                sweeper.sweep();
+            }
+        });
+        let readiness = Arc::new(Readiness::new(
+            UpstreamClient::new(&cfg),
+            &cfg.readiness_path,
+        ));
+        readiness.spawn_periodic(READINESS_EVERY);
+        let monitor = Arc::new(Monitor::default());
+        monitor.spawn(std::env::current_dir().unwrap_or_else(|_| ".".into()));
+        let resilience = Resilience::new(&cfg);
+        let metrics = Metrics::new(
+            &cfg,
+            Sources {
+                cache: Arc::clone(&cache) as _,
+                rate_limit: Arc::new(rate_limit.clone()),
+                failures: Arc::clone(&resilience.failures),
+                retries: Arc::clone(&resilience.retries),
+                circuits: Arc::clone(&resilience.circuits) as _,
+                system: Arc::clone(&monitor),
+                probe: Arc::clone(&readiness) as _,
+                redis_configured: cfg.redis.url.is_some(),
+            },
+        );
+        let shared = Shared {
+            inflight,
+            cache: cache_layer,
+            rate_limit,
+            resilience,
+            metrics: Arc::clone(&metrics),
+        };
+        // One stack per worker, each over its own upstream pool.
+        let stacks = (0..listeners.workers())
+            .map(|i| {
+                build_stack(
+                    &cfg,
+                    routes.clone(),
+                    Proxy::new(UpstreamClient::new(&cfg), &cfg),
+                    &shared,
+                    i,
+                )
+            })
+            .collect();
+        let state = Arc::new(AdminState {
+            readiness,
+            metrics,
+            config: Arc::clone(&cfg),
+            started: Instant::now(),
+            cache,
+            resilience: shared.resilience.clone(),
+            system: monitor,
+        });
+        let mut endpoints = crate::admin::builtin_endpoints();
+        endpoints.extend(extra);
+        let admin = Admin::with_endpoints(state, endpoints);
+        Ok(Self {
+            server: Server::new(&cfg, listeners, stacks, admin),
+        })
+    }
+
+    /// Where the proxy listens (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.server.local_addr()
+    }
+
+    /// Where the admin endpoints listen, when on their own port.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see [`crate::server`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.server.run(shutdown).await;
+    }
+}

@@ -1,0 +1,148 @@
+//! What the layers pass each other on a request or a response, as typed
+//! extensions. This is a leaf: every layer may use it, so no layer imports
+//! another's module to learn what that one left on a request, and nothing
+//! reads a header another layer wrote where a typed value can travel.
+//!
+//! On the request (set by → read by):
+//! - [`ClientAddr`]: the server → the rate limiter, the retry, the proxy
+//!   (`X-Forwarded-For`), the access log.
+//! - [`Deadline`]: the route timeout → the retry, the breaker's permit.
+//! - [`BodySent`]: the route timeout → the breaker's permit.
+//! - [`StaleAtHand`]: the cache → the retry.
+//! - `MatchedRoute` ([`crate::route`]): the route match → every layer.
+//!
+//! On the response:
+//! - [`UpstreamFailure`]: the classifier → the retry, the breaker, metrics.
+//! - [`CacheOutcome`]: the cache → metrics, the cache's invalidation.
+//! - `Rescued` ([`crate::error`]): the rescue → metrics, the access log.
+//!
+//! [`Carried`] is the one list of request extensions a request re-made by a
+//! layer (a retry's copy) must carry for the layers below it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Extensions, Response};
+
+use crate::BoxError;
+use crate::body::Body;
+use crate::error::Failure;
+use crate::route::MatchedRoute;
+
+/// The TCP peer of the connection a request came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// When the route's overall time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: tokio::time::Instant,
+    /// The route's timeout, for the 504's message.
+    pub route_timeout: Duration,
+}
+
+/// Whether the request's body has been delivered whole (to the upstream
+/// client, or to the retry layer's buffer). Absent when the request had no
+/// body to send.
+#[derive(Debug, Clone, Default)]
+pub struct BodySent(Arc<AtomicBool>);
+
+impl BodySent {
+    /// A flag not yet set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The body yielded its end.
+    pub fn mark_sent(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_sent(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// On a request the cache forwards while holding a stale answer for it: the
+/// retry layer below makes a single attempt, since a failure is answered
+/// with the stale entry at once anyway.
+#[derive(Debug, Clone, Copy)]
+pub struct StaleAtHand;
+
+/// This answer of the upstream is a failure of the given type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure(pub Failure);
+
+impl UpstreamFailure {
+    /// The failure an attempt's result stands for, if any.
+    pub fn of(result: &Result<Response<Body>, BoxError>) -> Option<Failure> {
+        match result {
+            Ok(resp) => resp.extensions().get::<UpstreamFailure>().map(|f| f.0),
+            Err(e) => Failure::of_error(e),
+        }
+    }
+}
+
+/// What the cache did for an answer of a cached route (its `X-Cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl CacheOutcome {
+    /// The `X-Cache` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "HIT",
+            Self::Miss => "MISS",
+            Self::Stale => "STALE",
+            Self::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// The request extensions the layers below the retry read: taken once from
+/// the original request, put on each copy a retry makes. Copying the whole
+/// extension map up front, for every request, would cost several
+/// allocations; a new extension a lower layer reads is added here.
+#[derive(Debug, Clone, Default)]
+pub struct Carried {
+    deadline: Option<Deadline>,
+    route: Option<MatchedRoute>,
+    client: Option<ClientAddr>,
+}
+
+impl Carried {
+    pub fn take_from(ext: &Extensions) -> Self {
+        Self {
+            deadline: ext.get::<Deadline>().copied(),
+            route: ext.get::<MatchedRoute>().cloned(),
+            client: ext.get::<ClientAddr>().copied(),
+        }
+    }
+
+    pub fn put_on(&self, ext: &mut Extensions) {
+        if let Some(d) = self.deadline {
+            ext.insert(d);
+        }
+        if let Some(r) = &self.route {
+            ext.insert(r.clone());
+        }
+        if let Some(c) = self.client {
+            ext.insert(c);
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.deadline
+    }
+
+    pub fn route(&self) -> Option<&MatchedRoute> {
+        self.route.as_ref()
+    }
+}

@@ -1,0 +1,69 @@
+//! Server-side scripts: each runs atomically on the Redis server, with the
+//! server's clock, so that replicas agree.
+
+use std::time::Duration;
+
+use super::{RedisError, RedisStore};
+
+/// GCRA on the Redis server, atomically (one script run per check), with the
+/// server's clock so replicas agree. KEYS[1] holds the theoretical arrival
+/// time (ms) and expires when the client's allowance is whole again.
+/// ARGV: emission interval (ms), burst. Returns {allowed, remaining, wait_ms,
+/// reset_ms}.
+pub const GCRA_LUA: &str = r#"
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local window = interval * burst
+local new_tat = tat + interval
+local allow_at = new_tat - window
+if now < allow_at then
+  return {0, 0, allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
+return {1, math.floor((window - (new_tat - now)) / interval), 0, new_tat - now}
+"#;
+
+/// What the shared limiter said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcraOutcome {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub wait: Duration,
+    pub reset: Duration,
+}
+
+impl RedisStore {
+    /// One GCRA check on the shared limiter (`EVALSHA`, loading the script
+    /// again after a Redis restart emptied its cache).
+    pub async fn gcra(
+        &self,
+        key: &str,
+        interval: Duration,
+        burst: u64,
+    ) -> Result<GcraOutcome, RedisError> {
+        if !self.is_connected() {
+            return Err(RedisError::Disconnected);
+        }
+        let interval_ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let key = self.full_key(key);
+        let v: Vec<i64> = self
+            .bounded(
+                self.gcra
+                    .evalsha_with_reload(&self.client, key, vec![interval_ms, burst]),
+            )
+            .await?;
+        let at = |i: usize| u64::try_from(v.get(i).copied().unwrap_or(0)).unwrap_or(0);
+        Ok(GcraOutcome {
+            allowed: at(0) == 1,
+            remaining: at(1),
+            wait: Duration::from_millis(at(2)),
+            reset: Duration::from_millis(at(3)),
+        })
+    }
+}
