@@ -15,7 +15,10 @@
 # Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (50), WORKERS for
 # both proxies (2), PATH_ (the request, default /api/stats: the default route);
 # the on-vs-off comparisons use AB_ROUNDS (9) of AB_DURATION (3s) and report
-# the median of the per-round ratios.
+# the median of the per-round ratios. BASELINE=DIR runs DIR/rag-sidecar (for
+# example the previous commit's release build) as one more contender in the
+# proxying and cache-hit rounds, so old and new are compared against nginx in
+# the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +28,7 @@ CONNECTIONS=${CONNECTIONS:-50}
 WORKERS=${WORKERS:-2}
 PATH_=${PATH_:-/api/stats}
 BIN=${BIN:-target/release}
+BASELINE=${BASELINE:-}
 
 . bench/lib.sh
 need wrk wrk
@@ -57,6 +61,17 @@ idle_rss=$(rss $scpid)
 clk=$(getconf CLK_TCK)
 declare -A cpu_of=([direct]=$uppid [direct-uncached]=$uppid [rag-sidecar]=$scpid [rag-sidecar-cache]=$scpid)
 cpu_of[nginx]=$(pgrep -P "$ngxpid" -f "worker process" | tr '\n' ' '); cpu_of[nginx-proxy_cache]=${cpu_of[nginx]}
+baseline=()
+baseline_cache=()
+if [ -n "$BASELINE" ]; then
+  scb=$(free_port)
+  SIDECAR_BIN=$(realpath "$BASELINE/rag-sidecar") start_sidecar "$scb" "$up" config/rag-sidecar.toml ENABLE_RATE_LIMIT=False
+  cpu_of[rag-sidecar-baseline]=$sidecar_pid; cpu_of[rag-sidecar-baseline-cache]=$sidecar_pid
+  curl -fsS "http://127.0.0.1:$scb$PATH_" >/dev/null
+  baseline=(rag-sidecar-baseline="http://127.0.0.1:$scb$PATH_")
+  baseline_cache=(rag-sidecar-baseline-cache="http://127.0.0.1:$scb/api/search")
+fi
+
 ticks() { # ticks PIDS -> "user system" clock ticks, summed
   for p in $1; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u += $1; s += $2} END {print u, s}'
 }
@@ -84,7 +99,7 @@ run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
 
 results="$work/results.txt"
 run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
-  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_"
+  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_" "${baseline[@]}"
 load_rss=$(rss $scpid)
 
 # Rate limiting on (a limit too high to reject) vs off, same route.
@@ -129,7 +144,8 @@ fault_report=$(python3 bench/fault.py "$scf" "$upf" 10 "$CONNECTIONS" "$PATH_")
 # from the sidecar's cache ("direct" is the app computing it every time).
 cache_results="$work/cache.txt"
 run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up/api/search" \
-  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
+  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search" \
+  "${baseline_cache[@]}"
 # Moderate load (4 connections, far from saturation): the hit latency a
 # user sees.
 moderate="$work/moderate.txt"
@@ -165,8 +181,9 @@ PY
 rss_10k=$(rss $sc10kpid)
 items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" "$metrics_results" "$scrape_ms" <<'PY'
-import sys, statistics, collections
+BASELINE_RUN=${BASELINE:+1} python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" "$metrics_results" "$scrape_ms" <<'PY'
+import os, sys, statistics, collections
+base = os.environ.get("BASELINE_RUN") == "1"
 def table(path, names):
     rows = collections.defaultdict(list)
     for line in open(path):
@@ -206,17 +223,25 @@ def ab(path, on, off, what):
     r, lo, hi = paired(path, on, off)
     print(f"- throughput with {what}: median of the per-round ratios {r:.3f}x of off ({(1 - r) * 100:+.1f} % lower; rounds ranged {lo:.3f}-{hi:.3f}); medians of the columns {m[on][0]/m[off][0]:.3f}x")
 print("Proxying (GET /api/stats, default route, not cached):\n")
-m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar"))
+m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar") + (("rag-sidecar-baseline",) if base else ()))
 s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
 print(f"- p99 sidecar/nginx: {s[2]/n[2]:.2f}x; p50 sidecar/nginx: {s[1]/n[1]:.2f}x")
+if base:
+    b = m["rag-sidecar-baseline"]
+    r, lo, hi = paired(sys.argv[1], "rag-sidecar", "rag-sidecar-baseline")
+    print(f"- baseline build: throughput baseline/nginx {b[0]/n[0]:.2f}x, p99 baseline/nginx {b[2]/n[2]:.2f}x; this build/baseline: median of the per-round ratios {r:.3f}x (rounds {lo:.3f}-{hi:.3f})")
 idle, loaded, before_10k, after_10k, items_10k, hit_h, ngx_h, rl_path = sys.argv[4:12]
 print(f"- sidecar RSS: idle {int(idle)/1024:.1f} MiB, after the load {int(loaded)/1024:.1f} MiB")
 print()
 print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {hit_h}, nginx {ngx_h}):\n")
-m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache"))
+m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache") + (("rag-sidecar-baseline-cache",) if base else ()))
 s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
 print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+if base:
+    b = m["rag-sidecar-baseline-cache"]
+    r, lo, hi = paired(sys.argv[2], "rag-sidecar-cache", "rag-sidecar-baseline-cache")
+    print(f"- baseline build: hit throughput baseline/nginx proxy_cache {b[0]/n[0]:.2f}x, p99 {b[2]/n[2]:.2f}x; this build/baseline: median of the per-round ratios {r:.3f}x (rounds {lo:.3f}-{hi:.3f})")
 print()
 print("Rate limiting on (a limit that never rejects) vs off, GET default route:\n")
 ab(rl_path, "rate-limit-on", "rate-limit-off", "rate limiting on")

@@ -34,7 +34,9 @@ start_sidecar() { # start_sidecar PORT APP_PORT CONFIG [VAR=VALUE...] — its pi
   # Run from the work directory, so no .env in the checkout is read; the
   # variables given override LOG_LEVEL=warn and NUM_THREADS=${WORKERS:-2}.
   local port=$1 app=$2 config; config=$(realpath "$3"); shift 3
-  (cd "$work" && exec env LOG_LEVEL=warn NUM_THREADS="${WORKERS:-2}" "$@" "$OLDPWD/$BIN/rag-sidecar" \
+  # SIDECAR_BIN (an absolute path) runs another build instead of $BIN's.
+  local exe=${SIDECAR_BIN:-$PWD/$BIN/rag-sidecar}
+  (cd "$work" && exec env LOG_LEVEL=warn NUM_THREADS="${WORKERS:-2}" "$@" "$exe" \
       --config "$config" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$app") &
   sidecar_pid=$!; pids+=("$sidecar_pid"); wait_port "$port"
 }

@@ -219,8 +219,13 @@ fn violations(src: &Path) -> Vec<(String, usize, String, String)> {
     let mut found = Vec::new();
     for file in files {
         let module = module_path(src, &file);
-        // The binaries use the crate by name, not `crate::`.
-        if module.is_empty() || module[0] == "main" || module[0] == "bin" {
+        // The binaries use the crate by name, not `crate::`; a module's
+        // tests in a file of their own (`tests.rs`) are test code.
+        if module.is_empty()
+            || module[0] == "main"
+            || module[0] == "bin"
+            || module.last().is_some_and(|m| m == "tests")
+        {
             continue;
         }
         let from = unit_of(&module, &layer_names);
