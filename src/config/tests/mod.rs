@@ -1,7 +1,8 @@
 //! Table tests of the configuration, through [`Config::load`] with an
 //! injected environment and a scratch working directory: `layers` (defaults,
-//! the legacy `.env` block, precedence, routes) and `errors` (every error path
-//! naming its key and value).
+//! the legacy `.env` block, precedence, routes), `errors` (every error path
+//! naming its key and value) and `table` (the settings table itself: its
+//! defaults, names, and the reference page generated from it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use super::*;
 
 mod errors;
 mod layers;
+mod table;
 
 /// The `.env` block of the legacy document (shared/seed/PHASE6_COMPLETE.md),
 /// verbatim.
