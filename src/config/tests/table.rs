@@ -1,6 +1,7 @@
 //! The settings table itself: its defaults are what `check-config` prints,
 //! its names are unique and are the ones PRODUCT.md promises, every
-//! variable and flag reads back what `check-config` prints.
+//! variable and flag reads back what `check-config` prints, and the
+//! reference page's table is generated from it.
 
 use super::super::legacy::LEGACY;
 use super::super::settings::{DefaultValue, SETTINGS};
@@ -168,4 +169,32 @@ fn legacy_names_are_documented() {
     for l in LEGACY {
         assert!(!l.env.is_empty() && !l.doc.is_empty() && !l.sets.is_empty());
     }
+}
+
+const DOCS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+const BEGIN: &str = "<!-- settings:begin -->\n";
+const END: &str = "<!-- settings:end -->";
+
+/// `docs/configuration.md` carries the table this code generates;
+/// `UPDATE_DOCS=1 cargo test --lib config::` rewrites it.
+#[test]
+fn the_reference_page_shows_this_table() {
+    let page = std::fs::read_to_string(DOCS).unwrap();
+    let (Some(b), Some(e)) = (page.find(BEGIN), page.find(END)) else {
+        panic!("{DOCS} lacks the markers {BEGIN:?} and {END:?}");
+    };
+    let (start, end) = (b + BEGIN.len(), e);
+    let table = settings_markdown();
+    if page[start..end] == table {
+        return;
+    }
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        let page = format!("{}{table}{}", &page[..start], &page[end..]);
+        std::fs::write(DOCS, page).unwrap();
+        return;
+    }
+    panic!(
+        "{DOCS}'s settings table differs from the settings table in src/config/settings.rs; \
+         regenerate it with `UPDATE_DOCS=1 cargo test --lib config::`"
+    );
 }
