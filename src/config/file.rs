@@ -1,339 +1,260 @@
-//! The TOML file's shape: every key optional, unknown keys rejected. Values
-//! that need more than a type check (durations, addresses, rate strings) stay
-//! strings here and are parsed in `mod.rs`, where errors get their key path.
-//! The same structs, filled from the effective configuration, are what
-//! `check-config` prints, so its output is itself a valid config file.
+//! The TOML file's shape, checked against the settings table: a key is
+//! known when it is a setting's key path, a section of them (`[cache]`), or
+//! `routes`; anything else is an unknown field. A setting's value must have
+//! its parser's TOML type (serde's messages: `invalid type: string "many",
+//! expected usize`). Every shape error names its key path and its line,
+//! and the rest of the file is still read, so `check-config` reports every
+//! error at once.
+//!
+//! `[[routes]]` entries are read with serde into `route_file::RouteFile`
+//! (a route is a record of its own, not a setting); an entry with a shape
+//! error loses the offending key and is read again, or is left out when it
+//! cannot be read at all (no `name`).
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::ops::Range;
 
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin_listen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub shutdown_grace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_inflight: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trusted_proxies: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header_read_timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_request_body: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threads: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub readiness_path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log: Option<LogFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<CacheFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis: Option<RedisFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<RateLimitFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetryFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit_breaker: Option<CircuitBreakerFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub admin: Option<AdminFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<MetricsFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub routes: Option<Vec<RouteFile>>,
-}
+use serde::de::{DeserializeOwned, IgnoredAny, IntoDeserializer};
+use toml_edit::{ImDocument, Item, TableLike, Value};
 
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LogFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub level: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub format: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub file: Option<String>,
-}
+use super::route_file::RouteFile;
+use super::settings::{self, ROUTES, SETTINGS};
 
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CacheFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default_ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_memory_items: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_memory_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_body_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stale_if_error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity_headers: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RedisFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_prefix: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub default: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<bool>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RetryFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_retries: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub initial_wait: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_wait: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget_percent: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_replay_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub budget_min_per_second: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit_patterns: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CircuitBreakerFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub threshold: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trust_loopback: Option<bool>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsFile {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub enabled: Option<bool>,
-}
-
-/// One `[[routes]]` entry. For a built-in name only the given fields change;
-/// a new name needs at least `path`.
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteFile {
-    pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub methods: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<RouteCacheFile>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_limit: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub circuit: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry: Option<RetryFlag>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub invalidate: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_request_body: Option<u64>,
-}
-
-/// `cache = false` turns a route's cache off; a table sets (some of) its
-/// fields.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum RouteCacheFile {
-    Enabled(bool),
-    Table(RouteCacheTable),
-}
-
-#[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RouteCacheTable {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_items: Option<usize>,
-}
-
-/// `retry = true | false | "idempotent"`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum RetryFlag {
-    Bool(bool),
-    Mode(String),
-}
-
-/// What a TOML text gives: the file's configuration and every error in its
-/// shape (bad syntax, unknown keys, wrong types), each naming its key path.
-/// When there are shape errors, `config` is what the rest of the text gives
-/// with the offending keys left out, so that the value checks can report
-/// their errors too: `check-config` prints every error at once.
-#[derive(Debug, Default)]
-pub struct Parsed {
-    pub config: Option<FileConfig>,
-    pub errors: Vec<String>,
-    /// When routes were left out: the text's number of each route of
-    /// `config`, for the value errors' key paths.
-    pub route_numbers: Vec<usize>,
-}
-
-/// Past this many shape errors in one text, the rest are not looked for.
+/// Past this many shape errors in one text, the rest are not looked for,
+/// and none of its values are used.
 const MAX_SHAPE_ERRORS: usize = 50;
 
-/// One step of the key path serde_path_to_error reports.
+/// One step of a key path below a key: a table key or an array index.
 #[derive(Debug, Clone, PartialEq)]
-enum Step {
+pub(super) enum Step {
     Key(String),
     Index(usize),
 }
 
-/// A shape error: where (when the path can be followed) and the message.
-struct ShapeError {
-    path: Option<Vec<Step>>,
-    message: String,
+/// A TOML value of the wrong type: where below the value, serde's
+/// message, and where in the text when the value came from one.
+#[derive(Debug)]
+pub(super) struct Shape {
+    pub(super) path: Vec<Step>,
+    pub(super) message: String,
+    pub(super) span: Option<Range<usize>>,
 }
 
-/// Reads a TOML text. serde stops at the first error, so after one the text
-/// is read again as a plain table, the offending key taken out and the rest
-/// deserialized again, until what is left is a valid file. Only the first
-/// error can give its line: the later passes read a table, not the text.
-pub fn parse(text: &str) -> Parsed {
-    let first = match deserialize(toml::Deserializer::new(text), Some(text), &[]) {
-        Ok(config) => {
-            return Parsed {
-                config: Some(config),
-                ..Parsed::default()
-            };
-        }
-        Err(e) => e,
-    };
-    let mut errors = vec![first.message];
-    let mut path = first.path;
-    let Ok(mut doc) = text.parse::<toml::Table>() else {
-        // Bad syntax: there is no table to read further.
-        return Parsed {
-            errors,
-            ..Parsed::default()
-        };
-    };
-    // `routes[i]` of the pruned table is the text's `routes[origin[i]]`.
-    let routes = doc
-        .get("routes")
-        .and_then(toml::Value::as_array)
-        .map_or(0, Vec::len);
-    let mut origin: Vec<usize> = (0..routes).collect();
-    while errors.len() < MAX_SHAPE_ERRORS {
-        let Some(p) = path.take() else { break };
-        if !take_out(&mut doc, &p, &mut origin) {
-            break;
-        }
-        match deserialize(toml::Value::Table(doc.clone()), None, &origin) {
-            Ok(config) => {
-                return Parsed {
-                    config: Some(config),
-                    errors,
-                    route_numbers: origin,
-                };
-            }
-            Err(e) => {
-                errors.push(e.message);
-                path = e.path;
-            }
-        }
-    }
-    Parsed {
-        errors,
-        ..Parsed::default()
-    }
-}
-
-fn deserialize<'de, D: serde::Deserializer<'de, Error = toml::de::Error>>(
-    de: D,
-    text: Option<&str>,
-    origin: &[usize],
-) -> Result<FileConfig, ShapeError> {
-    serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
-        let mut steps = Vec::new();
-        let mut followable = true;
+/// `T` from a TOML value, or where and why it does not fit. The value is
+/// toml_edit's, as parsed: a datetime is not a string (as it would be
+/// once turned into a `toml::Value`), and errors keep their span.
+pub(super) fn deserialize<T: DeserializeOwned>(v: Value) -> Result<T, Shape> {
+    serde_path_to_error::deserialize::<_, T>(v.into_deserializer()).map_err(|e| {
+        let mut path = Vec::new();
         for seg in e.path().iter() {
             match seg {
-                serde_path_to_error::Segment::Map { key } => steps.push(Step::Key(key.clone())),
-                serde_path_to_error::Segment::Seq { index } => steps.push(Step::Index(*index)),
-                _ => followable = false,
+                serde_path_to_error::Segment::Map { key } => path.push(Step::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => path.push(Step::Index(*index)),
+                _ => break,
             }
         }
-        // The text's own route numbers, not the pruned table's.
-        if let [Step::Key(k), Step::Index(i), ..] = steps.as_mut_slice() {
-            if k == "routes" {
-                *i = origin.get(*i).copied().unwrap_or(*i);
-            }
-        }
-        let shown = show(&steps);
         let inner = e.into_inner();
-        let line = text
-            .zip(inner.span())
-            .map(|(text, span)| {
-                let start = span.start.min(text.len());
-                format!(" (line {})", text[..start].matches('\n').count() + 1)
-            })
-            .unwrap_or_default();
-        let msg = inner.message().replace('\n', " ");
-        let message = if shown.is_empty() {
-            format!("{msg}{line}")
-        } else {
-            format!("key `{shown}`: {msg}{line}")
-        };
-        ShapeError {
-            path: (followable && !steps.is_empty()).then_some(steps),
-            message,
+        Shape {
+            path,
+            message: inner.message().replace('\n', " "),
+            span: inner.span(),
         }
     })
 }
 
-/// `routes[0].timeout`, as serde_path_to_error writes a path.
-fn show(steps: &[Step]) -> String {
+/// What a TOML text gives.
+#[derive(Debug, Default)]
+pub(super) struct FileValues {
+    /// Shape errors: bad syntax, unknown keys, wrong types.
+    pub(super) errors: Vec<String>,
+    /// The settings given (their index in [`SETTINGS`], in table order)
+    /// with their values.
+    pub(super) values: Vec<(usize, Value)>,
+    /// The `[[routes]]` entries that could be read, each with its number
+    /// in the text (for the value errors' key paths).
+    pub(super) routes: Vec<(usize, RouteFile)>,
+}
+
+/// Reads a TOML text against the settings table.
+pub(super) fn read(text: &str) -> FileValues {
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let msg = e.message().trim_end().replace('\n', " ");
+            return FileValues {
+                errors: vec![format!("{msg}{}", line(text, e.span()))],
+                ..FileValues::default()
+            };
+        }
+    };
+    let mut walk = Walk {
+        text,
+        out: FileValues::default(),
+    };
+    walk.table(&[], doc.as_table());
+    let mut out = walk.out;
+    if out.errors.len() >= MAX_SHAPE_ERRORS {
+        out.errors.truncate(MAX_SHAPE_ERRORS);
+        out.values.clear();
+        out.routes.clear();
+    }
+    // Applied in table order, whatever the file's order.
+    out.values.sort_by_key(|(i, _)| *i);
+    out
+}
+
+struct Walk<'t> {
+    text: &'t str,
+    out: FileValues,
+}
+
+impl Walk<'_> {
+    fn full(&self) -> bool {
+        self.out.errors.len() >= MAX_SHAPE_ERRORS
+    }
+
+    fn error(&mut self, path: &[Step], span: Option<Range<usize>>, message: &str) {
+        let line = line(self.text, span);
+        self.out
+            .errors
+            .push(format!("key `{}`: {message}{line}", show(path)));
+    }
+
+    /// The keys of a table at `prefix` (`[]` for the top level).
+    fn table(&mut self, prefix: &[Step], table: &dyn TableLike) {
+        for (k, item) in table.iter() {
+            if self.full() {
+                return;
+            }
+            let mut path = prefix.to_vec();
+            path.push(Step::Key(k.to_string()));
+            let dotted = show(&path);
+            // A quoted key with a dot (`"cache.ttl" = 1`) is no key path.
+            if k.contains('.') {
+                self.unknown(table, prefix, k, item);
+            } else if dotted == ROUTES {
+                self.routes(item);
+            } else if let Some(i) = SETTINGS.iter().position(|s| s.key == dotted) {
+                self.setting(&path, i, item);
+            } else if settings::is_section(&dotted) {
+                match item.as_table_like() {
+                    Some(t) => self.table(&path, t),
+                    None => {
+                        let found = value_of(item).and_then(|v| {
+                            let table = deserialize::<HashMap<String, IgnoredAny>>(v);
+                            table.err().map(|e| e.message)
+                        });
+                        let msg = found.unwrap_or_else(|| "expected a table".into());
+                        self.error(&path, item.span(), &msg);
+                    }
+                }
+            } else {
+                self.unknown(table, prefix, k, item);
+            }
+        }
+    }
+
+    /// Key `k` of the table at `prefix` is no setting or section.
+    fn unknown(&mut self, table: &dyn TableLike, prefix: &[Step], k: &str, item: &Item) {
+        let fields = settings::fields_of(&show(prefix));
+        let msg = format!("unknown field `{k}`, {}", expected(&fields));
+        let span = table.key(k).and_then(|key| key.span());
+        let mut path = prefix.to_vec();
+        path.push(Step::Key(k.into()));
+        self.error(&path, span.or_else(|| item.span()), &msg);
+    }
+
+    fn setting(&mut self, path: &[Step], i: usize, item: &Item) {
+        let Some(v) = value_of(item) else {
+            return self.error(path, item.span(), "not a value");
+        };
+        match SETTINGS[i].value.shape(&v) {
+            Some(shape) => {
+                let mut full = path.to_vec();
+                full.extend(shape.path);
+                self.error(&full, shape.span.or_else(|| item.span()), &shape.message);
+            }
+            None => self.out.values.push((i, v)),
+        }
+    }
+
+    fn routes(&mut self, item: &Item) {
+        let at = [Step::Key(ROUTES.into())];
+        let Some(v) = value_of(item) else {
+            return self.error(&at, item.span(), "not a value");
+        };
+        let list = match v {
+            Value::Array(list) => list,
+            other => {
+                let msg = deserialize::<Vec<IgnoredAny>>(other)
+                    .err()
+                    .map(|e| e.message);
+                let msg = msg.unwrap_or_else(|| "expected an array".into());
+                return self.error(&at, item.span(), &msg);
+            }
+        };
+        // Where each entry starts, for an error on an entry as a whole.
+        let starts: Vec<_> = match item {
+            Item::ArrayOfTables(a) => a.iter().map(|t| t.span()).collect(),
+            _ => list.iter().map(Value::span).collect(),
+        };
+        for (i, mut route) in list.into_iter().enumerate() {
+            loop {
+                if self.full() {
+                    return;
+                }
+                match deserialize::<RouteFile>(route.clone()) {
+                    Ok(rf) => {
+                        self.out.routes.push((i, rf));
+                        break;
+                    }
+                    Err(e) => {
+                        let mut full = vec![Step::Key(ROUTES.into()), Step::Index(i)];
+                        full.extend(e.path.iter().cloned());
+                        let start = starts.get(i).cloned().flatten();
+                        self.error(&full, e.span.or(start), &e.message);
+                        // The key is left out and the route read again; an
+                        // error on the route as a whole leaves the route out.
+                        if !take_out(&mut route, &e.path) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// ` (line N)` for a span of `text`, or nothing without one.
+fn line(text: &str, span: Option<Range<usize>>) -> String {
+    span.map(|s| {
+        let start = s.start.min(text.len());
+        format!(" (line {})", text[..start].matches('\n').count() + 1)
+    })
+    .unwrap_or_default()
+}
+
+/// An item as a value (a table becomes an inline one, spans kept);
+/// `None` for an empty item.
+fn value_of(item: &Item) -> Option<Value> {
+    item.clone().into_value().ok()
+}
+
+/// serde's wording for an unknown field's alternatives.
+fn expected(fields: &[&str]) -> String {
+    match fields {
+        [] => "there are no fields".into(),
+        [one] => format!("expected `{one}`"),
+        [a, b] => format!("expected `{a}` or `{b}`"),
+        many => {
+            let list: Vec<String> = many.iter().map(|f| format!("`{f}`")).collect();
+            format!("expected one of {}", list.join(", "))
+        }
+    }
+}
+
+/// `routes[0].timeout`, as a key path is written in errors.
+pub(super) fn show(steps: &[Step]) -> String {
     let mut s = String::new();
     for step in steps {
         match step {
@@ -353,56 +274,26 @@ fn show(steps: &[Step]) -> String {
     s
 }
 
-/// Takes the key at `path` (as reported, so `routes` indices are the text's)
-/// out of `doc`. A route that cannot be read at all leaves its array; an
-/// element of any other array takes its whole array with it. False when
-/// there is nothing to take out, which ends the search.
-fn take_out(doc: &mut toml::Table, reported: &[Step], origin: &mut Vec<usize>) -> bool {
-    let mut path = reported.to_vec();
-    let routes = matches!(path.first(), Some(Step::Key(k)) if k == "routes");
-    if routes {
-        if let Some(Step::Index(i)) = path.get_mut(1) {
-            match origin.iter().position(|o| o == i) {
-                Some(pos) => *i = pos,
-                None => return false,
-            }
-        }
-    }
-    let skip = if routes { 2 } else { 0 };
-    if let Some(j) = path
+/// Takes the key at `path` out of a route so the rest can be read: an
+/// element of an array takes its whole array with it. False when there is
+/// nothing to take out (the error is on the route as a whole).
+fn take_out(route: &mut Value, path: &[Step]) -> bool {
+    let keys = path
         .iter()
-        .skip(skip)
         .position(|s| matches!(s, Step::Index(_)))
-    {
-        path.truncate(skip + j);
-    }
-    let Some((last, parents)) = path.split_last() else {
+        .map_or(path, |j| &path[..j]);
+    let Some((Step::Key(last), parents)) = keys.split_last() else {
         return false;
     };
-    let mut root = toml::Value::Table(std::mem::take(doc));
-    let mut at = Some(&mut root);
+    let mut at = Some(route);
     for step in parents {
-        at = at.and_then(|v| child(v, step));
+        at = match (at, step) {
+            (Some(Value::InlineTable(t)), Step::Key(k)) => t.get_mut(k),
+            _ => None,
+        };
     }
-    let removed = match (at, last) {
-        (Some(toml::Value::Table(t)), Step::Key(k)) => t.remove(k).is_some(),
-        (Some(toml::Value::Array(a)), Step::Index(i)) if routes && *i < a.len() => {
-            a.remove(*i);
-            origin.remove(*i);
-            true
-        }
+    match at {
+        Some(Value::InlineTable(t)) => t.remove(last).is_some(),
         _ => false,
-    };
-    if let toml::Value::Table(t) = root {
-        *doc = t;
-    }
-    removed
-}
-
-fn child<'a>(v: &'a mut toml::Value, step: &Step) -> Option<&'a mut toml::Value> {
-    match (v, step) {
-        (toml::Value::Table(t), Step::Key(k)) => t.get_mut(k),
-        (toml::Value::Array(a), Step::Index(i)) => a.get_mut(*i),
-        _ => None,
     }
 }

@@ -14,8 +14,9 @@ pub struct Rate {
     pub period: Duration,
 }
 
-/// Every limit of one rate string; all of them must hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Every limit of one rate string; all of them must hold. `Default` is no
+/// limit at all (the blank a configuration's defaults are written onto).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RateLimits {
     text: String,
     limits: Vec<Rate>,
