@@ -127,14 +127,20 @@ async fn api(req: Request<Incoming>, state: &State) -> Resp {
     }
 }
 
+/// The JSON body of a search or RAG query with its `query` and `top_k`, or
+/// the 400 to answer.
+async fn query_body(req: Request<Incoming>) -> Result<(Value, String, u64), Resp> {
+    let body = read_json(req.into_body()).await.map_err(bad_request)?;
+    match (query_of(&body), top_k_of(&body)) {
+        (Ok(q), Ok(k)) => Ok((body, q, k)),
+        (Err(msg), _) | (_, Err(msg)) => Err(bad_request(msg)),
+    }
+}
+
 async fn search(req: Request<Incoming>, state: &State) -> Resp {
-    let body = match read_json(req.into_body()).await {
-        Ok(v) => v,
-        Err(msg) => return bad_request(msg),
-    };
-    let (query, top_k) = match (query_of(&body), top_k_of(&body)) {
-        (Ok(q), Ok(k)) => (q, k),
-        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+    let (_, query, top_k) = match query_body(req).await {
+        Ok(parsed) => parsed,
+        Err(resp) => return resp,
     };
     if !state.search_latency.is_zero() {
         tokio::time::sleep(state.search_latency).await;
@@ -147,13 +153,9 @@ async fn search(req: Request<Incoming>, state: &State) -> Resp {
 }
 
 async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
-    let body = match read_json(req.into_body()).await {
-        Ok(v) => v,
-        Err(msg) => return bad_request(msg),
-    };
-    let (query, top_k) = match (query_of(&body), top_k_of(&body)) {
-        (Ok(q), Ok(k)) => (q, k),
-        (Err(msg), _) | (_, Err(msg)) => return bad_request(msg),
+    let (body, query, top_k) = match query_body(req).await {
+        Ok(parsed) => parsed,
+        Err(resp) => return resp,
     };
     let language = match body.get("language").and_then(Value::as_str) {
         None | Some("auto") | Some("") => {
