@@ -9,6 +9,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock Makefile ./
 COPY src ./src
+# The mock app is a workspace member: cargo needs its manifest to build at all.
+COPY mock-app ./mock-app
 COPY benches ./benches
 COPY config ./config
 RUN make release

@@ -11,6 +11,8 @@ LISTEN    ?= 127.0.0.1:5003
 
 all: build
 
+# Both binaries, rag-sidecar and mock-legacy-app (the mock-app workspace
+# member), side by side in target/debug (target/release).
 build:
 	$(CARGO) build -j$(JOBS) --bins
 
@@ -26,11 +28,12 @@ test: lint unit
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy -j$(JOBS) --all-targets -- -D warnings
+	$(CARGO) clippy -j$(JOBS) --all-targets --workspace -- -D warnings
 
 # Benches are compiled by clippy --all-targets above and run by `make bench`.
+# The tests build the mock themselves (tests/common/mod.rs, mock_bin).
 unit:
-	$(CARGO) test -j$(JOBS) --lib --bins --tests
+	$(CARGO) test -j$(JOBS) --workspace --lib --bins --tests
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
 ## nginx), cache-hit cost at 1 000 vs 100 000 entries, instructions per request of the optional layers (callgrind), then

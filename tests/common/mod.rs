@@ -10,13 +10,65 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use rag_sidecar::admin::Endpoint;
 use rag_sidecar::app::App;
 use rag_sidecar::config::{Config, Overrides};
+
+/// The mock legacy app's binary, `target/<profile>/mock-legacy-app`, beside
+/// the sidecar's.
+///
+/// It is the `mock-app` workspace member, another package, and cargo builds
+/// (and names in `CARGO_BIN_EXE_*`) only the binaries of the package under
+/// test. So the first spawn of each test process runs
+/// `cargo build -p mock-legacy-app` with the sidecar's profile and target
+/// directory: a no-op when the mock is up to date, a rebuild when its source
+/// changed, never a stale or missing mock under `cargo test --test FILE`.
+/// `cargo test` releases the build directory's lock before it runs the
+/// tests, so this does not wait on it (tried with cargo 1.95: a mock edit is
+/// rebuilt from inside `cargo test --test proxy`).
+pub fn mock_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let sidecar = Path::new(env!("CARGO_BIN_EXE_rag-sidecar"));
+        let bin = sidecar.with_file_name("mock-legacy-app");
+        // target/<profile dir>/rag-sidecar; `debug` is the dev (and test)
+        // profile's directory, any other is named as its profile.
+        let profile_dir = sidecar.parent().expect("the sidecar's directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
+        let target_dir = profile_dir.parent().expect("the target directory");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "-p", "mock-legacy-app", "--bin", "mock-legacy-app"])
+            .args(["--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        let shown = format!("{build:?}");
+        let out = build
+            .output()
+            .unwrap_or_else(|e| panic!("could not run {shown}: {e}"));
+        assert!(
+            out.status.success(),
+            "building the mock failed: {shown}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            bin.is_file(),
+            "{shown} succeeded, but {} is missing",
+            bin.display()
+        );
+        bin
+    })
+}
 
 /// The mock legacy app, killed on drop.
 pub struct Mock {
@@ -48,7 +100,7 @@ impl Mock {
     }
 
     fn spawn(listen: &str, args: &[String]) -> (Child, SocketAddr) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-legacy-app"))
+        let mut child = Command::new(mock_bin())
             .args(["--listen", listen])
             .args(args)
             .stdout(Stdio::piped())

@@ -1,0 +1,244 @@
+//! The legacy JSON API (`/api/...`): counting each request, applying a
+//! header or global fault, then answering health, search, RAG query, embed,
+//! upload, documents and stats; `/__mock/` requests go to `control`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+
+use crate::body::{Resp, bad_request, json_response, not_found, static_json};
+use crate::content::{embedding, fnv1a, search_results};
+use crate::control::control;
+use crate::request::{
+    header_fault, injected, percent_decode, query_of, query_param, read_json, sleep_ms, top_k_of,
+};
+use crate::state::{Document, InFlightGuard, State, UploadGuard, lock};
+
+/// Bytes per simulated chunk of an uploaded document.
+const UPLOAD_CHUNK_BYTES: u64 = 1000;
+
+pub(crate) async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infallible> {
+    if req.uri().path().starts_with("/__mock/") {
+        return Ok(control(req, &state).await);
+    }
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    state.record_path(req.uri().path());
+    let _in_flight = InFlightGuard::new(&state.in_flight);
+
+    let fault = header_fault(req.headers()).or_else(|| state.take_global_fault());
+    if let Some(fault) = fault {
+        sleep_ms(fault.delay_ms).await;
+        if let Some(status) = fault.status {
+            if let Some(message) = req
+                .headers()
+                .get("x-mock-body")
+                .and_then(|v| v.to_str().ok())
+            {
+                let body = json!({"error": "Injected", "message": message});
+                return Ok(json_response(status, &body));
+            }
+            return Ok(injected(status));
+        }
+    }
+    let extra = extra_response_headers(req.headers());
+    let mut resp = api(req, &state).await;
+    for (name, value) in extra {
+        resp.headers_mut().append(name, value);
+    }
+    Ok(resp)
+}
+
+/// `X-Mock-Response-Header: Name: value` (repeatable) adds that header to the
+/// answer, e.g. `Set-Cookie` or `Cache-Control: private` for cache tests.
+fn extra_response_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .get_all("x-mock-response-header")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split_once(':'))
+        .filter_map(|(n, v)| {
+            Some((
+                HeaderName::try_from(n.trim()).ok()?,
+                HeaderValue::try_from(v.trim()).ok()?,
+            ))
+        })
+        .collect()
+}
+
+async fn api(req: Request<Incoming>, state: &State) -> Resp {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/api/health") => static_json(
+            StatusCode::OK,
+            r#"{"status":"healthy","service":"mock-legacy-app"}"#,
+        ),
+        (&Method::POST, "/api/search") => search(req, state).await,
+        (&Method::POST, "/api/rag/query") => rag_query(req, state).await,
+        (&Method::POST, p) if p.starts_with("/api/embed") => embed(req).await,
+        (&Method::POST, "/api/upload") => upload(req, state).await,
+        (&Method::GET, "/api/rag/status") => {
+            let n = lock(&state.documents).len();
+            json_response(
+                StatusCode::OK,
+                &json!({"status": "ready", "model": "gemini-mock", "documents": n}),
+            )
+        }
+        (&Method::GET, "/api/documents") => {
+            let names: Vec<String> = lock(&state.documents)
+                .iter()
+                .map(|d| d.name.clone())
+                .collect();
+            let n = names.len();
+            json_response(StatusCode::OK, &json!({"documents": names, "count": n}))
+        }
+        (&Method::DELETE, p) if p.starts_with("/api/documents/") => {
+            let name = percent_decode(&p["/api/documents/".len()..]);
+            let removed = {
+                let mut docs = lock(&state.documents);
+                let before = docs.len();
+                docs.retain(|d| d.name != name);
+                docs.len() != before
+            };
+            if removed {
+                json_response(StatusCode::OK, &json!({"success": true, "deleted": name}))
+            } else {
+                not_found(format!("document '{name}' not found"))
+            }
+        }
+        (&Method::GET, "/api/stats") => {
+            let (n, chunks) = {
+                let docs = lock(&state.documents);
+                (docs.len(), docs.iter().map(|d| d.chunks).sum::<u64>())
+            };
+            let total = state.requests.load(Ordering::Relaxed);
+            json_response(
+                StatusCode::OK,
+                &json!({"documents": n, "chunks": chunks, "requests": total}),
+            )
+        }
+        _ => not_found(format!("no route for {method} {path}")),
+    }
+}
+
+/// The JSON body of a search or RAG query with its `query` and `top_k`, or
+/// the 400 to answer.
+async fn query_body(req: Request<Incoming>) -> Result<(Value, String, u64), Resp> {
+    let body = read_json(req.into_body()).await.map_err(bad_request)?;
+    match (query_of(&body), top_k_of(&body)) {
+        (Ok(q), Ok(k)) => Ok((body, q, k)),
+        (Err(msg), _) | (_, Err(msg)) => Err(bad_request(msg)),
+    }
+}
+
+async fn search(req: Request<Incoming>, state: &State) -> Resp {
+    let (_, query, top_k) = match query_body(req).await {
+        Ok(parsed) => parsed,
+        Err(resp) => return resp,
+    };
+    if !state.search_latency.is_zero() {
+        tokio::time::sleep(state.search_latency).await;
+    }
+    let results = search_results(&query, top_k);
+    json_response(
+        StatusCode::OK,
+        &json!({"query": query, "results": results, "count": top_k}),
+    )
+}
+
+async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
+    let (body, query, top_k) = match query_body(req).await {
+        Ok(parsed) => parsed,
+        Err(resp) => return resp,
+    };
+    let language = match body.get("language").and_then(Value::as_str) {
+        None | Some("auto") | Some("") => {
+            if query.is_ascii() {
+                "en".to_owned()
+            } else {
+                "vi".to_owned()
+            }
+        }
+        Some(l) => l.to_owned(),
+    };
+    if !state.rag_latency.is_zero() {
+        tokio::time::sleep(state.rag_latency).await;
+    }
+    let sources = search_results(&query, top_k);
+    let answer = format!(
+        "Mock answer to \"{query}\" based on {top_k} source(s) [ref {:016x}].",
+        fnv1a(query.as_bytes())
+    );
+    json_response(
+        StatusCode::OK,
+        &json!({"query": query, "answer": answer, "sources": sources, "language": language}),
+    )
+}
+
+async fn embed(req: Request<Incoming>) -> Resp {
+    let body = match read_json(req.into_body()).await {
+        Ok(v) => v,
+        Err(msg) => return bad_request(msg),
+    };
+    let embeddings: Vec<Vec<f64>> = match (body.get("text"), body.get("texts")) {
+        (Some(Value::String(t)), _) => vec![embedding(t)],
+        (_, Some(Value::Array(items))) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item.as_str() {
+                    Some(t) => out.push(embedding(t)),
+                    None => return bad_request("'texts' must be an array of strings"),
+                }
+            }
+            out
+        }
+        _ => return bad_request("expected 'text' (string) or 'texts' (array of strings)"),
+    };
+    json_response(StatusCode::OK, &json!({"embeddings": embeddings}))
+}
+
+/// Streams the upload body, counting bytes, without ever buffering it.
+async fn upload(req: Request<Incoming>, state: &State) -> Resp {
+    let filename = query_param(&req, "filename")
+        .filter(|f| !f.is_empty())
+        .unwrap_or_else(|| "upload".to_owned());
+    let mut body = req.into_body();
+    let mut guard = UploadGuard {
+        in_progress: &state.upload_bytes_in_progress,
+        bytes: 0,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return bad_request(format!("upload interrupted: {e}")),
+        };
+        if let Some(data) = frame.data_ref() {
+            let n = data.len() as u64;
+            guard.bytes += n;
+            state
+                .upload_bytes_in_progress
+                .fetch_add(n, Ordering::Relaxed);
+            state.upload_bytes_total.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    let bytes = guard.bytes;
+    drop(guard);
+    {
+        let mut docs = lock(&state.documents);
+        docs.retain(|d| d.name != filename);
+        docs.push(Document {
+            name: filename.clone(),
+            chunks: bytes.div_ceil(UPLOAD_CHUNK_BYTES).max(1),
+        });
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"success": true, "filename": filename, "bytes": bytes}),
+    )
+}
