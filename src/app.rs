@@ -83,7 +83,9 @@ impl App {
         ));
         readiness.spawn_periodic(READINESS_EVERY);
         let monitor = Arc::new(Monitor::default());
-        monitor.spawn(std::env::current_dir().unwrap_or_else(|_| ".".into()));
+        monitor
+            .start(std::env::current_dir().unwrap_or_else(|_| ".".into()))
+            .await;
         let resilience = Resilience::new(&cfg);
         let metrics = Metrics::new(
             &cfg,

@@ -16,10 +16,35 @@ use http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::BoxError;
 
-/// The upstream could not be reached (connection refused, reset, DNS).
+/// The upstream could not be reached (connection refused, reset, DNS). Its
+/// message walks the cause chain: "client error (Connect)" alone would not
+/// tell an operator that the app refused the connection.
 #[derive(Debug, thiserror::Error)]
-#[error("upstream unreachable: {0}")]
+#[error("upstream unreachable: {}", causes(.0.as_ref()))]
 pub struct UpstreamUnavailable(#[source] pub BoxError);
+
+/// An error and its causes, `: `-separated, each said once.
+pub fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+/// The upstream answered with something that is not valid HTTP/1.1: a
+/// malformed or oversized head, two differing `Content-Length`s, a garbage
+/// status line. Never retried (the app would only say it again); a circuit
+/// failure like any other of the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent an invalid response: {0}")]
+pub struct UpstreamBadResponse(pub String);
 
 /// The upstream did not answer within the route's timeout.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +96,7 @@ pub enum ErrorKind {
     CircuitOpen,
     UpstreamTimeout,
     UpstreamUnavailable,
+    UpstreamBadResponse,
     Internal,
 }
 
@@ -85,6 +111,7 @@ impl ErrorKind {
             Self::CircuitOpen => "circuit_open",
             Self::UpstreamTimeout => "timeout",
             Self::UpstreamUnavailable => "connect_error",
+            Self::UpstreamBadResponse => "bad_response",
             Self::Internal => "internal",
         }
     }
@@ -97,7 +124,7 @@ impl ErrorKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,7 +138,7 @@ impl ErrorKind {
             Self::BodyTooLarge => "Payload too large",
             Self::Overloaded | Self::CircuitOpen => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
-            Self::UpstreamUnavailable => "Bad gateway",
+            Self::UpstreamUnavailable | Self::UpstreamBadResponse => "Bad gateway",
             Self::Internal => "Internal server error",
         }
     }
@@ -152,6 +179,8 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         ErrorKind::CircuitOpen
     } else if find_cause::<UpstreamTimeout>(err).is_some() {
         ErrorKind::UpstreamTimeout
+    } else if find_cause::<UpstreamBadResponse>(err).is_some() {
+        ErrorKind::UpstreamBadResponse
     } else if find_cause::<UpstreamUnavailable>(err).is_some() {
         ErrorKind::UpstreamUnavailable
     } else {
@@ -249,14 +278,17 @@ pub enum Failure {
     Upstream5xx,
     ConnectError,
     Timeout,
+    /// An answer that is not valid HTTP/1.1 ([`UpstreamBadResponse`]).
+    BadResponse,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 4] = [
+    pub const ALL: [Failure; 5] = [
         Self::GeminiRateLimit,
         Self::Upstream5xx,
         Self::ConnectError,
         Self::Timeout,
+        Self::BadResponse,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -265,6 +297,7 @@ impl Failure {
             Self::Upstream5xx => "upstream_5xx",
             Self::ConnectError => "connect_error",
             Self::Timeout => "timeout",
+            Self::BadResponse => "bad_response",
         }
     }
 
@@ -276,6 +309,9 @@ impl Failure {
         match classify(err.as_ref()) {
             ErrorKind::BodyTooLarge | ErrorKind::ClientBody | ErrorKind::ClientTimeout => None,
             _ if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() => Some(Self::Timeout),
+            _ if find_cause::<UpstreamBadResponse>(err.as_ref()).is_some() => {
+                Some(Self::BadResponse)
+            }
             _ if find_cause::<UpstreamUnavailable>(err.as_ref()).is_some() => {
                 Some(Self::ConnectError)
             }

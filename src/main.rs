@@ -14,7 +14,7 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(
     name = "rag-sidecar",
-    version,
+    version = env!("RAG_SIDECAR_VERSION"),
     about = "Caching, rate-limiting, retrying, observable reverse proxy for a legacy Flask RAG app"
 )]
 struct Cli {

@@ -1,7 +1,10 @@
 //! The system monitor behind `/api/system`, the health score and the
 //! `rag_sidecar_system_*` series: sysinfo, refreshed by a background task
-//! every [`REFRESH`] (never on a request's path; CPU usage needs two samples,
-//! so the first figures appear half a second after start).
+//! every [`REFRESH`] (never on a request's path). The first reading is taken
+//! at start, before the sidecar serves, so both endpoints answer from the
+//! first request as the legacy app (psutil) did; CPU use is a difference of
+//! two samples, so it reads 0.0 until the second, half a second later (as
+//! psutil's first call does).
 //!
 //! What is reported: host CPU use; memory of the host, or of the container
 //! when a cgroup memory limit is set (then `source` is `"cgroup"`: `total_mb`
@@ -157,23 +160,35 @@ impl Monitor {
         *self.latest.write().unwrap_or_else(PoisonError::into_inner) = Some(s);
     }
 
-    /// Starts the refreshing task on the current runtime. Reads happen on
-    /// the blocking pool (sysinfo reads /proc synchronously).
-    pub fn spawn(self: &Arc<Self>, workdir: PathBuf) {
+    /// Takes the first reading (awaited: the figures exist once this
+    /// returns), then starts the refreshing task on the current runtime.
+    /// Reads happen on the blocking pool (sysinfo reads /proc synchronously).
+    pub async fn start(self: &Arc<Self>, workdir: PathBuf) {
+        let dir = workdir.clone();
+        let first = tokio::task::spawn_blocking(move || {
+            Sampler::new().map(|mut s| {
+                let snapshot = s.first_sample(&dir);
+                (s, snapshot)
+            })
+        })
+        .await;
+        let mut sampler = match first {
+            Ok(Ok((sampler, snapshot))) => {
+                self.store(snapshot);
+                sampler
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("system monitor off: {e}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("system monitor off: {e}");
+                return;
+            }
+        };
         let monitor = Arc::clone(self);
         tokio::spawn(async move {
-            let mut sampler = match tokio::task::spawn_blocking(Sampler::new).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!("system monitor off: {e}");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!("system monitor off: {e}");
-                    return;
-                }
-            };
-            // CPU use is a difference of two samples: the first reading
+            // CPU use is a difference of two samples: the second reading
             // comes after a short gap, then one every REFRESH.
             tokio::time::sleep(FIRST).await;
             let mut tick = tokio::time::interval(REFRESH);
@@ -219,6 +234,17 @@ impl Sampler {
         );
         let disks = Disks::new_with_refreshed_list().map_err(|e| e.to_string())?;
         Ok(Self { system, disks, pid })
+    }
+
+    /// The reading at start: everything but CPU use, which reads 0.0 (no
+    /// interval to measure it over yet), as psutil's first call.
+    fn first_sample(&mut self, workdir: &Path) -> Snapshot {
+        let mut s = self.sample(workdir);
+        s.cpu_percent = 0.0;
+        if let Some(p) = &mut s.process {
+            p.cpu_percent = 0.0;
+        }
+        s
     }
 
     fn sample(&mut self, workdir: &Path) -> Snapshot {

@@ -150,3 +150,27 @@ fn legacy_dotenv_in_the_working_directory_is_read() {
     assert!(s.contains("default = \"100 per hour\""), "{s}");
     assert!(!s.contains("not-ours"));
 }
+
+#[test]
+fn version_names_the_commit_it_was_built_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(dir.path(), &["--version"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = text(&out.stdout);
+    assert!(
+        v.starts_with(&format!("rag-sidecar {}", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
+    // Built from a checkout (as here and in CI): the commit follows.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Some(head) = head.ok().filter(|o| o.status.success()) {
+        let commit = text(&head.stdout).trim().to_string();
+        assert!(
+            v.contains(&format!("(git {commit}")),
+            "{v} vs HEAD {commit}"
+        );
+    }
+}

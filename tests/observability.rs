@@ -326,7 +326,11 @@ async fn with_metrics_off_the_endpoints_say_so() {
         assert_eq!(body["error"], "Metrics disabled", "{path}");
         assert!(body["message"].as_str().unwrap().contains("ENABLE_METRICS"));
     }
+    // The legacy shape stays (the legacy document's Example 4 reads
+    // `metrics.counters.requests`), saying it is off; nothing was recorded.
     let h = sc.get_json("/api/health/detailed").await;
-    assert_eq!(h["metrics"], json!({"enabled": false}));
+    assert_eq!(h["metrics"]["enabled"], false, "{h}");
+    assert_eq!(h["metrics"]["counters"]["requests"], 0, "{h}");
+    assert_eq!(h["metrics"]["timers"], json!({}), "{h}");
     assert_eq!(h["status"], "healthy");
 }

@@ -339,3 +339,38 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
     assert!(!status.success(), "{status:?}");
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn a_wrong_upstream_is_said_in_the_log_at_start_and_in_the_502() {
+    let nothing = common::closed_port();
+    let listen = free_addr();
+    let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", nothing.url());
+    let mut p = SidecarProcess::start(&toml, &[], listen);
+    // /readyz waits for a probe of its own (or shares the first one).
+    let r = client()
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = client()
+        .get(format!("http://{listen}/api/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    // The cause, not only "client error (Connect)".
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("refused"), "{body}");
+    sigterm(p.pid());
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let warned = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("does not answer its readiness probe"))
+        .count();
+    assert_eq!(warned, 1, "one warning, not one per probe:\n{stderr}");
+    assert!(stderr.contains(&nothing.url()), "{stderr}");
+}

@@ -64,7 +64,7 @@ fn not_sampled() -> Response<Body> {
     body::json(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"error": "Not ready",
-                "message": "system figures are sampled in the background; the first appear about a second after start"}),
+                "message": "system figures are not available: the system monitor could not start (see the log)"}),
     )
 }
 
@@ -92,11 +92,14 @@ pub async fn health_detailed(ctx: Ctx) -> Response<Body> {
     let m = &st.metrics;
     let health = m.health();
     let uptime = m.uptime();
-    let metrics = if m.enabled() {
-        json!({"counters": m.counters(), "timers": m.timers()})
-    } else {
-        json!({"enabled": false})
-    };
+    // The legacy shape either way (Example 4 of the legacy document reads
+    // `metrics.counters.requests`): with metrics off, nothing is recorded,
+    // so the request counters read 0 and the timers are empty.
+    let metrics = json!({
+        "enabled": m.enabled(),
+        "counters": m.counters(),
+        "timers": m.timers(),
+    });
     let upstream = match st.readiness.last() {
         Some(p) => p.to_json(),
         None => json!({"reachable": null, "latency_ms": null, "last_checked": null}),

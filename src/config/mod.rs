@@ -162,6 +162,10 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Slowloris guard: a client must send its request head within this.
     pub header_read_timeout: Duration,
+    /// Pooled upstream connections idle longer are closed (below the app
+    /// server's keep-alive, so the sidecar never sends on a connection the
+    /// app is closing).
+    pub upstream_idle_timeout: Duration,
     /// Request bodies above this many bytes get 413.
     pub max_request_body: u64,
     /// Tokio worker threads (`NUM_THREADS`).
@@ -208,6 +212,7 @@ impl Config {
             max_inflight: 0,
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::ZERO,
+            upstream_idle_timeout: Duration::ZERO,
             max_request_body: 0,
             threads: 0,
             readiness_path: String::new(),

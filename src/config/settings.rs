@@ -143,6 +143,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(header_read_timeout, Dur, Some(nonzero)),
     },
     Setting {
+        key: "upstream_idle_timeout",
+        env: &["UPSTREAM_IDLE_TIMEOUT"],
+        flag: None,
+        default: Str("1s 500ms"),
+        secret: false,
+        doc: "A pooled upstream connection idle this long is closed by the sidecar; keep it below the app server's keep-alive (gunicorn 2 s).",
+        value: field!(upstream_idle_timeout, Dur, Some(nonzero)),
+    },
+    Setting {
         key: "max_request_body",
         env: &[],
         flag: None,

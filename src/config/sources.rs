@@ -157,7 +157,23 @@ impl Config {
             .collect();
 
         l.flags(overrides);
-        l.finish().map(|cfg| (cfg, report))
+        // A value from `.env` says so: a person looks for a bad variable in
+        // their shell first.
+        let from_dotenv = |k: &str| env.get(k).is_none() && layers.dotenv.contains_key(k);
+        l.finish()
+            .map(|cfg| (cfg, report))
+            .map_err(|ConfigErrors(list)| {
+                ConfigErrors(
+                    list.into_iter()
+                        .map(|mut e| {
+                            if from_dotenv(&e.key) {
+                                e.reason = format!("{} (set in {shown})", e.reason);
+                            }
+                            e
+                        })
+                        .collect(),
+                )
+            })
     }
 
     /// The configuration a TOML text alone gives (defaults < the text), for

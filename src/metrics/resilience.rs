@@ -16,7 +16,7 @@ use crate::error::Failure;
 
 /// Upstream failures by type since start.
 #[derive(Debug, Default)]
-pub struct FailureCounts([AtomicU64; 4]);
+pub struct FailureCounts([AtomicU64; Failure::ALL.len()]);
 
 impl FailureCounts {
     pub fn record(&self, f: Failure) {

@@ -6,7 +6,9 @@
 //! from responses here (from requests by the server, before the stack) and
 //! `X-Forwarded-*` set. A client error becomes a typed
 //! [`UpstreamUnavailable`] unless it was caused by the request body (an
-//! over-limit upload), whose error is kept so the rescue answers 413.
+//! over-limit upload), whose error is kept so the rescue answers 413, or by
+//! an answer that is not valid HTTP/1.1 ([`UpstreamBadResponse`], 502
+//! `bad_response`, never retried).
 
 mod headers;
 pub mod ready;
@@ -31,7 +33,7 @@ pub use self::headers::{
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
-use crate::error::{ClientBodyError, UpstreamUnavailable, find_cause};
+use crate::error::{ClientBodyError, UpstreamBadResponse, UpstreamUnavailable, find_cause};
 use crate::extensions::ClientAddr;
 
 /// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
@@ -53,13 +55,20 @@ impl UpstreamClient {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Closed before the app server's own keep-alive ends it
+            // (gunicorn 2 s): a request sent as the app closes gets 502.
+            .pool_idle_timeout(cfg.upstream_idle_timeout)
             .pool_max_idle_per_host(cfg.max_inflight.min(1024))
             .build(connector);
         Self(Arc::new(ClientInner {
             client,
             upstream: cfg.upstream.clone(),
         }))
+    }
+
+    /// The app's address.
+    pub fn upstream(&self) -> &Upstream {
+        &self.0.upstream
     }
 
     /// The absolute upstream URI for this path and query.
@@ -82,15 +91,20 @@ impl UpstreamClient {
 }
 
 /// Keeps an error of the request body (over the limit, or broken off by the
-/// client) visible as what it is; everything else from the client means the
-/// upstream could not be used.
+/// client) visible as what it is; an answer hyper could not parse is the
+/// upstream's [`UpstreamBadResponse`]; everything else from the client means
+/// the upstream could not be used.
 fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if find_cause::<http_body_util::LengthLimitError>(&e).is_some()
         || find_cause::<ClientBodyError>(&e).is_some()
     {
-        Box::new(e)
-    } else {
-        Box::new(UpstreamUnavailable(Box::new(e)))
+        return Box::new(e);
+    }
+    match find_cause::<hyper::Error>(&e) {
+        Some(h) if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() => {
+            Box::new(UpstreamBadResponse(h.to_string()))
+        }
+        _ => Box::new(UpstreamUnavailable(Box::new(e))),
     }
 }
 

@@ -97,7 +97,9 @@ impl Readiness {
         if let Some(p) = last.as_ref().filter(|p| p.at.elapsed() < CACHE_FOR) {
             return p.clone();
         }
+        let before = last.as_ref().map(|p| p.reachable);
         let probe = self.probe().await;
+        self.log_change(before, &probe);
         *last = Some(probe.clone());
         *self
             .latest
@@ -126,6 +128,23 @@ impl Readiness {
                 me.upstream().await;
             }
         });
+    }
+
+    /// Says when the app stops or starts answering (the first probe counts
+    /// as a change when it fails): a wrong `UPSTREAM_URL` shows in the log
+    /// at start, not only as 502s.
+    fn log_change(&self, before: Option<bool>, now: &Probe) {
+        let upstream = self.client.upstream();
+        match (before, now.reachable) {
+            (None | Some(true), false) => tracing::warn!(
+                %upstream,
+                error = now.error.as_deref().unwrap_or("-"),
+                status = now.status,
+                "the app does not answer its readiness probe: proxied requests get 502 until it does (is UPSTREAM_URL / --upstream right?)"
+            ),
+            (Some(false), true) => tracing::info!(%upstream, "the app answers again"),
+            _ => {}
+        }
     }
 
     async fn probe(&self) -> Probe {

@@ -291,3 +291,17 @@ fn whole_config_checks_name_the_variable_or_flag_that_gave_the_value() {
     ));
     assert_eq!(e.key, ENV_CONFIG);
 }
+
+#[test]
+fn a_bad_value_from_dotenv_says_it_was_set_there() {
+    let d = Dir::new().with_dotenv("USE_REDIS=Ture\n");
+    let e = one_error(d.load(&Overrides::default(), &[]));
+    assert_eq!(e.key, "USE_REDIS");
+    assert!(
+        e.reason.contains("(set in ") && e.reason.contains(".env)"),
+        "{e}"
+    );
+    // The same value from the process environment (which wins) does not.
+    let e = one_error(d.load(&Overrides::default(), &[("USE_REDIS", "Ture")]));
+    assert!(!e.reason.contains("set in"), "{e}");
+}

@@ -82,6 +82,8 @@ fn env_names_are_the_promised_ones() {
         "REDIS_URL",
         "ADMIN_TOKEN",
         "LOG_FORMAT",
+        // Issue 15 (newer than the page): in the style of the others.
+        "UPSTREAM_IDLE_TIMEOUT",
     ];
     let mut read = ENV_NAMES.to_vec();
     promised.sort_unstable();

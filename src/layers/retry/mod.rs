@@ -8,7 +8,8 @@
 //! * its body is replayable: up to `retry.max_replay_bytes` it is buffered
 //!   for that purpose; a larger one goes upstream once, streaming;
 //! * the attempt failed with a connection error, a timeout, or 429, 500, 502,
-//!   503, 504 (the verdict comes from [`super::classify`]);
+//!   503, 504 (the verdict comes from the classifier); never an answer that
+//!   is not valid HTTP (`bad_response`);
 //! * fewer than `max_retries` retries were made, the route's circuit is not
 //!   open, the wait (backoff with jitter, or the upstream's `Retry-After`
 //!   capped at `max_wait`) ends before the route's deadline, and the retry
@@ -266,6 +267,11 @@ impl Attempts {
         result: &Result<Response<Body>, BoxError>,
     ) -> Option<(Failure, Duration)> {
         let failure = UpstreamFailure::of(result)?;
+        if failure == Failure::BadResponse {
+            // The app would only answer the same again.
+            tracing::debug!("not retrying: the upstream's answer was not valid HTTP");
+            return None;
+        }
         let answer = result.as_ref().ok();
         if answer.is_some_and(|r| !RETRY_STATUSES.contains(&r.status())) {
             return None;
