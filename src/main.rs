@@ -118,11 +118,13 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
         };
         tracing::info!(
             listen = %server.local_addr().map_or(listen, |a| a),
-            admin = ?server.admin_addr(),
+            admin = %server
+                .admin_addr()
+                .map_or_else(|| "on the proxy port".to_string(), |a| a.to_string()),
             %upstream,
             threads,
-            config = ?report.config_file,
-            dotenv = ?report.dotenv_file,
+            config = %shown(report.config_file.as_deref()),
+            dotenv = %shown(report.dotenv_file.as_deref()),
             "rag-sidecar started"
         );
         server.run(shutdown_signal()).await;
@@ -165,4 +167,9 @@ async fn signal() -> &'static str {
         () = ctrl_c => "SIGINT",
         () = term => "SIGTERM",
     }
+}
+
+/// A path for the start-up line, or `none`.
+fn shown(p: Option<&std::path::Path>) -> String {
+    p.map_or_else(|| "none".to_string(), |p| p.display().to_string())
 }
