@@ -2,7 +2,13 @@
 //! (`LOG_FORMAT` text|json) and an optional file (`LOG_FILE`) written beside
 //! stderr. Both writers are non-blocking: a slow disk or terminal never
 //! stalls a request; lines are dropped rather than queued without bound.
+//!
+//! What a client sent goes into a line through [`escaped`], as nginx writes
+//! its access log: no control or format character of theirs can forge a
+//! second record or reorder a line on a terminal.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::path::Path;
 
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
@@ -11,6 +17,26 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 use crate::config::{LogConfig, LogFormat};
+
+/// Client-supplied text for a log line: every byte outside printable ASCII
+/// (C0 controls, DEL, and all of UTF-8's multi-byte forms, which carry the
+/// C1 controls, NEL, U+2028/2029 and the bidirectional marks), `"` and `\`
+/// written as `\xHH`, as nginx does. Borrowed when nothing needs escaping.
+pub fn escaped(s: &str) -> Cow<'_, str> {
+    let unsafe_byte = |b: u8| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\';
+    if !s.bytes().any(unsafe_byte) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for b in s.bytes() {
+        if unsafe_byte(b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    Cow::Owned(out)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -79,4 +105,28 @@ fn open_log_file(path: &Path) -> Result<std::fs::File, LogError> {
         .append(true)
         .open(path)
         .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_is_escaped_as_nginx_does() {
+        for (raw, logged) in [
+            ("/api/search", "/api/search"),
+            ("/a b", "/a b"),
+            ("/a\nb", "/a\\x0Ab"),
+            ("/q\"x", "/q\\x22x"),
+            ("/back\\slash", "/back\\x5Cslash"),
+            ("/nel\u{85}x", "/nel\\xC2\\x85x"),
+            ("/ls\u{2028}x", "/ls\\xE2\\x80\\xA8x"),
+            ("/bidi\u{202e}x", "/bidi\\xE2\\x80\\xAEx"),
+            ("/del\u{7f}", "/del\\x7F"),
+            ("/học", "/h\\xE1\\xBB\\x8Dc"),
+        ] {
+            assert_eq!(escaped(raw), logged, "{raw:?}");
+        }
+        assert!(matches!(escaped("/plain"), Cow::Borrowed(_)));
+    }
 }

@@ -16,7 +16,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The foundation every unit above `metrics` may use.
-const BASE: &[&str] = &["error", "extensions", "service", "config", "route", "body"];
+const BASE: &[&str] = &[
+    "error",
+    "extensions",
+    "service",
+    "logging",
+    "config",
+    "route",
+    "body",
+];
 
 /// Each unit and the units it may use, top of the stack first. `layers::*`
 /// stands for every layer; `base` for [`BASE`].

@@ -374,3 +374,39 @@ async fn a_wrong_upstream_is_said_in_the_log_at_start_and_in_the_502() {
     assert_eq!(warned, 1, "one warning, not one per probe:\n{stderr}");
     assert!(stderr.contains(&nothing.url()), "{stderr}");
 }
+
+#[tokio::test]
+async fn control_and_format_characters_a_client_sends_are_escaped_in_the_log() {
+    use std::io::{Read, Write};
+    let mock = Mock::start();
+    let listen = free_addr();
+    let toml = format!("listen = \"{listen}\"\nupstream = \"{}\"\n", mock.url());
+    let mut p = SidecarProcess::start(&toml, &[("LOG_LEVEL", "INFO")], listen);
+    // NEL (which a log viewer may show as a line break), the line
+    // separator, a right-to-left override: raw UTF-8 in the request target.
+    let forged = "/x\u{85}2026-12-01T00:00:00Z_INFO_forged\u{2028}y\u{202e}z";
+    let mut s = std::net::TcpStream::connect(listen).unwrap();
+    s.write_all(
+        format!("GET {forged} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    sigterm(p.pid());
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(p.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let access: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("rag_sidecar::access"))
+        .collect();
+    assert_eq!(access.len(), 1, "{stderr}");
+    let line = access[0];
+    assert!(
+        line.contains(r"/x\xC2\x852026-12-01T00:00:00Z_INFO_forged\xE2\x80\xA8y\xE2\x80\xAEz"),
+        "{line}"
+    );
+    for raw in ['\u{85}', '\u{2028}', '\u{202e}'] {
+        assert!(!stderr.contains(raw), "{raw:?} reached the log: {stderr}");
+    }
+}

@@ -137,7 +137,7 @@ impl Admin {
                 self.state.config.admin_token.as_deref(),
                 self.state.config.admin_trust_loopback,
             ) {
-                tracing::warn!(path, client = %peer, "admin request refused: {e}");
+                tracing::warn!(path = %crate::logging::escaped(path), client = %peer, "admin request refused: {e}");
                 return Box::pin(std::future::ready(body::json(
                     StatusCode::FORBIDDEN,
                     &json!({"error": "Forbidden", "message": e.to_string()}),

@@ -9,6 +9,7 @@ use http::{Method, Request, Response};
 use tokio::time::Instant;
 
 use crate::extensions::ClientAddr;
+use crate::logging::escaped;
 use crate::route::MatchedRoute;
 use crate::service::{Hook, OnAnswer};
 
@@ -73,7 +74,8 @@ impl<RB, E> Hook<RB, E> for Entry {
             target: "rag_sidecar::access",
             method = %self.method,
             route = self.route.as_ref().map_or("-", |r| r.name.as_str()),
-            path = %self.path,
+            // The client's bytes, escaped: no forged second record.
+            path = %escaped(&self.path),
             status,
             // Microsecond precision, not f64 noise (`254.25262199999997`).
             duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
