@@ -96,7 +96,7 @@ async fn guard_needs_loopback_or_the_bearer_token() {
     // Loopback not trusted: the token is the only way in.
     let strict = Sidecar::start_with(
         &mock.url(),
-        "[admin]\ntoken = \"s3cret\"\ntrust_loopback = false\n",
+        "[admin]\ntoken = \"s3cret\"\n",
         guarded_test_endpoint(),
     )
     .await;
@@ -162,11 +162,7 @@ async fn admin_listen_moves_the_endpoints() {
 #[tokio::test]
 async fn percent_encoded_admin_paths_are_still_admin_paths() {
     let mock = Mock::start();
-    let sc = Sidecar::start(
-        &mock.url(),
-        "[admin]\ntoken = \"t\"\ntrust_loopback = false\n",
-    )
-    .await;
+    let sc = Sidecar::start(&mock.url(), "[admin]\ntoken = \"t\"\n").await;
     let resp = client()
         .post(sc.url("/api/cache/%63lear"))
         .send()

@@ -75,6 +75,14 @@ fn kind<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind}/{name}"))
 }
 
+/// The base's Secret holding ADMIN_TOKEN.
+fn admin_secret(docs: &[Value]) -> Value {
+    docs.iter()
+        .find(|d| d["kind"] == "Secret" && d["data"]["ADMIN_TOKEN"].is_string())
+        .expect("a Secret with ADMIN_TOKEN")
+        .clone()
+}
+
 #[test]
 fn the_base_is_a_valid_pod_with_a_native_sidecar() {
     let docs = render("base");
@@ -118,6 +126,23 @@ fn the_base_is_a_valid_pod_with_a_native_sidecar() {
     assert_eq!(cfg.upstream.to_string(), "http://127.0.0.1:5000");
     assert_eq!(cfg.circuit_breaker.threshold, 5);
     assert_eq!(cfg.shutdown_grace.as_secs(), 25);
+    // The admin token comes from a Secret (with it, every caller needs it,
+    // a mesh's loopback proxy included).
+    let token_ref = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "ADMIN_TOKEN")
+        .expect("ADMIN_TOKEN in the sidecar's env")["valueFrom"]["secretKeyRef"]
+        .clone();
+    let admin = admin_secret(&docs);
+    assert_eq!(token_ref["name"], admin["metadata"]["name"]);
+    assert_eq!(token_ref["key"], "ADMIN_TOKEN");
+    assert!(
+        admin["decoded"]["ADMIN_TOKEN"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+    );
     // Service and scraping.
     let svc = kind(&docs, "Service", "rag-services");
     assert_eq!(svc["spec"]["ports"][0]["port"], 5003);
@@ -144,10 +169,9 @@ fn the_redis_overlay_adds_redis_and_secrets() {
     );
     let secret = docs
         .iter()
-        .find(|d| d["kind"] == "Secret")
-        .expect("a Secret");
-    assert!(secret["data"]["REDIS_PASSWORD"].is_string());
-    assert!(secret["data"]["ADMIN_TOKEN"].is_string());
+        .find(|d| d["kind"] == "Secret" && d["data"]["REDIS_PASSWORD"].is_string())
+        .expect("a Secret with REDIS_PASSWORD");
+    let admin = admin_secret(&docs);
     let env = docs
         .iter()
         .find(|d| d["kind"] == "ConfigMap" && d["data"]["USE_REDIS"].is_string())
@@ -164,7 +188,7 @@ fn the_redis_overlay_adds_redis_and_secrets() {
         .find_map(|d| d["data"]["rag-sidecar.toml"].as_str())
         .unwrap();
     let mut vars: Vec<(String, String)> = Vec::new();
-    for map in [&env["data"], &secret["decoded"]] {
+    for map in [&env["data"], &secret["decoded"], &admin["decoded"]] {
         for (k, v) in map.as_object().unwrap() {
             vars.push((k.clone(), v.as_str().unwrap().to_string()));
         }
@@ -178,7 +202,7 @@ fn the_redis_overlay_adds_redis_and_secrets() {
     );
     assert_eq!(
         cfg.admin_token.as_deref(),
-        secret["decoded"]["ADMIN_TOKEN"].as_str()
+        admin["decoded"]["ADMIN_TOKEN"].as_str()
     );
     let dep = kind(&docs, "Deployment", "rag-services");
     let from = &dep["spec"]["template"]["spec"]["initContainers"][0]["envFrom"];

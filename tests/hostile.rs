@@ -125,11 +125,7 @@ async fn request_smuggling_attempts_are_refused() {
 #[tokio::test]
 async fn dot_segments_and_invalid_utf8_do_not_reach_admin_endpoints() {
     let mock = Mock::start();
-    let sc = Sidecar::start(
-        &mock.url(),
-        "[admin]\ntoken = \"t\"\ntrust_loopback = false\n",
-    )
-    .await;
+    let sc = Sidecar::start(&mock.url(), "[admin]\ntoken = \"t\"\n").await;
     for path in [
         "/api/x/../cache/clear",
         "/api/./cache/clear",
@@ -219,11 +215,7 @@ async fn identities_never_share_cache_entries() {
 #[tokio::test]
 async fn every_mutating_admin_endpoint_needs_loopback_or_the_token() {
     let mock = Mock::start();
-    let sc = Sidecar::start(
-        &mock.url(),
-        "[admin]\ntoken = \"right\"\ntrust_loopback = false\n",
-    )
-    .await;
+    let sc = Sidecar::start(&mock.url(), "[admin]\ntoken = \"right\"\n").await;
     for path in [
         "/api/cache/clear",
         "/api/circuit-breakers/reset",

@@ -1,42 +1,52 @@
-//! The guard of the mutating admin endpoints: allowed from a loopback peer,
-//! or with `Authorization: Bearer <ADMIN_TOKEN>`; anything else gets 403.
+//! The guard of the mutating admin endpoints. With `ADMIN_TOKEN`
+//! configured, every caller needs `Authorization: Bearer <ADMIN_TOKEN>`,
+//! loopback callers too: under a service mesh every caller arrives from
+//! loopback (Linkerd's proxy, Istio's 127.0.0.6). Without a token, only
+//! loopback callers (127.0.0.1, ::1) may use them, as the legacy document's
+//! curl examples do. Anything else gets 403.
 
 use std::net::IpAddr;
 
 use http::{HeaderMap, header};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Why a request was refused (the reason goes into the 403 body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Forbidden {
-    #[error("admin endpoints accept only loopback callers or a valid bearer token")]
-    NotAllowed,
+    #[error("admin endpoints accept only loopback callers when no ADMIN_TOKEN is set")]
+    NotLoopback,
+    #[error("admin endpoints need Authorization: Bearer <ADMIN_TOKEN>")]
+    NoToken,
     #[error("invalid admin token")]
     BadToken,
 }
 
 /// Whether a caller may use a mutating endpoint.
-pub fn authorize(
-    peer: IpAddr,
-    headers: &HeaderMap,
-    token: Option<&str>,
-    trust_loopback: bool,
-) -> Result<(), Forbidden> {
-    if trust_loopback && is_loopback(peer) {
-        return Ok(());
-    }
+pub fn authorize(peer: IpAddr, headers: &HeaderMap, token: Option<&str>) -> Result<(), Forbidden> {
+    let Some(token) = token else {
+        return if is_loopback(peer) {
+            Ok(())
+        } else {
+            Err(Forbidden::NotLoopback)
+        };
+    };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-    match (token, presented) {
-        // Constant-time, so the token cannot be guessed byte by byte.
-        (Some(t), Some(p)) if bool::from(t.as_bytes().ct_eq(p.as_bytes())) => Ok(()),
-        (Some(_), Some(_)) => Err(Forbidden::BadToken),
-        _ => Err(Forbidden::NotAllowed),
+        })
+        .filter(|p| !p.is_empty())
+        .ok_or(Forbidden::NoToken)?;
+    // Digests of both, compared in constant time: neither the bytes nor the
+    // length of the token can be learnt from how long a refusal takes.
+    let same = Sha256::digest(token.as_bytes()).ct_eq(&Sha256::digest(presented.as_bytes()));
+    if bool::from(same) {
+        Ok(())
+    } else {
+        Err(Forbidden::BadToken)
     }
 }
 
@@ -64,37 +74,43 @@ mod tests {
     }
 
     #[test]
-    fn loopback_or_token() {
+    fn loopback_without_a_token_and_the_token_from_everyone_with_one() {
         let none = HeaderMap::new();
         let remote: IpAddr = "10.1.2.3".parse().unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        // No token configured: loopback only.
+        assert_eq!(authorize(local, &none, None), Ok(()));
+        assert_eq!(authorize("::1".parse().unwrap(), &none, None), Ok(()));
         assert_eq!(
-            authorize("127.0.0.1".parse().unwrap(), &none, None, true),
+            authorize("::ffff:127.0.0.1".parse().unwrap(), &none, None),
             Ok(())
         );
-        assert_eq!(authorize("::1".parse().unwrap(), &none, None, true), Ok(()));
+        assert_eq!(authorize(remote, &none, None), Err(Forbidden::NotLoopback));
         assert_eq!(
-            authorize("::ffff:127.0.0.1".parse().unwrap(), &none, None, true),
-            Ok(())
+            authorize(remote, &bearer("s3cret"), None),
+            Err(Forbidden::NotLoopback)
         );
+        // A token configured: required from everyone, loopback (a mesh's
+        // proxy, Istio's 127.0.0.6) included.
+        let istio: IpAddr = "127.0.0.6".parse().unwrap();
+        for peer in [remote, local, istio] {
+            assert_eq!(
+                authorize(peer, &none, Some("s3cret")),
+                Err(Forbidden::NoToken)
+            );
+            assert_eq!(authorize(peer, &bearer("s3cret"), Some("s3cret")), Ok(()));
+            assert_eq!(
+                authorize(peer, &bearer("s3cre"), Some("s3cret")),
+                Err(Forbidden::BadToken)
+            );
+            assert_eq!(
+                authorize(peer, &bearer("s3cret-and-more"), Some("s3cret")),
+                Err(Forbidden::BadToken)
+            );
+        }
         assert_eq!(
-            authorize(remote, &none, Some("s3cret"), true),
-            Err(Forbidden::NotAllowed)
-        );
-        assert_eq!(
-            authorize(remote, &bearer("s3cret"), Some("s3cret"), true),
-            Ok(())
-        );
-        assert_eq!(
-            authorize(remote, &bearer("guess"), Some("s3cret"), true),
-            Err(Forbidden::BadToken)
-        );
-        assert_eq!(
-            authorize(remote, &bearer("s3cret"), None, true),
-            Err(Forbidden::NotAllowed)
-        );
-        assert_eq!(
-            authorize(remote, &bearer(""), Some("s3cret"), true),
-            Err(Forbidden::NotAllowed)
+            authorize(remote, &bearer(""), Some("s3cret")),
+            Err(Forbidden::NoToken)
         );
     }
 }

@@ -135,7 +135,6 @@ impl Admin {
                 peer.ip(),
                 req.headers(),
                 self.state.config.admin_token.as_deref(),
-                self.state.config.admin_trust_loopback,
             ) {
                 tracing::warn!(path = %crate::logging::escaped(path), client = %peer, "admin request refused: {e}");
                 return Box::pin(std::future::ready(body::json(

@@ -180,10 +180,6 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerConfig,
     /// `ADMIN_TOKEN`: bearer token for the mutating admin endpoints.
     pub admin_token: Option<String>,
-    /// Whether loopback callers may use the mutating admin endpoints without
-    /// the token. Turn off under a service mesh whose proxy connects from
-    /// loopback (Istio's 127.0.0.6), where every caller would look local.
-    pub admin_trust_loopback: bool,
     /// `ENABLE_METRICS`.
     pub metrics_enabled: bool,
     pub routes: Vec<Route>,
@@ -223,7 +219,6 @@ impl Config {
             retry: RetryConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             admin_token: None,
-            admin_trust_loopback: false,
             metrics_enabled: false,
             routes: Vec::new(),
         }

@@ -434,15 +434,6 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(admin_token, TOKEN),
     },
     Setting {
-        key: "admin.trust_loopback",
-        env: &[],
-        flag: None,
-        default: Bool(true),
-        secret: false,
-        doc: "Loopback callers need no token; `false` under a mesh whose proxy connects from loopback (Istio's 127.0.0.6).",
-        value: field!(admin_trust_loopback, Flag),
-    },
-    Setting {
         key: "metrics.enabled",
         env: &["ENABLE_METRICS"],
         flag: None,

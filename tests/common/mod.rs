@@ -340,7 +340,7 @@ pub fn closed_port() -> ClosedPort {
 /// A sidecar whose admin endpoints open only with this bearer token (the
 /// loopback peer of the tests is not trusted).
 pub async fn token_only_sidecar(upstream: &str, token: &str) -> Sidecar {
-    let toml = format!("[admin]\ntoken = \"{token}\"\ntrust_loopback = false\n");
+    let toml = format!("[admin]\ntoken = \"{token}\"\n");
     Sidecar::start(upstream, &toml).await
 }
 
