@@ -327,15 +327,47 @@ mod shared {
         // 12 requests against one shared 10 per minute: exactly 2 rejected
         // (each replica alone would have let all 6 through).
         assert_eq!(rejected, 2);
+        // One key for the client, shared: both replicas took the fleet's
+        // secret from Redis.
         let keys = redis.keys("rag-sidecar:rl:search:*");
         assert_eq!(keys.len(), 1, "{keys:?}");
-        assert!(
-            !keys[0].contains("127.0.0.1"),
-            "the client key is hashed: {}",
-            keys[0]
-        );
+        let secret = redis.cli(&["GET", "rag-sidecar:rl:secret"]);
+        assert!(secret.trim().len() >= 32, "the fleet's secret: {secret:?}");
+        // A keyed hash of the address, not a plain digest anyone can table.
+        let plain = {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest("127.0.0.1")[..16])
+        };
+        assert!(!keys[0].contains("127.0.0.1"), "{}", keys[0]);
+        assert!(!keys[0].ends_with(&plain), "unsalted digest: {}", keys[0]);
         let pttl: i64 = redis.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
         assert!(pttl > 0 && pttl <= 60_000, "expires by itself: {pttl}");
+    }
+
+    #[tokio::test]
+    async fn a_configured_secret_keys_the_hash_of_the_client() {
+        use hmac::Mac;
+        let (mock, redis) = (Mock::start(), Redis::start());
+        let sc = Sidecar::start(
+            &mock.url(),
+            &format!(
+                "[redis]\nurl = \"{}\"\n[rate_limit]\nkey_secret = \"fleet-secret\"\n",
+                redis.url()
+            ),
+        )
+        .await;
+        eventually("redis_connected", async || {
+            sc.get_json("/api/cache/stats").await["redis_connected"] == true
+        })
+        .await;
+        assert_eq!(search(&sc, 0, &[]).await.status(), 200);
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"fleet-secret").unwrap();
+        mac.update(b"ip:127.0.0.1");
+        let expected = hex::encode(&mac.finalize().into_bytes()[..16]);
+        let keys = redis.keys("rag-sidecar:rl:search:*");
+        assert_eq!(keys, [format!("rag-sidecar:rl:search:{expected}")]);
+        // Configured: none is made in Redis.
+        assert_eq!(redis.cli(&["EXISTS", "rag-sidecar:rl:secret"]).trim(), "0");
     }
 
     #[tokio::test]

@@ -124,6 +124,9 @@ pub struct RateLimitConfig {
     pub default: RateLimits,
     pub key: RateLimitKey,
     pub dry_run: bool,
+    /// The fleet's secret for the keyed hash of client keys in Redis; unset:
+    /// made once and kept in Redis (`SET NX`).
+    pub key_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

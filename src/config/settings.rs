@@ -425,12 +425,21 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(circuit_breaker.timeout, Dur, Some(nonzero)),
     },
     Setting {
+        key: "rate_limit.key_secret",
+        env: &[],
+        flag: None,
+        default: Unset,
+        secret: true,
+        doc: "Secret of the keyed hash (HMAC-SHA256) that names a client in Redis; unset: one is made and kept in Redis for the fleet.",
+        value: field!(rate_limit.key_secret, TOKEN),
+    },
+    Setting {
         key: "admin.token",
         env: &["ADMIN_TOKEN"],
         flag: None,
         default: Unset,
         secret: true,
-        doc: "Bearer token for the mutating admin endpoints from non-loopback callers.",
+        doc: "Bearer token for the mutating admin endpoints; set, every caller needs it (loopback too); unset, loopback callers only.",
         value: field!(admin_token, TOKEN),
     },
     Setting {

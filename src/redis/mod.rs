@@ -35,10 +35,16 @@ pub enum RedisError {
     Timeout(Duration),
     #[error("redis: not connected (reconnecting in the background)")]
     Disconnected,
+    #[error("redis: {0} is missing")]
+    Missing(String),
 }
 
 /// The key space (after the prefix) of the rate limiter's keys.
 pub const RATE_LIMIT_SPACE: &str = "rl:";
+
+/// The fleet's secret of the keyed hash of client keys (in the limiter's
+/// space, so a cache clear leaves it).
+pub const FLEET_SECRET_KEY: &str = "rl:secret";
 
 #[derive(Clone)]
 pub struct RedisStore {
@@ -194,6 +200,33 @@ impl RedisStore {
             false,
         ))
         .await
+    }
+
+    /// The fleet's secret for keyed hashes: made by whichever sidecar asks
+    /// first (`SET NX`, never expiring), then read by every one.
+    pub async fn fleet_secret(&self) -> Result<String, RedisError> {
+        if !self.is_connected() {
+            return Err(RedisError::Disconnected);
+        }
+        let key = self.full_key(FLEET_SECRET_KEY);
+        // 244 random bits (two v4 UUIDs, from a CSPRNG).
+        let fresh = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let c = self.client.with_options(&self.opts());
+        self.bounded(c.set::<Option<String>, _, _>(
+            key.clone(),
+            fresh,
+            None,
+            Some(SetOptions::NX),
+            false,
+        ))
+        .await?;
+        self.bounded(c.get::<Option<String>, _>(key.clone()))
+            .await?
+            .ok_or(RedisError::Missing(key))
     }
 
     /// Deletes the keys matching a glob (under the prefix) with SCAN MATCH and

@@ -92,6 +92,9 @@ struct Shared {
     key: RateLimitKey,
     /// Shared limits across replicas when Redis is configured.
     redis: Option<RedisStore>,
+    /// The secret of the keyed hash of client keys in Redis: configured, or
+    /// the fleet's, read from Redis on first use.
+    secret: tokio::sync::OnceCell<Vec<u8>>,
     /// Checks answered by the local limiter because Redis did not.
     pub fallbacks: AtomicU64,
 }
@@ -172,6 +175,10 @@ impl RateLimitLayer {
                 trusted: cfg.trusted_proxies.clone(),
                 key: cfg.rate_limit.key.clone(),
                 redis,
+                secret: match &cfg.rate_limit.key_secret {
+                    Some(s) => tokio::sync::OnceCell::new_with(Some(s.clone().into_bytes())),
+                    None => tokio::sync::OnceCell::new(),
+                },
                 fallbacks: AtomicU64::new(0),
             })),
         }
@@ -315,18 +322,24 @@ fn check_local<'p>(l: &'p Limit, key: &ClientKey) -> Verdict<'p> {
     }
 }
 
-/// The Redis key part for a client: a digest, so API keys and addresses do
-/// not appear in key names.
-fn key_digest(key: &ClientKey) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = match key {
-        ClientKey::Ip(ip) => Sha256::digest(ip.to_string()),
-        ClientKey::Header(v) => Sha256::new()
-            .chain_update(b"h:")
-            .chain_update(v.as_bytes())
-            .finalize(),
-    };
-    hex::encode(&digest[..16])
+/// The Redis key part for a client: a keyed hash (HMAC-SHA256 with the
+/// fleet's secret), so neither an API key nor an address appears in key
+/// names, and a plain digest of every IPv4 address cannot be tabled to
+/// reverse them.
+fn key_digest(secret: &[u8], key: &ClientKey) -> Option<String> {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).ok()?;
+    match key {
+        ClientKey::Ip(ip) => {
+            mac.update(b"ip:");
+            mac.update(ip.to_string().as_bytes());
+        }
+        ClientKey::Header(v) => {
+            mac.update(b"h:");
+            mac.update(v.as_bytes());
+        }
+    }
+    Some(hex::encode(&mac.finalize().into_bytes()[..16]))
 }
 
 impl Shared {
@@ -342,7 +355,16 @@ impl Shared {
         policy: &'p RoutePolicy,
         key: &ClientKey,
     ) -> Vec<Verdict<'p>> {
-        let digest = key_digest(key);
+        // The fleet's secret, from the configuration or (once) from Redis;
+        // without it, this check is local, as when Redis is down.
+        let secret = self
+            .secret
+            .get_or_try_init(|| async { redis.fleet_secret().await.map(String::into_bytes) })
+            .await;
+        let Some(digest) = secret.ok().and_then(|s| key_digest(s, key)) else {
+            self.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return self.check(policy, key);
+        };
         let mut out = Vec::with_capacity(policy.limits.len());
         for l in &policy.limits {
             let redis_key = format!("{RATE_LIMIT_SPACE}{}:{}", l.name, digest);
