@@ -1,18 +1,23 @@
 # syntax=docker/dockerfile:1
 # rag-sidecar container image: built with the same `make release` as on a
 # developer machine, run from a distroless image as a non-root user.
-#   docker build -t rag-sidecar:0.1.0 .
+#   docker build -t rag-sidecar:0.1.0 \
+#     --build-arg RAG_SIDECAR_COMMIT=$(git rev-parse --short=7 HEAD) .
+# (.git is not in the build context: without the argument, --version says
+# the version alone.)
 # The final image holds the binary and the default config only.
 
 # --- build: Debian bookworm, the glibc the runtime image has ---------------
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock Makefile ./
+COPY Cargo.toml Cargo.lock Makefile build.rs ./
 COPY src ./src
 # The mock app is a workspace member: cargo needs its manifest to build at all.
 COPY mock-app ./mock-app
 COPY benches ./benches
 COPY config ./config
+# The commit --version names (build.rs reads it when .git is absent).
+ARG RAG_SIDECAR_COMMIT=
 RUN make release
 
 # --- runtime: distroless (glibc, CA certificates, no shell), non-root ---------

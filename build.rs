@@ -1,6 +1,7 @@
 //! Stamps the binary's `--version` with the git commit it was built from,
 //! when built from a checkout (`0.1.0 (git 1a2b3c4)`, `-dirty` with
-//! uncommitted changes); elsewhere (a source tarball) the version alone.
+//! uncommitted changes), or named by `RAG_SIDECAR_COMMIT` (the Docker build,
+//! whose context has no `.git`); elsewhere the version alone.
 
 use std::process::Command;
 
@@ -13,7 +14,11 @@ fn git(args: &[&str]) -> Option<String> {
 
 fn main() {
     let version = env!("CARGO_PKG_VERSION");
-    let full = match git(&["rev-parse", "--short=7", "HEAD"]) {
+    println!("cargo:rerun-if-env-changed=RAG_SIDECAR_COMMIT");
+    let given = std::env::var("RAG_SIDECAR_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let full = match given.or_else(|| git(&["rev-parse", "--short=7", "HEAD"])) {
         Some(commit) if !commit.is_empty() => {
             let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty());
@@ -25,7 +30,9 @@ fn main() {
         _ => version.to_string(),
     };
     println!("cargo:rustc-env=RAG_SIDECAR_VERSION={full}");
-    // Stamp again when HEAD moves or the index changes.
+    // Stamp again when HEAD moves, the index changes, or a source file does
+    // (so `-dirty` follows unstaged edits).
+    println!("cargo:rerun-if-changed=src");
     for path in ["HEAD", "index"] {
         if let Some(p) = git(&["rev-parse", "--git-path", path]) {
             println!("cargo:rerun-if-changed={p}");

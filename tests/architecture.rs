@@ -127,66 +127,177 @@ fn unit_of(path: &[String], layer_names: &BTreeSet<String>) -> String {
     }
 }
 
-/// The code of a file without its test module (by convention last, after
-/// `#[cfg(test)]`) and without comments.
-fn code_lines(text: &str) -> Vec<(usize, String)> {
-    let mut out = Vec::new();
-    let lines: Vec<&str> = text.lines().collect();
-    for (i, line) in lines.iter().enumerate() {
-        let t = line.trim_start();
-        // `#[cfg(test)]`, maybe more attributes, then the test module.
-        if t.starts_with("#[cfg(test)]")
-            && lines[i + 1..]
-                .iter()
-                .map(|n| n.trim_start())
-                .find(|n| {
-                    !n.starts_with("#[")
-                        && !n.starts_with(')')
-                        && !n.starts_with("clippy")
-                        && !n.starts_with("reason")
-                })
-                .is_some_and(|n| n.starts_with("mod tests"))
-        {
-            break;
-        }
-        if t.starts_with("//") {
-            continue;
-        }
+/// The code of a file with its comments and its test modules (`#[cfg(test)]`,
+/// maybe more attributes, then `mod NAME { … }` or `mod NAME;`) blanked
+/// out, line breaks kept so positions still give line numbers.
+fn code_of(text: &str) -> String {
+    let mut c: Vec<char> = Vec::with_capacity(text.len());
+    for line in text.lines() {
         let code = match line.find("//") {
             Some(at) if !line[..at].contains('"') => &line[..at],
             _ => line,
         };
-        out.push((i + 1, code.to_string()));
+        c.extend(code.chars());
+        c.push('\n');
     }
-    out
+    let starts = |i: usize, pat: &str| {
+        pat.chars()
+            .enumerate()
+            .all(|(k, p)| c.get(i + k) == Some(&p))
+    };
+    // The end (exclusive) of the bracketed group opening at `i`.
+    let group_end = |mut i: usize, open: char, close: char| {
+        let mut depth = 0;
+        while i < c.len() {
+            if c[i] == open {
+                depth += 1;
+            } else if c[i] == close {
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            i += 1;
+        }
+        c.len()
+    };
+    let mut blank = Vec::new();
+    let mut i = 0;
+    while i < c.len() {
+        if !starts(i, "#[cfg(test)]") {
+            i += 1;
+            continue;
+        }
+        let at = i;
+        i += "#[cfg(test)]".len();
+        // Past further attributes and white space.
+        loop {
+            while i < c.len() && c[i].is_whitespace() {
+                i += 1;
+            }
+            if starts(i, "#[") {
+                i = group_end(i + 1, '[', ']');
+            } else {
+                break;
+            }
+        }
+        let end = if starts(i, "mod ") {
+            let mut j = i;
+            while j < c.len() && c[j] != '{' && c[j] != ';' {
+                j += 1;
+            }
+            if c.get(j) == Some(&'{') {
+                group_end(j, '{', '}')
+            } else {
+                j + 1
+            }
+        } else {
+            i
+        };
+        blank.push((at, end.min(c.len())));
+        i = end.max(at + 1);
+    }
+    for (from, to) in blank {
+        for ch in &mut c[from..to] {
+            if *ch != '\n' {
+                *ch = ' ';
+            }
+        }
+    }
+    c.into_iter().collect()
 }
 
-/// Every `crate::a::b` or `super::…::x` path in a line, as segments.
-fn paths_in(line: &str) -> Vec<(bool, Vec<String>)> {
-    let mut out = Vec::new();
-    for (start, root) in [("crate::", true), ("super::", false)] {
-        let mut rest = line;
-        while let Some(at) = rest.find(start) {
-            // Not part of a longer word (`rag_sidecrate::`), and for super:
-            // only the first `super` of a `super::super::` chain.
-            let before = rest[..at].chars().last();
-            let joined = before.is_some_and(|c| c.is_alphanumeric() || c == '_')
-                || (!root && rest[..at].ends_with("super::"));
-            let tail = &rest[at..];
-            if !joined {
-                let segs: Vec<String> = tail
-                    .split("::")
-                    .map_while(|s| {
-                        let w: String = s
-                            .chars()
-                            .take_while(|c| c.is_alphanumeric() || *c == '_')
-                            .collect();
-                        (!w.is_empty()).then_some(w)
-                    })
-                    .collect();
-                out.push((root, segs));
+/// Every path a `use` tree or an expression names from `at` on (just after
+/// `crate::` or `super::`), groups expanded: `{a::X, b::{Y, Z}}` gives
+/// `a::X`, `b::Y`, `b::Z`.
+fn tree(chars: &[char], mut i: usize) -> (Vec<Vec<String>>, usize) {
+    let skip = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    skip(&mut i);
+    if chars.get(i) == Some(&'{') {
+        i += 1;
+        let mut all = Vec::new();
+        loop {
+            skip(&mut i);
+            match chars.get(i) {
+                None => return (all, i),
+                Some('}') => return (all, i + 1),
+                Some(',') => i += 1,
+                Some(_) => {
+                    let (sub, next) = tree(chars, i);
+                    if next == i {
+                        return (all, i);
+                    }
+                    all.extend(sub);
+                    i = next;
+                }
             }
-            rest = &rest[at + start.len()..];
+        }
+    }
+    let start = i;
+    while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '*') {
+        i += 1;
+    }
+    if i == start {
+        return (Vec::new(), i);
+    }
+    let seg: String = chars[start..i].iter().collect();
+    let mut j = i;
+    skip(&mut j);
+    if chars.get(j) == Some(&':') && chars.get(j + 1) == Some(&':') {
+        let (rest, next) = tree(chars, j + 2);
+        if rest.is_empty() {
+            return (vec![vec![seg]], next);
+        }
+        let paths = rest
+            .into_iter()
+            .map(|mut r| {
+                r.insert(0, seg.clone());
+                r
+            })
+            .collect();
+        return (paths, next);
+    }
+    (vec![vec![seg]], i)
+}
+
+/// Every `crate::…` or `super::…` path in a file's code, with its line: the
+/// root (`true` for `crate`) and the segments after it (`super` ones kept).
+fn paths_in(code: &str) -> Vec<(usize, bool, Vec<String>)> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = Vec::new();
+    let mut line = 1;
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] == '\n' {
+            line += 1;
+        }
+        let word_start = i == 0 || !(chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        let rest: String = chars[i..chars.len().min(i + 7)].iter().collect();
+        let root = if rest.starts_with("crate::") {
+            Some(true)
+        } else if rest.starts_with("super::") {
+            Some(false)
+        } else {
+            None
+        };
+        // Only the first `super` of a `super::super::` chain starts a path.
+        let chained = i >= 7 && chars[i - 7..i].iter().collect::<String>() == "super::";
+        match root {
+            Some(root) if word_start && !chained => {
+                let (paths, _) = tree(&chars, i + 7);
+                for mut p in paths {
+                    if !root {
+                        p.insert(0, "super".to_string());
+                    }
+                    out.push((line, root, p));
+                }
+                i += 7;
+            }
+            _ => i += 1,
         }
     }
     out
@@ -240,10 +351,10 @@ fn violations(src: &Path) -> Vec<(String, usize, String, String)> {
         let Ok(text) = std::fs::read_to_string(&file) else {
             continue;
         };
-        for (n, line) in code_lines(&text) {
-            for (root, segs) in paths_in(&line) {
+        for (n, root, segs) in paths_in(&code_of(&text)) {
+            {
                 let target: Vec<String> = if root {
-                    segs.into_iter().skip(1).collect()
+                    segs
                 } else {
                     // `super` of `a/b/mod.rs` (module a::b) is `a`; of
                     // `a/b/c.rs` (module a::b::c) it is `a::b`.
@@ -345,19 +456,31 @@ fn the_checker_sees_an_upward_path() {
         "layers/cache/mod.rs",
         "use crate::server::X;\nuse super::retry::Y;\nuse crate::error::Z;\n// crate::app::in_a_comment\n",
     );
+    // A test module in the middle of a file hides only itself; a grouped
+    // import, split over lines, is read path by path.
     write(
         "layers/retry.rs",
-        "use crate::body::B;\n#[cfg(test)]\nmod tests {\n    use crate::app::App;\n}\n",
+        "use crate::body::B;\n#[cfg(test)]\n#[allow(x, reason = \"y\")]\nmod tests {\n    use crate::app::App;\n}\nuse crate::{\n    error::E,\n    admin::{self, A},\n};\n",
     );
-    write("metrics/mod.rs", "use crate::layers::cache::C;\n");
+    write(
+        "metrics/mod.rs",
+        "use crate::layers::cache::C;\nfn f() { crate::app::run(); }\n",
+    );
     let found = violations(src);
-    let pairs: Vec<(String, String)> = found.into_iter().map(|(_, _, f, t)| (f, t)).collect();
+    let seen: Vec<(String, usize, String, String)> = found;
+    let pairs: Vec<(&str, usize, &str, &str)> = seen
+        .iter()
+        .map(|(f, n, a, b)| (f.as_str(), *n, a.as_str(), b.as_str()))
+        .collect();
     assert_eq!(
         pairs,
         [
-            ("layers::cache".to_string(), "server".to_string()),
-            ("layers::cache".to_string(), "layers::retry".to_string()),
-            ("metrics".to_string(), "layers::cache".to_string()),
+            ("layers/cache/mod.rs", 1, "layers::cache", "server"),
+            ("layers/cache/mod.rs", 2, "layers::cache", "layers::retry"),
+            ("layers/retry.rs", 7, "layers::retry", "admin"),
+            ("layers/retry.rs", 7, "layers::retry", "admin"),
+            ("metrics/mod.rs", 1, "metrics", "layers::cache"),
+            ("metrics/mod.rs", 2, "metrics", "app"),
         ]
     );
 }

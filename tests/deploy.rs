@@ -332,6 +332,25 @@ fn the_dockerfile_builds_what_make_release_builds() {
     assert!(froms[0].ends_with("AS build"), "{}", froms[0]);
     assert!(froms[1].contains("distroless"), "{}", froms[1]);
     assert!(df.contains("RUN make release"));
+    // Everything cargo needs to build the workspace is in the build context.
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "src",
+        "mock-app",
+        "benches",
+        "config",
+    ] {
+        assert!(root.join(needed).exists(), "{needed}");
+        assert!(
+            df.lines().any(|l| l.starts_with("COPY ")
+                && !l.contains("--from")
+                && l.split_whitespace()
+                    .any(|w| w == needed || w.trim_end_matches('/') == needed)),
+            "the Dockerfile copies {needed}"
+        );
+    }
     assert!(df.contains("COPY --from=build /src/target/release/rag-sidecar "));
     assert!(df.contains("COPY --from=build /src/config/rag-sidecar.toml "));
     let user = df
