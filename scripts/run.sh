@@ -25,6 +25,9 @@ cat <<MSG
     curl -s http://$LISTEN/readyz
     curl -s -X POST http://$LISTEN/api/search -H 'Content-Type: application/json' \\
          -d '{"query": "Học máy là gì?", "top_k": 3}'
+    # the same question again, with stray spaces: X-Cache: HIT, at once
+    curl -s -i -X POST http://$LISTEN/api/search -H 'Content-Type: application/json' \\
+         -d '{"query": "  Học máy là gì? ", "top_k": 3}'
     curl -s -X POST http://$LISTEN/api/rag/query -H 'Content-Type: application/json' \\
          -d '{"query": "What is RAG?", "top_k": 5, "language": "auto"}'
     curl -s -F file=@README.md http://$LISTEN/api/upload

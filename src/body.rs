@@ -49,7 +49,10 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 }
 
 /// A body read up to a bound.
-#[allow(missing_debug_implementations)] // holds a boxed body
+#[allow(
+    missing_debug_implementations,
+    reason = "holds a boxed body, which has no Debug"
+)]
 pub enum Buffered {
     Whole(Bytes),
     /// Over the limit: what was read, followed by the rest, still streaming.

@@ -30,6 +30,10 @@
 //!                        └ logging · route · config · body
 //! ```
 //!
+//! Two answers are made before the stack, in [`server`], on purpose: 400 for
+//! a request refused at the edge, and 404 for an admin path on the proxy
+//! port when `admin_listen` moved the endpoints.
+//!
 //! What two layers share travels as a typed extension ([`extensions`]): the
 //! client address, the deadline, the body-sent flag, a stale answer at hand,
 //! the upstream failure, the cache outcome. An error becomes a response in

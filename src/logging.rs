@@ -54,7 +54,13 @@ pub enum LogError {
 
 /// Keep alive for the process's life: dropping it flushes the writers.
 #[derive(Debug)]
-pub struct LogGuards(#[allow(dead_code)] Vec<WorkerGuard>);
+pub struct LogGuards(
+    #[allow(
+        dead_code,
+        reason = "held only to be dropped at exit, which flushes the writers"
+    )]
+    Vec<WorkerGuard>,
+);
 
 fn writer<W: std::io::Write + Send + 'static>(w: W) -> (NonBlocking, WorkerGuard) {
     NonBlockingBuilder::default().lossy(true).finish(w)

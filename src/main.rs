@@ -120,7 +120,7 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
             listen = %server.local_addr().map_or(listen, |a| a),
             admin = %server
                 .admin_addr()
-                .map_or_else(|| "on the proxy port".to_string(), |a| a.to_string()),
+                .map_or_else(|| "proxy-port".to_string(), |a| a.to_string()),
             %upstream,
             threads,
             config = %shown(report.config_file.as_deref()),

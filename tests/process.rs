@@ -3,6 +3,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
 )]
 
@@ -204,7 +205,12 @@ async fn json_access_log_goes_to_log_file_and_stderr() {
         assert_eq!(a["status"], 200);
         assert_eq!(a["request_id"], "log-me");
         assert!(a["client"].as_str().unwrap().starts_with("127.0.0.1:"));
-        assert!(a["duration_ms"].as_f64().unwrap() >= 0.0);
+        let ms = a["duration_ms"].as_f64().unwrap();
+        assert!(ms >= 0.0);
+        // To the microsecond, not f64 noise (`254.25262199999997`).
+        assert_eq!((ms * 1e3).round() / 1e3, ms, "{a}");
+        // The cache's verdict, from its typed outcome.
+        assert_eq!(a["cache"], "MISS");
         assert!(!text.contains("\"q\""), "the query text is not logged");
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
 )]
 

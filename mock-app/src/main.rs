@@ -26,6 +26,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "the mock app is test scaffolding, not the request path: plain locks over its scripted state"
 )]
 

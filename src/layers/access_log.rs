@@ -1,5 +1,5 @@
-//! `AccessLog`: one line per request (method, route, path, status, duration,
-//! client address, request id) at INFO under the `rag_sidecar::access`
+//! `AccessLog`: one line per request (method, route, path, status, the
+//! cache's verdict, duration, client address, request id) at INFO under the `rag_sidecar::access`
 //! target, written when the response head is ready. It sits above the rescue,
 //! so the sidecar's own error answers are logged with their status too.
 
@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use http::{Method, Request, Response};
 use tokio::time::Instant;
 
-use crate::extensions::ClientAddr;
+use crate::extensions::{CacheOutcome, ClientAddr};
 use crate::logging::escaped;
 use crate::route::MatchedRoute;
 use crate::service::{Hook, OnAnswer};
@@ -70,6 +70,11 @@ where
 impl<RB, E> Hook<RB, E> for Entry {
     fn run(self, out: &mut Result<Response<RB>, E>) {
         let status = out.as_ref().map(|r| r.status().as_u16()).unwrap_or(0);
+        let cache = out
+            .as_ref()
+            .ok()
+            .and_then(|r| r.extensions().get::<CacheOutcome>())
+            .map_or("-", |c| c.as_str());
         tracing::info!(
             target: "rag_sidecar::access",
             method = %self.method,
@@ -77,6 +82,7 @@ impl<RB, E> Hook<RB, E> for Entry {
             // The client's bytes, escaped: no forged second record.
             path = %escaped(&self.path),
             status,
+            cache,
             // Microsecond precision, not f64 noise (`254.25262199999997`).
             duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             client = %self.client.map_or_else(|| "-".to_string(), |c| c.0.to_string()),

@@ -279,6 +279,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 #[allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "scripted test services record their calls under a plain lock"
 )]
 mod tests {

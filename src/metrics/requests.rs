@@ -9,6 +9,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "the locks guard the recent-errors list, the reset baseline and the scrape: held for a copy or an insert, never across an await, and taken only on failures, resets and scrapes"
 )]
 

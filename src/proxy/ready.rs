@@ -63,6 +63,7 @@ pub struct Readiness {
     /// A copy of the last probe for readers that must not wait or probe.
     #[allow(
         clippy::disallowed_types,
+        clippy::disallowed_methods,
         reason = "held for a copy of the last probe, never across an await: readers must not wait on a probe under way"
     )]
     latest: std::sync::Mutex<Option<Probe>>,
@@ -77,7 +78,11 @@ impl Readiness {
                 .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/")),
             draining: AtomicBool::new(false),
             last: Mutex::new(None),
-            #[allow(clippy::disallowed_types, reason = "see the field")]
+            #[allow(
+                clippy::disallowed_types,
+                clippy::disallowed_methods,
+                reason = "see the field"
+            )]
             latest: std::sync::Mutex::new(None),
         }
     }

@@ -3,9 +3,10 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "a test measures real processes and shares state with its scripted services: the wall clock and a plain lock are right here"
 )]
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test file uses only some of these helpers")]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

@@ -263,3 +263,34 @@ fn from_toml_round_trips_a_rendering_and_names_bad_keys() {
     let err = Config::from_toml("[retry]\nmax_wait = \"soon\"\n").unwrap_err();
     assert!(err.to_string().contains("retry.max_wait"), "{err}");
 }
+
+/// The shipped file is every setting written out and commented: a new
+/// setting is written there too (set, or commented out when it has no
+/// default), under its section.
+#[test]
+fn shipped_config_file_names_every_setting() {
+    let text = include_str!("../../../config/rag-sidecar.toml");
+    for s in crate::config::settings::SETTINGS {
+        let (section, leaf) = match s.key.rsplit_once('.') {
+            Some((section, leaf)) => (Some(section), leaf),
+            None => (None, s.key),
+        };
+        // The part of the file where the key belongs.
+        let part = match section {
+            None => text.split("\n[").next().unwrap_or(text),
+            Some(sec) => {
+                let header = format!("\n[{sec}]\n");
+                let at = text
+                    .find(&header)
+                    .unwrap_or_else(|| panic!("config/rag-sidecar.toml has no [{sec}]"));
+                let rest = &text[at + header.len()..];
+                rest.split("\n[").next().unwrap_or(rest)
+            }
+        };
+        let written = part.lines().any(|l| {
+            let l = l.trim_start_matches('#').trim_start();
+            l.starts_with(&format!("{leaf} ="))
+        });
+        assert!(written, "config/rag-sidecar.toml does not name {}", s.key);
+    }
+}

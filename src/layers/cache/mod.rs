@@ -480,6 +480,7 @@ enum Outcome {
 #[derive(Debug, Default)]
 #[allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "held for one lookup, insert or remove per miss, never across an await"
 )]
 struct Inflight {

@@ -14,6 +14,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "the mutex is taken on state transitions only (the closed path reads two atomics), never across an await"
 )]
 

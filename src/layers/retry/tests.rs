@@ -3,6 +3,7 @@
 
 #![allow(
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     reason = "scripted test services record their calls under a plain lock"
 )]
 use super::*;
