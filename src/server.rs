@@ -20,6 +20,7 @@
 //! admin listener keeps answering (so probes see 503, not a refused
 //! connection) until `run` returns.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +45,7 @@ use crate::error::ClientBodyError;
 use crate::extensions::ClientAddr;
 use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
+use crate::route::{PathRefused, normalise_path};
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -444,8 +446,8 @@ struct ConnService {
     peer: SocketAddr,
 }
 
-/// Requests refused at the edge, before routing: a path with dot segments,
-/// literal or percent-encoded (`/api/x/../cache/clear` must neither reach
+/// Requests refused at the edge, before routing: a method not written in
+/// upper case; a path with dot segments, literal or percent-encoded (`/api/x/../cache/clear` must neither reach
 /// the app as the admin path it resolves to nor dodge the admin router).
 /// (Smuggling by `Content-Length` + `Transfer-Encoding` is hyper's to
 /// refuse: it frames by the latter, drops the former and closes the
@@ -455,6 +457,16 @@ struct ConnService {
 /// field or with more than one: which host is meant would be the proxy's
 /// guess, and the app's and the cache's could differ.
 fn refused<B>(req: &Request<B>) -> Option<&'static str> {
+    // Werkzeug upper-cases the method it reads: "post" would reach the
+    // app's POST handler past a route that matches "POST" only.
+    if req
+        .method()
+        .as_str()
+        .bytes()
+        .any(|b| b.is_ascii_lowercase())
+    {
+        return Some("methods are written in upper case");
+    }
     if req.version() == http::Version::HTTP_11 {
         let mut hosts = req.headers().get_all(http::header::HOST).iter();
         if hosts.next().is_none() || hosts.next().is_some() {
@@ -465,6 +477,44 @@ fn refused<B>(req: &Request<B>) -> Option<&'static str> {
     path.split('/')
         .any(|s| s == "." || s == "..")
         .then_some("dot segments are not allowed in paths")
+}
+
+/// Rewrites the request's path to what the app will read
+/// ([`normalise_path`]), so that routing, the cache key and the app agree.
+fn normalised<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let path = req.uri().path();
+    let new = match normalise_path(path) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(p)) => p,
+        Err(PathRefused::EncodedSlash) => {
+            return Err("an encoded slash (%2F) is not allowed in paths");
+        }
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{new}?{q}"),
+        None => new,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|_| "the path cannot be read")?);
+    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| "the path cannot be read")?;
+    Ok(())
+}
+
+/// Drops header names with `_` (nginx's `underscores_in_headers off`): an
+/// app server that reads `X_User_Id` as `X-User-Id` (gunicorn 21 does) would
+/// otherwise see a header the cache key and the identity checks did not.
+fn drop_underscored(headers: &mut http::HeaderMap) {
+    if !headers.keys().any(|n| n.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(&n);
+    }
 }
 
 impl ConnService {
@@ -484,7 +534,8 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        if let Some(why) = refused(&req) {
+        let normalised = normalised(&mut req);
+        if let Some(why) = normalised.err().or_else(|| refused(&req)) {
             tracing::debug!(client = %self.peer, "request refused: {why}");
             let resp = body::json(
                 http::StatusCode::BAD_REQUEST,
@@ -515,6 +566,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         // before any layer reads the request: the cache must not key
         // on a header the app will never see.
         strip_hop_by_hop(req.headers_mut());
+        drop_underscored(req.headers_mut());
         drop_unfit_request_id(req.headers_mut());
         req.extensions_mut().insert(ClientAddr(self.peer));
         // Errors reading the client's body are typed as the client's,

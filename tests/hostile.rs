@@ -397,3 +397,85 @@ async fn a_stalled_upload_is_a_client_timeout_not_an_upstream_one() {
     let m = sc.get_json("/api/metrics").await;
     assert_eq!(m["errors"]["timeout"], 1, "{m}");
 }
+
+/// Sends raw bytes (with `Connection: close`) and returns the whole answer.
+async fn raw_answer(sc: &Sidecar, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn search_request(method: &str, path: &str, extra: &str) -> String {
+    let body = r#"{"query": "routing", "top_k": 1}"#;
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn paths_are_routed_as_the_app_reads_them() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0"]);
+    let sc = Sidecar::start(&mock.url(), "").await;
+    // Encoded unreserved characters and doubled slashes: the search route
+    // (cached: X-Cache), and the app receives the normalised path.
+    for path in ["/api/%73earch", "//api/search", "/api//%73earch"] {
+        let answer = raw_answer(&sc, search_request("POST", path, "").as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nx-cache: "),
+            "{path} took the search route: {answer}"
+        );
+    }
+    let stats = mock.stats().await;
+    let by_path = stats["by_path"].as_object().unwrap();
+    assert_eq!(by_path.get("/api/search"), Some(&json!(1)), "{stats}");
+    assert!(
+        by_path
+            .keys()
+            .all(|p| !p.contains('%') && !p.contains("//")),
+        "{stats}"
+    );
+    // Refused with 400 JSON: an encoded slash, a method in lower case.
+    for (method, path) in [
+        ("POST", "/api%2Fsearch"),
+        ("post", "/api/search"),
+        ("Post", "/api/search"),
+    ] {
+        let answer = raw_answer(&sc, search_request(method, path, "").as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{method} {path}: {answer}"
+        );
+        assert!(answer.contains("\"error\":\"Bad request\""), "{answer}");
+    }
+    // The encoded admin path is the admin path (not proxied to the app).
+    let answer = raw_answer(
+        &sc,
+        b"GET /api/%63ache/stats HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("\"namespaces\""), "{answer}");
+    assert_eq!(mock.stats().await["by_path"].get("/api/cache/stats"), None);
+}
+
+#[tokio::test]
+async fn header_names_with_underscores_never_reach_the_app() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    let answer = raw_answer(
+        &sc,
+        b"GET /__mock/echo HTTP/1.1\r\nHost: a\r\nX_User_Id: alice\r\nX-Kept: yes\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let echo: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let headers = echo["headers"].as_object().unwrap();
+    assert!(headers.contains_key("x-kept"), "{echo}");
+    assert!(
+        !headers.keys().any(|k| k.contains('_') || k == "x-user-id"),
+        "{echo}"
+    );
+}
