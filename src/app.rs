@@ -67,7 +67,14 @@ impl App {
         let redis = RedisStore::from_config(&cfg.redis)?;
         let cache = CacheStore::new(&cfg, redis.clone()).map_err(AppError::Cache)?;
         cache.follow_invalidations();
-        let cache_layer = CacheLayer::new(Arc::clone(&cache), &cfg.cache.identity_headers);
+        let keyed: Vec<String> = cfg
+            .cache
+            .identity_headers
+            .iter()
+            .chain(&cfg.cache.vary_headers)
+            .cloned()
+            .collect();
+        let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed);
         let rate_limit = RateLimitLayer::new(&cfg, redis);
         let sweeper = rate_limit.clone();
         tokio::spawn(async move {

@@ -479,3 +479,87 @@ async fn header_names_with_underscores_never_reach_the_app() {
         "{echo}"
     );
 }
+
+/// X-Cache of a search with these headers (and this query string).
+async fn x_cache_of(sc: &Sidecar, query: &str, headers: &[(&str, &str)]) -> String {
+    let mut r = client()
+        .post(sc.url(&format!("/api/search{query}")))
+        .body(r#"{"query": "poison me", "top_k": 2}"#);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let resp = r.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn inputs_that_change_the_answer_are_in_the_cache_key() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0"]);
+    let sc = Sidecar::start(&mock.url(), "").await;
+    let json = ("content-type", "application/json");
+    // Each: what the attacker sends (stored), what the victim sends (must
+    // not be served the attacker's answer), and the victim again (a hit).
+    type Header = (&'static str, &'static str);
+    let cases: [(&str, Header, Header); 5] = [
+        (
+            "Accept",
+            ("accept", "text/html"),
+            ("accept", "application/json"),
+        ),
+        (
+            "Accept-Language",
+            ("accept-language", "vi"),
+            ("accept-language", "en"),
+        ),
+        (
+            "Content-Type",
+            ("content-type", "application/json; charset=latin1"),
+            ("content-type", "application/json"),
+        ),
+        (
+            "Cookie",
+            ("cookie", "session=attacker"),
+            ("cookie", "session=victim"),
+        ),
+        (
+            "Accept-Encoding",
+            ("accept-encoding", "gzip"),
+            ("accept-encoding", "identity"),
+        ),
+    ];
+    for (i, (what, attacker, victim)) in cases.into_iter().enumerate() {
+        let q = format!("?case={i}");
+        let with = |h: Header| -> Vec<Header> {
+            if h.0 == "content-type" {
+                vec![h]
+            } else {
+                vec![json, h]
+            }
+        };
+        assert_eq!(x_cache_of(&sc, &q, &with(attacker)).await, "MISS", "{what}");
+        assert_eq!(
+            x_cache_of(&sc, &q, &with(victim)).await,
+            "MISS",
+            "{what}: the attacker's answer"
+        );
+        assert_eq!(x_cache_of(&sc, &q, &with(victim)).await, "HIT", "{what}");
+    }
+    // Codings are reduced: the same set in another order is one key.
+    let q = "?case=codings";
+    assert_eq!(
+        x_cache_of(&sc, q, &[json, ("accept-encoding", "gzip, br")]).await,
+        "MISS"
+    );
+    assert_eq!(
+        x_cache_of(&sc, q, &[json, ("accept-encoding", "br,gzip;q=0.5")]).await,
+        "HIT"
+    );
+    // Repeated query names: Flask reads the first.
+    assert_eq!(x_cache_of(&sc, "?top=999&top=1", &[json]).await, "MISS");
+    assert_eq!(x_cache_of(&sc, "?top=1&top=999", &[json]).await, "MISS");
+    assert_eq!(x_cache_of(&sc, "?top=1&top=999", &[json]).await, "HIT");
+}

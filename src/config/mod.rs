@@ -100,6 +100,8 @@ pub struct CacheConfig {
     pub max_body_bytes: u64,
     pub stale_if_error: Duration,
     pub identity_headers: Vec<String>,
+    /// Request headers that select a representation, in the key too.
+    pub vary_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

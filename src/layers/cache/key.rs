@@ -1,8 +1,14 @@
 //! Cache keys: `namespace:` + a 128-bit SHA-256 digest (32 hex digits) over
 //! what makes two requests the same question for the same caller: method,
-//! path, the query string with its parameters sorted, the body in canonical
-//! form, and the values of the identity headers (so one user never receives
-//! another's answer). Query text never appears in a key, only its digest.
+//! path, the query string with its parameters sorted by name (repeated names
+//! kept in their order: Flask reads the first, so `?top=999&top=1` and
+//! `?top=1&top=999` are different questions), the body in canonical form,
+//! and the values of the keyed headers: the identity headers (so one user
+//! never receives another's answer; `Cookie` among them) and the headers
+//! that select a representation (`cache.vary_headers`: `Accept`,
+//! `Accept-Language`, `Content-Type`, and `Accept-Encoding` reduced to the
+//! codings it allows, so a gzip body never reaches an identity client).
+//! Query text never appears in a key, only its digest.
 //! `Host` is deliberately not in the key: replicas reached under different
 //! names (pod addresses, service names) share entries through Redis. An app
 //! that writes the request's host into its answers should not have them
@@ -48,7 +54,8 @@ pub fn cache_key(
     field(&mut h, b'p', uri.path().as_bytes());
     if let Some(q) = uri.query().filter(|q| !q.is_empty()) {
         let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-        pairs.sort_unstable();
+        // By name only, and stable: repeats keep their order.
+        pairs.sort_by_key(|p| p.split_once('=').map_or(*p, |(name, _)| name));
         for p in pairs {
             field(&mut h, b'q', p.as_bytes());
         }
@@ -63,8 +70,13 @@ pub fn cache_key(
             field(&mut h, b'n', name.as_str().as_bytes());
         } else {
             field(&mut h, b'h', name.as_str().as_bytes());
-            for v in values {
-                field(&mut h, b'v', v.as_bytes());
+            if name == http::header::ACCEPT_ENCODING {
+                let joined: Vec<&[u8]> = values.map(|v| v.as_bytes()).collect();
+                field(&mut h, b'v', reduced_codings(&joined).as_bytes());
+            } else {
+                for v in values {
+                    field(&mut h, b'v', v.as_bytes());
+                }
             }
         }
     }
@@ -77,6 +89,31 @@ pub fn cache_key(
         key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
     }
     key
+}
+
+/// `Accept-Encoding` as the codings it allows: lower case, sorted, without
+/// duplicates, parameters and the ones refused (`q=0`). `gzip, br` and
+/// `br,gzip;q=0.8` are one key; `identity` and no header are not `gzip`.
+pub fn reduced_codings(values: &[&[u8]]) -> String {
+    let mut codings: Vec<String> = values
+        .iter()
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|c| {
+            let mut parts = c.split(';');
+            let name = parts.next()?.trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (!name.is_empty() && !refused).then_some(name)
+        })
+        .collect();
+    codings.sort();
+    codings.dedup();
+    codings.join(",")
 }
 
 /// The canonical bytes of a JSON body, or `None` if it is not a JSON object
@@ -206,6 +243,22 @@ mod tests {
         assert_eq!(k("/a?x=1&y=2"), k("/a?y=2&x=1"));
         assert_ne!(k("/a?x=1&y=2"), k("/a?x=1&y=3"));
         assert_ne!(k("/a"), k("/b"));
+        // Repeated names keep their order: the app reads the first.
+        assert_ne!(k("/a?top=999&top=1"), k("/a?top=1&top=999"));
+        assert_eq!(k("/a?top=999&x=1&top=1"), k("/a?x=1&top=999&top=1"));
+    }
+
+    #[test]
+    fn accept_encoding_is_reduced_to_the_codings_it_allows() {
+        let r = |v: &[&str]| {
+            let v: Vec<&[u8]> = v.iter().map(|s| s.as_bytes()).collect();
+            reduced_codings(&v)
+        };
+        assert_eq!(r(&["gzip, br"]), "br,gzip");
+        assert_eq!(r(&["br;q=1.0,GZIP;q=0.8", "br"]), "br,gzip");
+        assert_eq!(r(&["gzip;q=0, identity"]), "identity");
+        assert_eq!(r(&["gzip; q=0.0"]), "");
+        assert_eq!(r(&[]), "");
     }
 
     #[test]

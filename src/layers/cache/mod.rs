@@ -69,11 +69,17 @@ struct Shared {
 }
 
 impl CacheLayer {
-    pub fn new(store: Arc<CacheStore>, identity_headers: &[String]) -> Self {
-        let identity = identity_headers
-            .iter()
-            .filter_map(|h| HeaderName::try_from(h.as_str()).ok())
-            .collect();
+    /// `keyed_headers`: the identity headers, then the vary headers, all in
+    /// the key.
+    pub fn new(store: Arc<CacheStore>, keyed_headers: &[String]) -> Self {
+        let mut identity: Vec<HeaderName> = Vec::new();
+        for h in keyed_headers {
+            if let Ok(name) = HeaderName::try_from(h.as_str()) {
+                if !identity.contains(&name) {
+                    identity.push(name);
+                }
+            }
+        }
         Self {
             shared: Arc::new(Shared {
                 store,
