@@ -6,6 +6,7 @@
 //! On the request (set by → read by):
 //! - [`ClientAddr`]: the server → the rate limiter, the retry, the proxy
 //!   (`X-Forwarded-For`), the access log.
+//! - [`ClientId`]: the rate limiter (its client key, hashed) → the breaker.
 //! - [`Deadline`]: the route timeout → the retry, the breaker's permit.
 //! - [`BodySent`]: the route timeout → the breaker's permit.
 //! - [`StaleAtHand`]: the cache → the retry.
@@ -34,6 +35,20 @@ use crate::route::MatchedRoute;
 /// The TCP peer of the connection a request came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// Who the client is, as the rate limiter keys it (the peer, the
+/// `X-Forwarded-For` entry left of the trusted proxies, or a header),
+/// hashed: the breaker counts a plain 500 once per client in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientId(pub u64);
+
+impl ClientId {
+    /// The id of anything hashable (a client key, an address).
+    pub fn of(key: &impl std::hash::Hash) -> Self {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        Self(BuildHasherDefault::<DefaultHasher>::default().hash_one(key))
+    }
+}
 
 /// When the route's overall time is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +130,7 @@ pub struct Carried {
     deadline: Option<Deadline>,
     route: Option<MatchedRoute>,
     client: Option<ClientAddr>,
+    id: Option<ClientId>,
 }
 
 impl Carried {
@@ -123,6 +139,7 @@ impl Carried {
             deadline: ext.get::<Deadline>().copied(),
             route: ext.get::<MatchedRoute>().cloned(),
             client: ext.get::<ClientAddr>().copied(),
+            id: ext.get::<ClientId>().copied(),
         }
     }
 
@@ -135,6 +152,9 @@ impl Carried {
         }
         if let Some(c) = self.client {
             ext.insert(c);
+        }
+        if let Some(i) = self.id {
+            ext.insert(i);
         }
     }
 

@@ -124,9 +124,11 @@ async fn five_failures_open_the_circuit_one_probe_closes_it_and_reset_closes_it(
     let before = circuits(&sc).await;
     assert_eq!(before["upstream"]["state"], "closed");
 
+    // 503s: a gateway error counts each time (a plain 500 counts once per
+    // client in a run; see below).
     for i in 0..5 {
-        let r = search(&sc, &format!("q{i}"), Some(500)).await;
-        assert_eq!(r.status(), 500, "the app's own 500 while closed");
+        let r = search(&sc, &format!("q{i}"), Some(503)).await;
+        assert_eq!(r.status(), 503, "the app's own 503 while closed");
     }
     let c = circuits(&sc).await;
     let up = &c["upstream"];
@@ -328,4 +330,66 @@ async fn with_a_stale_answer_at_hand_a_failure_is_not_retried_but_served_stale_a
     let r = search(&sc, "never cached", None).await;
     assert_eq!(r.status(), 503);
     assert_eq!(upstream_calls(&mock).await, before + 2);
+}
+
+#[tokio::test]
+async fn one_client_cannot_open_a_circuit_for_everyone_with_plain_500s() {
+    let mock = mock();
+    // Clients told apart by their API key (all connect from 127.0.0.1);
+    // threshold 2, retries on: each failing search is 4 attempts.
+    let toml = fast("max_retries = 3")
+        .replace("threshold = 5", "threshold = 2")
+        .replace(
+            "[rate_limit]\nenabled = false\n",
+            "[rate_limit]\nkey = \"header:X-API-Key\"\ndefault = \"10000 per minute\"\n",
+        );
+    let sc = Sidecar::start(
+        &mock.url(),
+        &format!("{toml}[[routes]]\nname = \"search\"\nrate_limit = \"10000 per minute\"\n"),
+    )
+    .await;
+    let bad = |key: &'static str, q: &'static str, status: u16| {
+        let sc = &sc;
+        async move {
+            client()
+                .post(sc.url("/api/search"))
+                .header("X-API-Key", key)
+                .header("X-Mock-Status", status.to_string())
+                .json(&json!({"query": q, "top_k": 1}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // One client's input the app cannot handle: 500s, retried, several
+    // times. Counted once: the circuit stays closed for everyone.
+    for q in ["abc", "abc again", "and again"] {
+        assert_eq!(bad("mallory", q, 500).await, 500);
+    }
+    let c = circuits(&sc).await;
+    assert_eq!(c["upstream"]["state"], "closed", "{c}");
+    assert_eq!(c["upstream"]["failure_count"], 1, "{c}");
+    let ok = client()
+        .post(sc.url("/api/search"))
+        .header("X-API-Key", "alice")
+        .json(&json!({"query": "a normal question", "top_k": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "another client is served");
+    // A success ended that run. A second client's 500 in a new run, and a
+    // third's: two clients, two failures, the circuit opens.
+    assert_eq!(bad("mallory", "new run", 500).await, 500);
+    assert_eq!(bad("bob", "bob's", 500).await, 500);
+    assert_eq!(circuits(&sc).await["upstream"]["state"], "open");
+    // A gateway error counts each time, from one client too.
+    let r = sc.post("/api/circuit-breakers/reset", "").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(bad("mallory", "gateway", 502).await, 502);
+    assert_eq!(
+        circuits(&sc).await["upstream"]["state"],
+        "open",
+        "4 attempts of 502"
+    );
 }

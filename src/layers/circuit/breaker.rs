@@ -42,7 +42,13 @@ enum Phase {
 struct Inner {
     phase: Phase,
     last_failure: Option<SystemTime>,
+    /// Clients whose plain 500 already counted in this run of failures.
+    plain_500_from: Vec<u64>,
 }
+
+/// At most this many clients are remembered in a run (a run opens the
+/// circuit at `threshold` failures long before).
+const MAX_RUN_CLIENTS: usize = 1024;
 
 /// A handle on a named circuit breaker. The state lives in one shared
 /// [`Core`]; each worker holds its own handle (see [`Breaker::handle`]), so
@@ -106,6 +112,7 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 phase: Phase::Closed,
                 last_failure: None,
+                plain_500_from: Vec::new(),
             }),
         };
         Arc::new(Self {
@@ -183,9 +190,13 @@ impl Core {
         }
         let mut inner = self.lock();
         match inner.phase {
-            Phase::Closed => self.failures.store(0, Ordering::Release),
+            Phase::Closed => {
+                self.failures.store(0, Ordering::Release);
+                inner.plain_500_from.clear();
+            }
             Phase::Open { .. } if probe => {
                 inner.phase = Phase::Closed;
+                inner.plain_500_from.clear();
                 self.failures.store(0, Ordering::Release);
                 self.tripped.store(false, Ordering::Release);
                 tracing::info!(circuit = %self.name, "circuit CLOSED: probe succeeded");
@@ -227,6 +238,23 @@ impl Core {
         }
     }
 
+    /// A plain 500, often the answer to one client's bad input: it counts
+    /// once per client within a run of failures, so no single client can
+    /// open a circuit for everyone. A probe's 500 counts as a failure.
+    fn on_plain_500(&self, probe: bool, client: Option<u64>) {
+        if let (false, Some(client)) = (probe, client) {
+            let mut inner = self.lock();
+            if inner.plain_500_from.contains(&client) {
+                inner.last_failure = Some(SystemTime::now());
+                return;
+            }
+            if inner.plain_500_from.len() < MAX_RUN_CLIENTS {
+                inner.plain_500_from.push(client);
+            }
+        }
+        self.on_failure(probe);
+    }
+
     fn on_cancel(&self, probe: bool) {
         if probe {
             if let Phase::Open { probing, .. } = &mut self.lock().phase {
@@ -240,6 +268,7 @@ impl Core {
         let mut inner = self.lock();
         inner.phase = Phase::Closed;
         inner.last_failure = None;
+        inner.plain_500_from.clear();
         self.failures.store(0, Ordering::Release);
         self.tripped.store(false, Ordering::Release);
     }
@@ -307,6 +336,13 @@ impl Permit {
         self.breaker.on_failure(self.probe);
     }
 
+    /// The upstream answered a plain 500 to `client` (see
+    /// `Breaker::on_plain_500`).
+    pub fn plain_500(mut self, client: Option<u64>) {
+        self.done = true;
+        self.breaker.on_plain_500(self.probe, client);
+    }
+
     /// The call ended in a way that says nothing about the upstream.
     pub fn forget(mut self) {
         self.done = true;
@@ -344,6 +380,29 @@ mod tests {
             Admission::Rejected { retry_after } => retry_after,
             Admission::Permitted(_) => panic!("admitted"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plain_500_counts_once_per_client_in_a_run() {
+        let b = Breaker::new("upstream", 3, Duration::from_secs(60));
+        for _ in 0..5 {
+            admitted(&b).plain_500(Some(1));
+        }
+        assert_eq!(b.snapshot().failure_count, 1);
+        // Another client's, and a gateway error: each counts.
+        admitted(&b).plain_500(Some(2));
+        assert_eq!(b.snapshot().failure_count, 2);
+        // A success ends the run: client 1 counts again in the next.
+        admitted(&b).success();
+        admitted(&b).plain_500(Some(1));
+        assert_eq!(b.snapshot().failure_count, 1);
+        admitted(&b).failure();
+        admitted(&b).plain_500(None);
+        assert_eq!(b.snapshot().state, State::Open);
+        // A probe's 500 re-opens it, whoever sent it.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        admitted(&b).plain_500(Some(1));
+        assert_eq!(b.snapshot().state, State::Open);
     }
 
     #[tokio::test(start_paused = true)]

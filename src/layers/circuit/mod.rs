@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use self::breaker::{Admission, Breaker, Permit};
@@ -23,7 +23,8 @@ use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
 use crate::error::CircuitOpen;
-use crate::extensions::{BodySent, Deadline, UpstreamFailure};
+use crate::error::Failure;
+use crate::extensions::{BodySent, ClientAddr, ClientId, Deadline, UpstreamFailure};
 use crate::metrics::resilience::{CircuitFigures, CircuitReading};
 use crate::route::MatchedRoute;
 
@@ -200,9 +201,17 @@ where
                 };
             }
         };
+        // Who asked, for a plain 500 (the rate limiter's key; the peer when
+        // rate limiting is off).
+        let client = req.extensions().get::<ClientId>().map(|c| c.0).or_else(|| {
+            req.extensions()
+                .get::<ClientAddr>()
+                .map(|a| ClientId::of(&a.0.ip()).0)
+        });
         ResponseFuture::Call {
             fut: self.inner.call(req),
             permit: Some(permit),
+            client,
         }
     }
 }
@@ -213,7 +222,7 @@ pin_project_lite::pin_project! {
     #[project = Proj]
     pub enum ResponseFuture<F> {
         Pass { #[pin] fut: F },
-        Call { #[pin] fut: F, permit: Option<Permit> },
+        Call { #[pin] fut: F, permit: Option<Permit>, client: Option<u64> },
         Open { err: Option<BoxError> },
     }
 }
@@ -227,10 +236,22 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             Proj::Pass { fut } => fut.poll(cx),
-            Proj::Call { fut, permit } => {
+            Proj::Call {
+                fut,
+                permit,
+                client,
+            } => {
                 let result = std::task::ready!(fut.poll(cx));
                 if let Some(permit) = permit.take() {
                     match (&result, UpstreamFailure::of(&result)) {
+                        // A plain 500: once per client in a run. 502, 503,
+                        // 504, quota signals and connection failures count
+                        // each time (Envoy's gateway errors versus 5xx).
+                        (Ok(r), Some(Failure::Upstream5xx))
+                            if r.status() == StatusCode::INTERNAL_SERVER_ERROR =>
+                        {
+                            permit.plain_500(*client)
+                        }
                         (_, Some(_)) => permit.failure(),
                         (Ok(_), None) => permit.success(),
                         // Not the upstream's doing (the client's body broke

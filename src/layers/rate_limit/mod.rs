@@ -49,7 +49,7 @@ use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
 use crate::error::{Decorated, RateHeaders, RateLimited};
-use crate::extensions::ClientAddr;
+use crate::extensions::{ClientAddr, ClientId};
 use crate::metrics::rate_limit::{RateLimitFigures, RouteRejections};
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
@@ -473,6 +473,10 @@ impl<S: Inner> tower::Service<Request<Body>> for RateLimit<S> {
             return pass(&mut self.inner, req, None);
         };
         let key = client_key(peer.ip(), req.headers(), &shared.trusted, &shared.key);
+        // The breaker counts a plain 500 once per client: it keys clients
+        // as this layer does.
+        let mut req = req;
+        req.extensions_mut().insert(ClientId::of(&key));
         if shared.redis.is_none() {
             return match Shared::decide(policy, &shared.check(policy, &key)) {
                 Ok(headers) => pass(&mut self.inner, req, headers),
