@@ -504,7 +504,8 @@ async fn inputs_that_change_the_answer_are_in_the_cache_key() {
     // Each: what the attacker sends (stored), what the victim sends (must
     // not be served the attacker's answer), and the victim again (a hit).
     type Header = (&'static str, &'static str);
-    let cases: [(&str, Header, Header); 5] = [
+    let cases: [(&str, Header, Header); 6] = [
+        ("Host", ("host", "evil.example"), ("host", "rag-services")),
         (
             "Accept",
             ("accept", "text/html"),

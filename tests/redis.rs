@@ -16,9 +16,16 @@ use std::time::{Duration, Instant};
 use common::{Mock, Redis, Sidecar, client, eventually};
 use serde_json::{Value, json};
 
+/// A search under the one name every replica is reached by (a Service's):
+/// `Host` is in the cache key.
 async fn search(sc: &Sidecar, q: &str) -> reqwest::Response {
-    sc.post_json("/api/search", &json!({"query": q, "top_k": 2}))
+    client()
+        .post(sc.url("/api/search"))
+        .header("host", "rag-services")
+        .json(&json!({"query": q, "top_k": 2}))
+        .send()
         .await
+        .unwrap()
 }
 
 fn x_cache(r: &reqwest::Response) -> String {

@@ -8,11 +8,10 @@
 //! that select a representation (`cache.vary_headers`: `Accept`,
 //! `Accept-Language`, `Content-Type`, and `Accept-Encoding` reduced to the
 //! codings it allows, so a gzip body never reaches an identity client).
+//! `Host` is in the key (as in Varnish's built-in hash): an app that writes
+//! the request's host into its answers answers each host differently, so
+//! replicas share entries when their clients use one name (a Service's).
 //! Query text never appears in a key, only its digest.
-//! `Host` is deliberately not in the key: replicas reached under different
-//! names (pod addresses, service names) share entries through Redis. An app
-//! that writes the request's host into its answers should not have them
-//! cached (or should be reached under one name only).
 //!
 //! A JSON body is canonicalised: keys sorted, no whitespace, and the
 //! top-level `query` field Unicode-NFC-normalised with whitespace trimmed and
@@ -52,6 +51,15 @@ pub fn cache_key(
     let mut h = Sha256::new();
     field(&mut h, b'm', method.as_str().as_bytes());
     field(&mut h, b'p', uri.path().as_bytes());
+    // The host the client asked for (an HTTP/2 client's :authority): an app
+    // that writes it into its answers (absolute links) answers each host
+    // differently, and an attacker's Host must not reach a victim.
+    let host = headers
+        .get(http::header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or_default();
+    field(&mut h, b'H', host);
     if let Some(q) = uri.query().filter(|q| !q.is_empty()) {
         let mut pairs: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
         // By name only, and stable: repeats keep their order.
