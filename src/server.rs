@@ -25,6 +25,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -94,8 +96,50 @@ pub struct Server {
     admin: Admin,
     builder: auto::Builder<TokioExecutor>,
     grace: Duration,
+    /// How long a new connection may take to start its first request, and
+    /// the bound on open proxy connections.
+    policy: ConnPolicy,
+}
+
+/// What every accepted connection is held to.
+#[derive(Debug, Clone)]
+struct ConnPolicy {
     /// How long a new connection may take to start its first request.
     head_timeout: Duration,
+    /// The bound on open connections (the proxy port's; `None` on the
+    /// admin port, so probes are never refused).
+    slots: Option<Arc<ConnSlots>>,
+}
+
+/// Open connections against `max_connections`, over every worker.
+#[derive(Debug)]
+struct ConnSlots {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One open connection's slot, given back when the connection ends.
+#[derive(Debug)]
+struct Slot(Arc<ConnSlots>);
+
+impl ConnSlots {
+    /// A slot, or `None` at the bound: the connection is refused at once
+    /// (closed before a byte is read), so 10 000 idle sockets cannot take
+    /// the pod's memory.
+    fn take(self: &Arc<Self>) -> Option<Slot> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel);
+        if open >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(self)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Server {
@@ -171,7 +215,13 @@ impl Server {
             admin,
             builder,
             grace: cfg.shutdown_grace,
-            head_timeout: cfg.header_read_timeout,
+            policy: ConnPolicy {
+                head_timeout: cfg.header_read_timeout,
+                slots: Some(Arc::new(ConnSlots {
+                    open: AtomicUsize::new(0),
+                    max: cfg.max_connections,
+                })),
+            },
         }
     }
 
@@ -195,7 +245,7 @@ impl Server {
             admin,
             builder,
             grace,
-            head_timeout,
+            policy,
             ..
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -206,12 +256,16 @@ impl Server {
             let stop = async {
                 let _ = admin_stopped.await;
             };
+            let admin_policy = ConnPolicy {
+                slots: None,
+                ..policy.clone()
+            };
             Some(tokio::spawn(accept_until(
                 l,
                 svc,
                 builder.clone(),
                 stop,
-                head_timeout,
+                admin_policy,
             )))
         });
         // The proxy port's dispatch: with the admin endpoints, or refusing them.
@@ -235,6 +289,7 @@ impl Server {
         for (i, w) in workers.enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             let (svc, builder, stop) = (dispatch(w.stack), builder.clone(), stop_rx.clone());
+            let policy = policy.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("rag-sidecar-w{}", i + 1))
                 .spawn(move || {
@@ -243,7 +298,7 @@ impl Server {
                         .build()
                     {
                         Ok(rt) => {
-                            rt.block_on(worker(w.listener, svc, builder, stop, grace, head_timeout))
+                            rt.block_on(worker(w.listener, svc, builder, stop, grace, policy))
                         }
                         Err(e) => tracing::error!("worker runtime: {e}"),
                     }
@@ -255,7 +310,7 @@ impl Server {
             }
         }
         let svc = dispatch(first.stack);
-        let own = worker(first.listener, svc, builder, stop_rx, grace, head_timeout);
+        let own = worker(first.listener, svc, builder, stop_rx, grace, policy);
         let signal = async {
             shutdown.await;
             admin.state().readiness.begin_drain();
@@ -303,7 +358,7 @@ async fn worker(
     builder: auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
-    head_timeout: Duration,
+    policy: ConnPolicy,
 ) {
     let Some(listener) = to_tokio(listener) else {
         return;
@@ -318,7 +373,7 @@ async fn worker(
         &builder,
         stop_signal,
         Some(&graceful),
-        head_timeout,
+        &policy,
     )
     .await;
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -335,9 +390,9 @@ async fn accept_until(
     svc: Dispatch,
     builder: auto::Builder<TokioExecutor>,
     stop: impl Future<Output = ()>,
-    head_timeout: Duration,
+    policy: ConnPolicy,
 ) {
-    accept_loop(listener, svc, &builder, stop, None, head_timeout).await;
+    accept_loop(listener, svc, &builder, stop, None, &policy).await;
 }
 
 /// Connections are watched by `graceful` when given, so they can drain.
@@ -347,7 +402,7 @@ async fn accept_loop(
     builder: &auto::Builder<TokioExecutor>,
     stop: impl Future<Output = ()>,
     graceful: Option<&GracefulShutdown>,
-    head_timeout: Duration,
+    policy: &ConnPolicy,
 ) {
     tokio::pin!(stop);
     loop {
@@ -364,7 +419,27 @@ async fn accept_loop(
                 }
             },
         };
-        serve(stream, peer, svc.clone(), builder, graceful, head_timeout);
+        let slot = match &policy.slots {
+            Some(slots) => match slots.take() {
+                Some(slot) => Some(slot),
+                None => {
+                    // At max_connections: closed at once.
+                    tracing::debug!(client = %peer, "connection refused: max_connections reached");
+                    drop(stream);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        serve(
+            stream,
+            peer,
+            svc.clone(),
+            builder,
+            graceful,
+            policy.head_timeout,
+            slot,
+        );
     }
 }
 
@@ -375,6 +450,7 @@ fn serve(
     builder: &auto::Builder<TokioExecutor>,
     graceful: Option<&GracefulShutdown>,
     head_timeout: Duration,
+    slot: Option<Slot>,
 ) {
     let _ = stream.set_nodelay(true);
     let builder = builder.clone();
@@ -393,6 +469,7 @@ fn serve(
         if let Err(e) = result {
             tracing::debug!(client = %peer, "connection ended with an error: {e}");
         }
+        drop(slot);
     });
 }
 

@@ -564,3 +564,48 @@ async fn inputs_that_change_the_answer_are_in_the_cache_key() {
     assert_eq!(x_cache_of(&sc, "?top=1&top=999", &[json]).await, "MISS");
     assert_eq!(x_cache_of(&sc, "?top=1&top=999", &[json]).await, "HIT");
 }
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_at_once() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "threads = 1\nmax_connections = 3\n").await;
+    // Three idle connections that sent a request and keep the socket open.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    // The fourth is closed before it is read.
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    let _ = s
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed at once, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "refused: {:?}", String::from_utf8_lossy(&buf[..n]));
+    // One closes: its slot is free again.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..50 {
+        let r = client()
+            .get(sc.url("/healthz"))
+            .header("connection", "close")
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a slot came back");
+}

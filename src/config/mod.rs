@@ -164,6 +164,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
     pub max_inflight: usize,
+    /// Client connections open at once on the proxy port.
+    pub max_connections: usize,
     pub trusted_proxies: Vec<IpNet>,
     /// Slowloris guard: a client must send its request head within this.
     pub header_read_timeout: Duration,
@@ -211,6 +213,7 @@ impl Config {
             admin_listen: None,
             shutdown_grace: Duration::ZERO,
             max_inflight: 0,
+            max_connections: 0,
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::ZERO,
             upstream_idle_timeout: Duration::ZERO,

@@ -125,6 +125,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(max_inflight, USIZE, Some(positive)),
     },
     Setting {
+        key: "max_connections",
+        env: &[],
+        flag: None,
+        default: Int(4096),
+        secret: false,
+        doc: "Client connections open at once on the proxy port; beyond this a new one is closed at once.",
+        value: field!(max_connections, USIZE, Some(positive)),
+    },
+    Setting {
         key: "trusted_proxies",
         env: &[],
         flag: None,
