@@ -64,6 +64,14 @@ pub struct ClientTimeout(pub Duration);
 #[error("request body broke off: {0}")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
+/// The client stopped sending its request body: nothing arrived for
+/// `client_body_timeout` between two reads. The client's doing (408), never
+/// the upstream's: a slow client must not hold an app worker, nor count
+/// against a circuit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled: nothing received for {}", crate::config::fmt_duration(*.0))]
+pub struct ClientBodyStalled(pub Duration);
+
 /// The request body is larger than allowed.
 #[derive(Debug, thiserror::Error)]
 #[error("request body exceeds {0} bytes")]
@@ -163,7 +171,9 @@ pub fn find_cause<'a, T: std::error::Error + 'static>(
 pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     if find_cause::<RateLimited>(err).is_some() {
         ErrorKind::RateLimited
-    } else if find_cause::<ClientTimeout>(err).is_some() {
+    } else if find_cause::<ClientTimeout>(err).is_some()
+        || find_cause::<ClientBodyStalled>(err).is_some()
+    {
         ErrorKind::ClientTimeout
     } else if find_cause::<BodyTooLarge>(err).is_some()
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()

@@ -39,11 +39,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
+use crate::BoxError;
 use crate::admin::Admin;
 use crate::body::{self, Body};
 use crate::config::Config;
-use crate::error::ClientBodyError;
+use crate::error::{ClientBodyError, ClientBodyStalled};
 use crate::extensions::ClientAddr;
 use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
@@ -106,6 +108,8 @@ pub struct Server {
 struct ConnPolicy {
     /// How long a new connection may take to start its first request.
     head_timeout: Duration,
+    /// The longest pause between two reads of a request body.
+    body_timeout: Duration,
     /// The bound on open connections (the proxy port's; `None` on the
     /// admin port, so probes are never refused).
     slots: Option<Arc<ConnSlots>>,
@@ -217,6 +221,7 @@ impl Server {
             grace: cfg.shutdown_grace,
             policy: ConnPolicy {
                 head_timeout: cfg.header_read_timeout,
+                body_timeout: cfg.client_body_timeout,
                 slots: Some(Arc::new(ConnSlots {
                     open: AtomicUsize::new(0),
                     max: cfg.max_connections,
@@ -431,15 +436,7 @@ async fn accept_loop(
             },
             None => None,
         };
-        serve(
-            stream,
-            peer,
-            svc.clone(),
-            builder,
-            graceful,
-            policy.head_timeout,
-            slot,
-        );
+        serve(stream, peer, svc.clone(), builder, graceful, policy, slot);
     }
 }
 
@@ -449,9 +446,10 @@ fn serve(
     svc: Dispatch,
     builder: &auto::Builder<TokioExecutor>,
     graceful: Option<&GracefulShutdown>,
-    head_timeout: Duration,
+    policy: &ConnPolicy,
     slot: Option<Slot>,
 ) {
+    let (head_timeout, body_timeout) = (policy.head_timeout, policy.body_timeout);
     let _ = stream.set_nodelay(true);
     let builder = builder.clone();
     let watcher = graceful.map(GracefulShutdown::watcher);
@@ -460,7 +458,14 @@ fn serve(
             return; // dropped: the connection closes
         }
         let conn = builder
-            .serve_connection(TokioIo::new(stream), ConnService { svc, peer })
+            .serve_connection(
+                TokioIo::new(stream),
+                ConnService {
+                    svc,
+                    peer,
+                    body_timeout,
+                },
+            )
             .into_owned();
         let result = match watcher {
             Some(w) => w.watch(conn).await,
@@ -521,6 +526,8 @@ enum Dispatch {
 struct ConnService {
     svc: Dispatch,
     peer: SocketAddr,
+    /// The longest pause between two reads of a request body.
+    body_timeout: Duration,
 }
 
 /// Requests refused at the edge, before routing: a method not written in
@@ -648,8 +655,22 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         req.extensions_mut().insert(ClientAddr(self.peer));
         // Errors reading the client's body are typed as the client's,
         // so no layer mistakes them for the upstream's.
-        let req: Request<Body> =
-            req.map(|b| body::boxed(http_body_util::BodyExt::map_err(b, ClientBodyError)));
+        // and a body that stalls longer than client_body_timeout between
+        // two reads is cut (408): a slow client must not hold an app worker.
+        let stall = self.body_timeout;
+        let req: Request<Body> = req.map(|b| {
+            let typed = http_body_util::BodyExt::map_err(b, ClientBodyError);
+            body::boxed(http_body_util::BodyExt::map_err(
+                TimeoutBody::new(stall, typed),
+                move |e| -> BoxError {
+                    if e.is::<TimeoutError>() {
+                        Box::new(ClientBodyStalled(stall))
+                    } else {
+                        e
+                    }
+                },
+            ))
+        });
         let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
         // A combinator, not an async block: rustc cannot prove the
         // boxed-error lifetimes of an async block over `Oneshot` general.

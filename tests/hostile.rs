@@ -609,3 +609,27 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
     }
     assert!(served, "a slot came back");
 }
+
+#[tokio::test]
+async fn a_body_that_stalls_between_reads_is_cut_with_408_on_any_route() {
+    let mock = Mock::start();
+    // The route's own timeout is long; the pause between reads is short.
+    let toml = "client_body_timeout = \"300ms\"\n\
+                [rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
+                [circuit_breaker]\nthreshold = 2\ntimeout = \"60s\"\n\
+                [[routes]]\nname = \"upload\"\ntimeout = \"30s\"\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    for i in 0..3 {
+        let started = tokio::time::Instant::now();
+        let head = partial_upload(&sc, false).await;
+        assert!(head.starts_with("HTTP/1.1 408"), "stall {i}: {head}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "cut after the pause, not the route's 30 s"
+        );
+    }
+    upstream_circuit_untouched(&sc).await;
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["errors"]["client_timeout"], 3, "{m}");
+    assert_eq!(m["errors"]["connect_error"], 0, "{m}");
+}

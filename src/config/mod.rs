@@ -173,6 +173,8 @@ pub struct Config {
     /// server's keep-alive, so the sidecar never sends on a connection the
     /// app is closing).
     pub upstream_idle_timeout: Duration,
+    /// The longest pause between two reads of a request body (408).
+    pub client_body_timeout: Duration,
     /// Request bodies above this many bytes get 413.
     pub max_request_body: u64,
     /// Tokio worker threads (`NUM_THREADS`).
@@ -217,6 +219,7 @@ impl Config {
             trusted_proxies: Vec::new(),
             header_read_timeout: Duration::ZERO,
             upstream_idle_timeout: Duration::ZERO,
+            client_body_timeout: Duration::ZERO,
             max_request_body: 0,
             threads: 0,
             readiness_path: String::new(),

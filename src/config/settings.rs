@@ -152,6 +152,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(header_read_timeout, Dur, Some(nonzero)),
     },
     Setting {
+        key: "client_body_timeout",
+        env: &[],
+        flag: None,
+        default: Str("1m"),
+        secret: false,
+        doc: "Longest pause between two reads of a request body; a body that stalls longer gets 408.",
+        value: field!(client_body_timeout, Dur, Some(nonzero)),
+    },
+    Setting {
         key: "upstream_idle_timeout",
         env: &["UPSTREAM_IDLE_TIMEOUT"],
         flag: None,

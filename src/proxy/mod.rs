@@ -33,7 +33,9 @@ pub use self::headers::{
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
-use crate::error::{ClientBodyError, UpstreamBadResponse, UpstreamUnavailable, find_cause};
+use crate::error::{
+    ClientBodyError, ClientBodyStalled, UpstreamBadResponse, UpstreamUnavailable, find_cause,
+};
 use crate::extensions::ClientAddr;
 
 /// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
@@ -97,6 +99,7 @@ impl UpstreamClient {
 fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
     if find_cause::<http_body_util::LengthLimitError>(&e).is_some()
         || find_cause::<ClientBodyError>(&e).is_some()
+        || find_cause::<ClientBodyStalled>(&e).is_some()
     {
         return Box::new(e);
     }
