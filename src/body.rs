@@ -1,10 +1,13 @@
 //! The one body type that flows through the stack, constructors for the
 //! sidecar's own (JSON) answers, and the bounded read that the cache (keys)
-//! and the retry layer (replay) share.
+//! and the retry layer (replay) share, and [`Stalling`], the body that
+//! ends with an error when its client pauses too long between two reads.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderValue, Response, StatusCode, header};
+use std::future::Future as _;
+
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::UnsyncBoxBody};
 
@@ -90,4 +93,77 @@ pub async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError>
             all.freeze()
         }
     }))
+}
+
+pin_project_lite::pin_project! {
+    /// A body cut with `on_stall()` when no frame arrives for `pause`
+    /// (restarted at every frame). tower-http's `TimeoutBody` does the same
+    /// but does not pass on `is_end_stream` or `size_hint`, so behind it a
+    /// bodiless GET would look like a body of unknown length and be sent to
+    /// the app chunked; this one passes both on, so framing is unchanged.
+    pub struct Stalling<B, F> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        pause: std::time::Duration,
+        on_stall: F,
+    }
+}
+
+impl<B, F> Stalling<B, F> {
+    pub fn new(inner: B, pause: std::time::Duration, on_stall: F) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            pause,
+            on_stall,
+        }
+    }
+}
+
+impl<B, F> std::fmt::Debug for Stalling<B, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stalling")
+            .field("pause", &self.pause)
+            .finish()
+    }
+}
+
+impl<B, F> http_body::Body for Stalling<B, F>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    F: Fn() -> BoxError,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            this.sleep.set(None);
+            return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.sleep.as_ref().as_pin_ref().is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.pause)));
+        }
+        if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            if sleep.poll(cx).is_ready() {
+                return std::task::Poll::Ready(Some(Err((this.on_stall)())));
+            }
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

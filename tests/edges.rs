@@ -226,3 +226,35 @@ async fn an_invalid_upstream_answer_is_a_502_bad_response_never_retried() {
         );
     }
 }
+
+#[tokio::test]
+async fn request_framing_reaches_the_app_unchanged() {
+    // The body wrapper that cuts stalled uploads must not turn a bodiless
+    // GET or a sized POST into a chunked request.
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "").await;
+    let get: serde_json::Value = client()
+        .get(sc.url("/__mock/echo"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let h = &get["headers"];
+    assert!(h.get("transfer-encoding").is_none(), "{get}");
+    assert_eq!(get["body_bytes"], 0);
+    let post: serde_json::Value = client()
+        .post(sc.url("/__mock/echo"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let h = &post["headers"];
+    assert!(h.get("transfer-encoding").is_none(), "{post}");
+    assert_eq!(h["content-length"], serde_json::json!(["5"]), "{post}");
+    assert_eq!(post["body_bytes"], 5);
+}

@@ -20,13 +20,15 @@
 //! admin listener keeps answering (so probes see 503, not a refused
 //! connection) until `run` returns.
 
-use std::borrow::Cow;
+mod edge;
+mod slots;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -39,7 +41,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt;
-use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use crate::BoxError;
 use crate::admin::Admin;
@@ -49,7 +50,9 @@ use crate::error::{ClientBodyError, ClientBodyStalled};
 use crate::extensions::ClientAddr;
 use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
-use crate::route::{PathRefused, normalise_path};
+
+use self::edge::{drop_underscored, normalised, refused, request_started};
+use self::slots::{ConnPolicy, ConnSlots, Slot};
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -101,49 +104,6 @@ pub struct Server {
     /// How long a new connection may take to start its first request, and
     /// the bound on open proxy connections.
     policy: ConnPolicy,
-}
-
-/// What every accepted connection is held to.
-#[derive(Debug, Clone)]
-struct ConnPolicy {
-    /// How long a new connection may take to start its first request.
-    head_timeout: Duration,
-    /// The longest pause between two reads of a request body.
-    body_timeout: Duration,
-    /// The bound on open connections (the proxy port's; `None` on the
-    /// admin port, so probes are never refused).
-    slots: Option<Arc<ConnSlots>>,
-}
-
-/// Open connections against `max_connections`, over every worker.
-#[derive(Debug)]
-struct ConnSlots {
-    open: AtomicUsize,
-    max: usize,
-}
-
-/// One open connection's slot, given back when the connection ends.
-#[derive(Debug)]
-struct Slot(Arc<ConnSlots>);
-
-impl ConnSlots {
-    /// A slot, or `None` at the bound: the connection is refused at once
-    /// (closed before a byte is read), so 10 000 idle sockets cannot take
-    /// the pod's memory.
-    fn take(self: &Arc<Self>) -> Option<Slot> {
-        let open = self.open.fetch_add(1, Ordering::AcqRel);
-        if open >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Slot(Arc::clone(self)))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl Server {
@@ -478,36 +438,6 @@ fn serve(
     });
 }
 
-/// Waits (at most `within`) until the client has sent enough to tell
-/// HTTP/1.1 from an h2c preface. hyper-util's auto builder reads those bytes
-/// with no timeout of its own, and `header_read_timeout` only starts after
-/// it: without this, a client that connects and sends nothing (or half an h2
-/// preface) would hold a connection forever.
-async fn request_started(stream: &TcpStream, within: Duration) -> bool {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = [0u8; 24];
-    loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) => n,
-            _ => return false,
-        };
-        if n == 0 {
-            return false;
-        }
-        if n >= PREFACE.len() || buf[..n] != PREFACE[..n] {
-            return true;
-        }
-        // Part of an h2 preface: wait briefly for the rest.
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-    }
-}
-
 /// Where a connection's requests go.
 #[derive(Debug, Clone)]
 enum Dispatch {
@@ -528,77 +458,6 @@ struct ConnService {
     peer: SocketAddr,
     /// The longest pause between two reads of a request body.
     body_timeout: Duration,
-}
-
-/// Requests refused at the edge, before routing: a method not written in
-/// upper case; a path with dot segments, literal or percent-encoded (`/api/x/../cache/clear` must neither reach
-/// the app as the admin path it resolves to nor dodge the admin router).
-/// (Smuggling by `Content-Length` + `Transfer-Encoding` is hyper's to
-/// refuse: it frames by the latter, drops the former and closes the
-/// connection after the answer.)
-///
-/// And, as RFC 9112 §3.2 requires, an HTTP/1.1 request without a `Host`
-/// field or with more than one: which host is meant would be the proxy's
-/// guess, and the app's and the cache's could differ.
-fn refused<B>(req: &Request<B>) -> Option<&'static str> {
-    // Werkzeug upper-cases the method it reads: "post" would reach the
-    // app's POST handler past a route that matches "POST" only.
-    if req
-        .method()
-        .as_str()
-        .bytes()
-        .any(|b| b.is_ascii_lowercase())
-    {
-        return Some("methods are written in upper case");
-    }
-    if req.version() == http::Version::HTTP_11 {
-        let mut hosts = req.headers().get_all(http::header::HOST).iter();
-        if hosts.next().is_none() || hosts.next().is_some() {
-            return Some("an HTTP/1.1 request needs exactly one Host header");
-        }
-    }
-    let path = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
-    path.split('/')
-        .any(|s| s == "." || s == "..")
-        .then_some("dot segments are not allowed in paths")
-}
-
-/// Rewrites the request's path to what the app will read
-/// ([`normalise_path`]), so that routing, the cache key and the app agree.
-fn normalised<B>(req: &mut Request<B>) -> Result<(), &'static str> {
-    let path = req.uri().path();
-    let new = match normalise_path(path) {
-        Ok(Cow::Borrowed(_)) => return Ok(()),
-        Ok(Cow::Owned(p)) => p,
-        Err(PathRefused::EncodedSlash) => {
-            return Err("an encoded slash (%2F) is not allowed in paths");
-        }
-    };
-    let pq = match req.uri().query() {
-        Some(q) => format!("{new}?{q}"),
-        None => new,
-    };
-    let mut parts = req.uri().clone().into_parts();
-    parts.path_and_query = Some(pq.parse().map_err(|_| "the path cannot be read")?);
-    *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| "the path cannot be read")?;
-    Ok(())
-}
-
-/// Drops header names with `_` (nginx's `underscores_in_headers off`): an
-/// app server that reads `X_User_Id` as `X-User-Id` (gunicorn 21 does) would
-/// otherwise see a header the cache key and the identity checks did not.
-fn drop_underscored(headers: &mut http::HeaderMap) {
-    if !headers.keys().any(|n| n.as_str().contains('_')) {
-        return;
-    }
-    let names: Vec<http::HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().contains('_'))
-        .cloned()
-        .collect();
-    for n in names {
-        headers.remove(&n);
-    }
 }
 
 impl ConnService {
@@ -660,16 +519,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let stall = self.body_timeout;
         let req: Request<Body> = req.map(|b| {
             let typed = http_body_util::BodyExt::map_err(b, ClientBodyError);
-            body::boxed(http_body_util::BodyExt::map_err(
-                TimeoutBody::new(stall, typed),
-                move |e| -> BoxError {
-                    if e.is::<TimeoutError>() {
-                        Box::new(ClientBodyStalled(stall))
-                    } else {
-                        e
-                    }
-                },
-            ))
+            body::boxed(body::Stalling::new(typed, stall, move || -> BoxError {
+                Box::new(ClientBodyStalled(stall))
+            }))
         });
         let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
         // A combinator, not an async block: rustc cannot prove the
