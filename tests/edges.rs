@@ -233,26 +233,14 @@ async fn request_framing_reaches_the_app_unchanged() {
     // GET or a sized POST into a chunked request.
     let mock = Mock::start();
     let sc = Sidecar::start(&mock.url(), "").await;
-    let get: serde_json::Value = client()
-        .get(sc.url("/__mock/echo"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let echo = async |r: reqwest::RequestBuilder| -> serde_json::Value {
+        r.send().await.unwrap().json().await.unwrap()
+    };
+    let get = echo(client().get(sc.url("/__mock/echo"))).await;
     let h = &get["headers"];
     assert!(h.get("transfer-encoding").is_none(), "{get}");
     assert_eq!(get["body_bytes"], 0);
-    let post: serde_json::Value = client()
-        .post(sc.url("/__mock/echo"))
-        .body("hello")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let post = echo(client().post(sc.url("/__mock/echo")).body("hello")).await;
     let h = &post["headers"];
     assert!(h.get("transfer-encoding").is_none(), "{post}");
     assert_eq!(h["content-length"], serde_json::json!(["5"]), "{post}");
