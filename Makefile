@@ -36,12 +36,14 @@ unit:
 	$(CARGO) test -j$(JOBS) --workspace --lib --bins --tests
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
-## nginx), cache-hit cost at 1 000 vs 100 000 entries, instructions per request of the optional layers (callgrind), then
+## nginx), cache-hit cost at 1 000 vs 100 000 entries, the memory of an idle
+## connection, instructions per request of the optional layers (callgrind), then
 ## the criterion benches of the cache's, limiter's and metrics'
 ## hot paths and of a /metrics scrape.
 bench: release
 	bench/bench.sh
 	bench/hit_scale.sh
+	bench/idle_conns.sh
 	bench/instructions.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
 
