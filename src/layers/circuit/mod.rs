@@ -203,15 +203,38 @@ where
         };
         // Who asked, for a plain 500 (the rate limiter's key; the peer when
         // rate limiting is off).
-        let client = req.extensions().get::<ClientId>().map(|c| c.0).or_else(|| {
-            req.extensions()
-                .get::<ClientAddr>()
-                .map(|a| ClientId::of(&a.0.ip()).0)
-        });
+        // (Copied now, hashed only for a plain 500: most calls never need it.)
+        let client = match req.extensions().get::<ClientId>() {
+            Some(id) => Asker::Id(*id),
+            None => match req.extensions().get::<ClientAddr>() {
+                Some(a) => Asker::Addr(a.0.ip()),
+                None => Asker::Unknown,
+            },
+        };
         ResponseFuture::Call {
             fut: self.inner.call(req),
             permit: Some(permit),
             client,
+        }
+    }
+}
+
+/// Who made a call, as cheaply as it can be kept until the answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Asker {
+    /// The rate limiter's key, hashed.
+    Id(ClientId),
+    /// Rate limiting off: the peer.
+    Addr(std::net::IpAddr),
+    Unknown,
+}
+
+impl Asker {
+    fn id(self) -> Option<u64> {
+        match self {
+            Self::Id(id) => Some(id.0),
+            Self::Addr(ip) => Some(ClientId::of(&ip).0),
+            Self::Unknown => None,
         }
     }
 }
@@ -222,7 +245,7 @@ pin_project_lite::pin_project! {
     #[project = Proj]
     pub enum ResponseFuture<F> {
         Pass { #[pin] fut: F },
-        Call { #[pin] fut: F, permit: Option<Permit>, client: Option<u64> },
+        Call { #[pin] fut: F, permit: Option<Permit>, client: Asker },
         Open { err: Option<BoxError> },
     }
 }
@@ -250,7 +273,7 @@ where
                         (Ok(r), Some(Failure::Upstream5xx))
                             if r.status() == StatusCode::INTERNAL_SERVER_ERROR =>
                         {
-                            permit.plain_500(*client)
+                            permit.plain_500(client.id())
                         }
                         (_, Some(_)) => permit.failure(),
                         (Ok(_), None) => permit.success(),
