@@ -83,6 +83,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A counter's current value (the figures are independent: relaxed).
+fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Raises a counter to `v` (the sources are monotonic).
 fn raise(c: &IntCounter, v: u64) {
     let cur = c.get();

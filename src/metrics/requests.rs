@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::window::{ErrorRate, Window, summary};
-use super::{lock, opts, raise_vec, reg};
+use super::{load, lock, opts, raise_vec, reg};
 use crate::error::{ErrorKind, Failure};
 use crate::extensions::CacheOutcome;
 
@@ -221,10 +221,6 @@ pub struct RequestMetrics {
     upstream_duration: HistogramVec,
     active: IntGauge,
     own_errors: IntCounterVec,
-}
-
-fn load(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
 }
 
 impl RequestMetrics {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Registry};
 use serde_json::{Value, json};
 
-use super::{opts, raise, raise_vec, reg};
+use super::{load, opts, raise, raise_vec, reg};
 use crate::error::Failure;
 
 /// Upstream failures by type since start.
@@ -95,10 +95,6 @@ pub struct ResilienceMetrics {
     retry_budget_exhausted: IntCounter,
     circuit_state: IntGaugeVec,
     circuit_failures: IntGaugeVec,
-}
-
-fn load(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
 }
 
 impl ResilienceMetrics {
