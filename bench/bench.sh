@@ -65,7 +65,7 @@ baseline=()
 baseline_cache=()
 if [ -n "$BASELINE" ]; then
   scb=$(free_port)
-  SIDECAR_BIN=$(realpath "$BASELINE/rag-sidecar") start_sidecar "$scb" "$up" config/rag-sidecar.toml ENABLE_RATE_LIMIT=False
+  SIDECAR_BIN=$(realpath "$BASELINE/rag-sidecar") start_sidecar "$scb" "$up" "$(baseline_config)" ENABLE_RATE_LIMIT=False
   cpu_of[rag-sidecar-baseline]=$sidecar_pid; cpu_of[rag-sidecar-baseline-cache]=$sidecar_pid
   curl -fsS "http://127.0.0.1:$scb$PATH_" >/dev/null
   baseline=(rag-sidecar-baseline="http://127.0.0.1:$scb$PATH_")
