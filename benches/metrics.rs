@@ -11,6 +11,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use rag_sidecar::config::{Config, PathMatch, Route};
 use rag_sidecar::extensions::CacheOutcome;
 use rag_sidecar::layers::Resilience;
+use rag_sidecar::layers::buffer::spool::SpoolBudget;
 use rag_sidecar::layers::cache::store::CacheStore;
 use rag_sidecar::layers::rate_limit::RateLimitLayer;
 use rag_sidecar::metrics::{Finished, Metrics, Sources};
@@ -44,6 +45,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         circuits: resilience.circuits,
         system: Arc::new(Monitor::default()),
         probe: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
+        spool: SpoolBudget::new(cfg.spool_max_bytes),
         redis_configured: false,
     };
     let metrics = Metrics::new(&cfg, sources);

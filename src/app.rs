@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::admin::{Admin, AdminState, Endpoint};
 use crate::config::Config;
+use crate::layers::buffer::spool::SpoolBudget;
 use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::rate_limit::RateLimitLayer;
@@ -94,6 +95,7 @@ impl App {
             .start(std::env::current_dir().unwrap_or_else(|_| ".".into()))
             .await;
         let resilience = Resilience::new(&cfg);
+        let spool = SpoolBudget::new(cfg.spool_max_bytes);
         let metrics = Metrics::new(
             &cfg,
             Sources {
@@ -104,6 +106,7 @@ impl App {
                 circuits: Arc::clone(&resilience.circuits) as _,
                 system: Arc::clone(&monitor),
                 probe: Arc::clone(&readiness) as _,
+                spool: Arc::clone(&spool) as _,
                 redis_configured: cfg.redis.url.is_some(),
             },
         );
@@ -113,6 +116,7 @@ impl App {
             rate_limit,
             resilience,
             metrics: Arc::clone(&metrics),
+            spool,
         };
         // One stack per worker, each over its own upstream pool.
         let stacks = (0..listeners.workers())

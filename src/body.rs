@@ -1,7 +1,9 @@
 //! The one body type that flows through the stack, constructors for the
 //! sidecar's own (JSON) answers, and the bounded read that the cache (keys)
 //! and the retry layer (replay) share, and [`Stalling`], the body that
-//! ends with an error when its client pauses too long between two reads.
+//! ends with an error when its client pauses too long between two reads,
+//! and [`read_ahead`], which reads an answer's first bytes before it is
+//! passed on.
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -93,6 +95,48 @@ pub async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError>
             all.freeze()
         }
     }))
+}
+
+/// Reads up to `limit` bytes of `b` now, and returns a body that gives the
+/// same frames (data and trailers) and the same end: the whole body when it
+/// fit (one data frame becomes a [`Full`] body, of exact length), else what
+/// was read followed by the rest, still streaming, or by the error that
+/// broke it off. Unlike [`read_bounded`] nothing is lost and nothing fails
+/// here: the caller only moves the reading earlier.
+pub async fn read_ahead(mut b: Body, limit: u64) -> Body {
+    let mut frames: Vec<Frame<Bytes>> = Vec::new();
+    let mut total = 0u64;
+    let tail: Option<Result<Body, BoxError>> = loop {
+        match b.frame().await {
+            None => break None,
+            Some(Err(e)) => break Some(Err(e)),
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    total += d.len() as u64;
+                }
+                frames.push(frame);
+                if total > limit {
+                    break Some(Ok(b));
+                }
+            }
+        }
+    };
+    if tail.is_none() && frames.len() <= 1 {
+        let data = frames.pop().map(Frame::into_data);
+        match data {
+            None => return empty(),
+            Some(Ok(bytes)) => return full(bytes),
+            Some(Err(trailers)) => frames.push(trailers),
+        }
+    }
+    let read = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
+    match tail {
+        None => boxed(StreamBody::new(read)),
+        Some(Ok(rest)) => boxed(StreamBody::new(read.chain(BodyStream::new(rest)))),
+        Some(Err(e)) => boxed(StreamBody::new(
+            read.chain(futures_util::stream::once(std::future::ready(Err(e)))),
+        )),
+    }
 }
 
 pin_project_lite::pin_project! {

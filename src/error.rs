@@ -77,6 +77,20 @@ pub struct ClientBodyStalled(pub Duration);
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// A request body to be spooled (`request_buffering`) would take the
+/// spool past `spool_max_bytes`: 503 with `Retry-After`, nothing sent on.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "request bodies waiting on disk would exceed spool_max_bytes ({0} bytes); try again shortly"
+)]
+pub struct SpoolFull(pub u64);
+
+/// A request body could not be written to (or read back from) its
+/// temporary file: the disk is full or failing. 503, as for a full spool.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot spool the request body: {0}")]
+pub struct SpoolIo(#[source] pub std::io::Error);
+
 /// The route's circuit is open: the upstream was not called.
 #[derive(Debug, thiserror::Error)]
 #[error("Circuit breaker OPEN: Service unavailable")]
@@ -101,6 +115,7 @@ pub enum ErrorKind {
     ClientBody,
     BodyTooLarge,
     Overloaded,
+    SpoolFull,
     CircuitOpen,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -116,6 +131,7 @@ impl ErrorKind {
             Self::ClientBody => "client_body",
             Self::BodyTooLarge => "body_too_large",
             Self::Overloaded => "overloaded",
+            Self::SpoolFull => "spool_full",
             Self::CircuitOpen => "circuit_open",
             Self::UpstreamTimeout => "timeout",
             Self::UpstreamUnavailable => "connect_error",
@@ -130,7 +146,9 @@ impl ErrorKind {
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamBadResponse => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,7 +162,7 @@ impl ErrorKind {
             Self::ClientTimeout => "Request timeout",
             Self::ClientBody => "Bad request",
             Self::BodyTooLarge => "Payload too large",
-            Self::Overloaded | Self::CircuitOpen => "Service unavailable",
+            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen => "Service unavailable",
             Self::UpstreamTimeout => "Gateway timeout",
             Self::UpstreamUnavailable | Self::UpstreamBadResponse => "Bad gateway",
             Self::Internal => "Internal server error",
@@ -179,6 +197,8 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()
     {
         ErrorKind::BodyTooLarge
+    } else if find_cause::<SpoolFull>(err).is_some() || find_cause::<SpoolIo>(err).is_some() {
+        ErrorKind::SpoolFull
     } else if find_cause::<ClientBodyError>(err).is_some() {
         // Before the upstream kinds: the hyper client error that reports a
         // request body's failure wraps it.
@@ -317,7 +337,10 @@ impl Failure {
         // A body error of the client's shows up inside a hyper client error
         // too: the typed causes are checked before the generic ones.
         match classify(err.as_ref()) {
-            ErrorKind::BodyTooLarge | ErrorKind::ClientBody | ErrorKind::ClientTimeout => None,
+            ErrorKind::BodyTooLarge
+            | ErrorKind::ClientBody
+            | ErrorKind::ClientTimeout
+            | ErrorKind::SpoolFull => None,
             _ if find_cause::<UpstreamTimeout>(err.as_ref()).is_some() => Some(Self::Timeout),
             _ if find_cause::<UpstreamBadResponse>(err.as_ref()).is_some() => {
                 Some(Self::BadResponse)

@@ -126,6 +126,27 @@ fn the_base_is_a_valid_pod_with_a_native_sidecar() {
     assert_eq!(cfg.upstream.to_string(), "http://127.0.0.1:5000");
     assert_eq!(cfg.circuit_breaker.threshold, 5);
     assert_eq!(cfg.shutdown_grace.as_secs(), 25);
+    // Under a read-only root, the spool (request_buffering) writes to a
+    // /tmp volume that holds spool_max_bytes.
+    let tmp = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/tmp")
+        .expect("a writable /tmp for the spool");
+    assert_ne!(tmp["readOnly"], true);
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == tmp["name"])
+        .expect("the /tmp volume");
+    assert_eq!(volume["emptyDir"]["sizeLimit"], "1Gi");
+    assert_eq!(
+        cfg.spool_max_bytes,
+        1 << 30,
+        "the volume holds the whole spool"
+    );
     // The admin token comes from a Secret (with it, every caller needs it,
     // a mesh's loopback proxy included).
     let token_ref = sidecar["env"]

@@ -251,7 +251,10 @@ async fn every_mutating_admin_endpoint_needs_loopback_or_the_token() {
 #[tokio::test]
 async fn an_h2_stream_reset_mid_upload_ends_the_upstream_request_and_nothing_else() {
     let mock = Mock::start();
-    let sc = Sidecar::start(&mock.url(), "[rate_limit]\nenabled = false\n").await;
+    // Streamed to the app (request_buffering off), so the reset must reach it.
+    let toml = "[rate_limit]\nenabled = false\n\
+                [[routes]]\nname = \"upload\"\nrequest_buffering = false\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
     let tcp = TcpStream::connect(sc.addr).await.unwrap();
     let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(async move {
@@ -373,10 +376,12 @@ async fn a_stalled_upload_is_a_client_timeout_not_an_upstream_one() {
     let mock = Mock::start();
     let toml = "[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
                 [circuit_breaker]\nthreshold = 2\ntimeout = \"60s\"\n\
-                [[routes]]\nname = \"upload\"\ntimeout = \"300ms\"\n";
+                [[routes]]\nname = \"upload\"\ntimeout = \"300ms\"\n\
+                request_buffering = false\n";
     let sc = Sidecar::start(&mock.url(), toml).await;
     for i in 0..3 {
-        // The client stops sending but keeps the connection open.
+        // The client stops sending but keeps the connection open (the
+        // body streams to the app: request_buffering is off).
         let head = partial_upload(&sc, false).await;
         assert!(head.starts_with("HTTP/1.1 408"), "stall {i}: {head}");
     }
@@ -632,4 +637,64 @@ async fn a_body_that_stalls_between_reads_is_cut_with_408_on_any_route() {
     let m = sc.get_json("/api/metrics").await;
     assert_eq!(m["errors"]["client_timeout"], 3, "{m}");
     assert_eq!(m["errors"]["connect_error"], 0, "{m}");
+}
+
+/// A spooled upload (upload's default) that the client abandons reaches
+/// the app not at all, and its file and share of the spool are given back;
+/// one larger than what `spool_max_bytes` leaves free is refused with 503,
+/// Retry-After and the contract's JSON before a byte is read.
+#[tokio::test]
+async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
+    let mock = Mock::start();
+    let toml = "spool_max_bytes = 100000\n[rate_limit]\nenabled = false\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    let spooled = async || -> String {
+        let text = sc.get_text("/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Abandoned part way: the app is never called.
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    s.write_all(
+        b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 90000\r\n\r\nfirst bytes",
+    )
+    .await
+    .unwrap();
+    common::eventually("the upload to be spooled", async || {
+        spooled().await == "90000"
+    })
+    .await;
+    // A second one does not fit beside it.
+    let head = raw_answer(
+        &sc,
+        b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(head.contains("spool_max_bytes"), "{head}");
+    drop(s);
+    common::eventually("the spool to be given back", async || {
+        spooled().await == "0"
+    })
+    .await;
+    let stats = mock.stats().await;
+    assert_eq!(stats["upload_bytes_total"], 0, "{stats}");
+    assert_eq!(stats["requests"], 0, "{stats}");
+    // Now it fits, and arrives whole.
+    let r = client()
+        .post(sc.url("/api/upload"))
+        .body(vec![b'z'; 20000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["bytes"], 20000);
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["errors"]["spool_full"], 1, "{m}");
 }

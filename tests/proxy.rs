@@ -202,9 +202,15 @@ async fn sse_reaches_the_client_chunk_by_chunk() {
 }
 
 #[tokio::test]
-async fn upload_streams_to_the_app_without_being_held() {
+async fn an_unbuffered_upload_streams_to_the_app_without_being_held() {
     let mock = Mock::start();
-    let sc = Sidecar::start(&mock.url(), "").await;
+    // request_buffering off: the body goes to the app as it is read (on by
+    // default for upload; tests/app_server.rs shows why).
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"upload\"\nrequest_buffering = false\n",
+    )
+    .await;
     const CHUNK: usize = 1 << 20;
     const TOTAL: usize = 20 * CHUNK;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);

@@ -177,6 +177,10 @@ pub struct Config {
     pub client_body_timeout: Duration,
     /// Request bodies above this many bytes get 413.
     pub max_request_body: u64,
+    /// Bytes of request bodies spooled to disk at once, over all requests.
+    pub spool_max_bytes: u64,
+    /// Answers up to this size are read from the app at once (0: off).
+    pub response_buffer: u64,
     /// Tokio worker threads (`NUM_THREADS`).
     pub threads: usize,
     /// The cheap upstream request behind `/readyz`.
@@ -221,6 +225,8 @@ impl Config {
             upstream_idle_timeout: Duration::ZERO,
             client_body_timeout: Duration::ZERO,
             max_request_body: 0,
+            spool_max_bytes: 0,
+            response_buffer: 0,
             threads: 0,
             readiness_path: String::new(),
             log: LogConfig::default(),

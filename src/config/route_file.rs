@@ -40,6 +40,8 @@ pub(super) struct RouteFile {
     pub(super) invalidate: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) max_request_body: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) request_buffering: Option<bool>,
 }
 
 /// `cache = false` turns a route's cache off; a table sets (some of) its
@@ -197,6 +199,9 @@ fn apply_fields(
     if rf.max_request_body.is_some() {
         route.max_request_body = rf.max_request_body;
     }
+    if let Some(b) = rf.request_buffering {
+        route.request_buffering = b;
+    }
 }
 
 /// `cache = false | true | { namespace, ttl, max_items }`: fields a new
@@ -284,6 +289,7 @@ pub(super) fn render(routes: &[Route]) -> Vec<RouteFile> {
             }),
             invalidate: Some(r.invalidate.clone()),
             max_request_body: r.max_request_body,
+            request_buffering: Some(r.request_buffering),
         })
         .collect()
 }

@@ -120,6 +120,9 @@ pub struct Route {
     pub invalidate: Vec<String>,
     /// Overrides the global `max_request_body` when set.
     pub max_request_body: Option<u64>,
+    /// The body is spooled to a temporary file and sent to the app only
+    /// once complete, so a slow client never holds an app worker.
+    pub request_buffering: bool,
 }
 
 impl Route {
@@ -139,6 +142,7 @@ impl Route {
             retry: RetryMode::IdempotentOnly,
             invalidate: Vec::new(),
             max_request_body: None,
+            request_buffering: false,
         }
     }
 
@@ -209,6 +213,10 @@ pub fn builtin(search_rate: RateLimits, upload_rate: RateLimits) -> Vec<Route> {
         Route {
             rate_limit: RouteRate::Limits(upload_rate),
             invalidate: corpus_changes(),
+            // Uploads are where slow clients hurt: a dripping 50 MiB file
+            // would hold one of the app's few sync workers for its whole
+            // transfer.
+            request_buffering: true,
             ..route(
                 "upload",
                 Some(Method::POST),

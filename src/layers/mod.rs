@@ -9,6 +9,7 @@
 
 pub mod access_log;
 pub mod body_limit;
+pub mod buffer;
 pub mod cache;
 pub mod circuit;
 pub mod classify;
@@ -30,6 +31,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use self::access_log::AccessLogLayer;
 use self::body_limit::BodyLimitLayer;
+use self::buffer::ResponseBufferLayer;
+use self::buffer::spool::{RequestSpoolLayer, SpoolBudget};
 use self::circuit::{CircuitLayer, Circuits};
 use self::classify::ClassifyLayer;
 use self::match_route::MatchRouteLayer;
@@ -82,6 +85,8 @@ pub struct Shared {
     pub rate_limit: rate_limit::RateLimitLayer,
     pub resilience: Resilience,
     pub metrics: Arc<Metrics>,
+    /// The bytes of request bodies on disk (`spool_max_bytes`).
+    pub spool: Arc<SpoolBudget>,
 }
 
 /// Assembles worker `worker`'s per-request stack over its proxy service.
@@ -135,6 +140,18 @@ pub fn build_stack(
         // The cache: hits (and coalesced waiters) skip everything below;
         // upstream failures below come back here to be answered stale.
         .layer(shared.cache.clone())
+        // Answers read from the app at once up to `response_buffer`, so a
+        // client that reads slowly holds no app worker. Below the cache
+        // (which reads what it stores itself), above the deadline: the
+        // route's timeout still means the app's answer up to its head.
+        .layer(ResponseBufferLayer::new(cfg.response_buffer))
+        // On `request_buffering` routes the body is spooled to disk and
+        // sent on only when complete: the app never waits on a slow
+        // client. Below the rate limit and the cache (a refused request or
+        // a hit is never spooled), above the deadline and the retry (the
+        // client's pace is not the app's, and a spooled body is complete
+        // before the first attempt).
+        .layer(RequestSpoolLayer::new(Arc::clone(&shared.spool)))
         // The route's overall deadline; retries run inside it.
         .layer(RouteTimeoutLayer::new(fallback_timeout).counting(Arc::clone(&resilience.failures)))
         // Retries with backoff and budget, above the breaker so that each

@@ -184,7 +184,7 @@ fn answer(err: &BoxError, kind: ErrorKind) -> Response<Body> {
         kind.status(),
         &json!({"error": kind.title(), "message": message}),
     );
-    if kind == ErrorKind::Overloaded {
+    if matches!(kind, ErrorKind::Overloaded | ErrorKind::SpoolFull) {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -11,7 +11,7 @@
 //! [`Recorder`]) or report their state through a trait defined here and
 //! implemented by them ([`cache::CacheFigures`],
 //! [`rate_limit::RateLimitFigures`], [`resilience::CircuitFigures`],
-//! [`system::ProbeFigures`]). The registry is brought up to date from all of
+//! [`system::ProbeFigures`], [`requests::SpoolFigures`]). The registry is brought up to date from all of
 //! them at each scrape.
 
 #![allow(
@@ -115,6 +115,7 @@ pub struct Sources {
     pub circuits: Arc<dyn resilience::CircuitFigures>,
     pub system: Arc<Monitor>,
     pub probe: Arc<dyn system::ProbeFigures>,
+    pub spool: Arc<dyn requests::SpoolFigures>,
     /// Whether a Redis URL is configured.
     pub redis_configured: bool,
 }
@@ -140,7 +141,7 @@ impl Metrics {
         let r = Registry::new();
         Arc::new(Self {
             enabled: cfg.metrics_enabled,
-            requests: requests::RequestMetrics::new(&r, route_names, cfg.threads),
+            requests: requests::RequestMetrics::new(&r, route_names, cfg.threads, sources.spool),
             cache: cache::CacheMetrics::new(&r, sources.cache, sources.redis_configured),
             rate_limit: rate_limit::RateLimitMetrics::new(&r, sources.rate_limit),
             resilience: resilience::ResilienceMetrics::new(

@@ -35,12 +35,13 @@ pub const METHODS: [&str; 8] = [
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The sidecar's own error answers counted by kind (the upstream's failures
 /// are counted by type in [`super::resilience::FailureCounts`]).
-pub const OWN_ERRORS: [ErrorKind; 7] = [
+pub const OWN_ERRORS: [ErrorKind; 8] = [
     ErrorKind::RateLimited,
     ErrorKind::ClientTimeout,
     ErrorKind::ClientBody,
     ErrorKind::BodyTooLarge,
     ErrorKind::Overloaded,
+    ErrorKind::SpoolFull,
     ErrorKind::CircuitOpen,
     ErrorKind::Internal,
 ];
@@ -221,10 +222,23 @@ pub struct RequestMetrics {
     upstream_duration: HistogramVec,
     active: IntGauge,
     own_errors: IntCounterVec,
+    spool: Arc<dyn SpoolFigures>,
+    spooled: IntGauge,
+}
+
+/// What the request spool (`request_buffering`) reports: the bytes of
+/// request bodies on disk now, against `spool_max_bytes`.
+pub trait SpoolFigures: Send + Sync + std::fmt::Debug {
+    fn spooled_bytes(&self) -> u64;
 }
 
 impl RequestMetrics {
-    pub fn new(r: &Registry, route_names: Arc<[String]>, workers: usize) -> Self {
+    pub fn new(
+        r: &Registry,
+        route_names: Arc<[String]>,
+        workers: usize,
+        spool: Arc<dyn SpoolFigures>,
+    ) -> Self {
         let hist = |name: &str, help: &str| {
             HistogramOpts::from(opts(name, help)).buckets(BUCKETS.to_vec())
         };
@@ -266,6 +280,15 @@ impl RequestMetrics {
                 r,
                 IntGauge,
                 opts("active_requests", "Requests being answered")
+            ),
+            spool,
+            spooled: series!(
+                r,
+                IntGauge,
+                opts(
+                    "request_spool_bytes",
+                    "Bytes of request bodies spooled to disk now (request_buffering), against spool_max_bytes"
+                )
             ),
             own_errors: series!(
                 r,
@@ -419,6 +442,8 @@ impl RequestMetrics {
             }
         }
         self.active.set(self.active());
+        self.spooled
+            .set(i64::try_from(self.spool.spooled_bytes()).unwrap_or(i64::MAX));
         for (i, k) in OWN_ERRORS.iter().enumerate() {
             raise_vec(
                 &self.own_errors,

@@ -406,6 +406,11 @@ impl SidecarProcess {
     pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
+
+    /// The peak resident set size so far (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
 }
 
 impl Drop for SidecarProcess {
@@ -416,10 +421,15 @@ impl Drop for SidecarProcess {
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/PID/status.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }

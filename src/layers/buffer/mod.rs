@@ -1,0 +1,114 @@
+//! Buffering, so that a slow client never holds one of the app's workers
+//! (gunicorn's sync workers serve one request each, start to finish, and
+//! its documentation asks for a buffering proxy in front of them, as nginx
+//! is by default):
+//!
+//! - [`ResponseBufferLayer`]: an answer of up to `response_buffer` bytes is
+//!   read from the app at once, before it is passed up, so the app's worker
+//!   and its connection are free whatever pace the client reads at. A
+//!   larger answer streams on after its first `response_buffer` bytes; a
+//!   `text/event-stream` answer is never held back (its events must reach
+//!   the client as they come).
+//! - [`spool::RequestSpoolLayer`]: on routes with `request_buffering`, the
+//!   request body is written to a temporary file as it arrives and sent to
+//!   the app only once complete, at disk speed.
+//!
+//! Both sit above the route's timeout: the time a client takes to send or
+//! to read is governed by `client_body_timeout`, not by the route's
+//! `timeout`, which keeps meaning "the app's answer, up to its head".
+
+pub mod spool;
+
+use std::task::{Context, Poll};
+
+use http::{Request, Response, header};
+use http_body::Body as _;
+
+use crate::BoxError;
+use crate::body::{Body, read_ahead};
+use crate::service::{BoxResponseFuture, call_boxed};
+
+/// Reads answers of up to `limit` bytes from the app before passing them on.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseBufferLayer {
+    limit: u64,
+}
+
+impl ResponseBufferLayer {
+    /// `limit` 0 turns buffering off.
+    pub fn new(limit: u64) -> Self {
+        Self { limit }
+    }
+}
+
+impl<S> tower::Layer<S> for ResponseBufferLayer {
+    type Service = ResponseBuffer<S>;
+
+    fn layer(&self, inner: S) -> ResponseBuffer<S> {
+        ResponseBuffer {
+            inner,
+            limit: self.limit,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseBuffer<S> {
+    inner: S,
+    limit: u64,
+}
+
+impl<S> tower::Service<Request<Body>> for ResponseBuffer<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let fut = call_boxed(&mut self.inner, req);
+        let limit = self.limit;
+        if limit == 0 {
+            return fut;
+        }
+        Box::pin(async move {
+            let resp = fut.await?;
+            if !worth_reading_ahead(&resp, limit) {
+                return Ok(resp);
+            }
+            let (parts, body) = resp.into_parts();
+            Ok(Response::from_parts(parts, read_ahead(body, limit).await))
+        })
+    }
+}
+
+/// Whether an answer is read ahead: not an event stream, not already
+/// complete, and not declared larger than the buffer (that one streams
+/// from its first byte, as it would have anyway after `limit` bytes).
+fn worth_reading_ahead(resp: &Response<Body>, limit: u64) -> bool {
+    let body = resp.body();
+    if body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n > limit) {
+        return false;
+    }
+    !resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_event_stream)
+}
+
+fn is_event_stream(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests;
