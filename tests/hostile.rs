@@ -570,49 +570,97 @@ async fn inputs_that_change_the_answer_are_in_the_cache_key() {
     assert_eq!(x_cache_of(&sc, "?top=1&top=999", &[json]).await, "HIT");
 }
 
+/// A connection with a request the app takes `delay_ms` to answer.
+async fn busy_connection(sc: &Sidecar, delay_ms: u64) -> TcpStream {
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    let req = format!("GET /api/stats HTTP/1.1\r\nHost: a\r\nX-Mock-Delay-Ms: {delay_ms}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s
+}
+
+/// Whether the sidecar closes `s` (EOF) within 5 s.
+async fn closed_by_sidecar(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+        Ok(Ok(0) | Err(_)) => true,
+        Ok(Ok(n)) => panic!(
+            "an answer, not a close: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => false,
+    }
+}
+
 #[tokio::test]
 async fn connections_beyond_max_connections_are_closed_at_once() {
     let mock = Mock::start();
     let sc = Sidecar::start(&mock.url(), "threads = 1\nmax_connections = 3\n").await;
-    // Three idle connections that sent a request and keep the socket open.
+    // Three connections, each with a request in progress at the app.
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut s = TcpStream::connect(sc.addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        held.push(s);
+        held.push(busy_connection(&sc, 3000).await);
     }
+    mock.wait_stats("three requests at the app", |s| s["in_flight"] == 3)
+        .await;
     // The fourth is closed before it is read.
     let mut s = TcpStream::connect(sc.addr).await.unwrap();
     let _ = s
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         .await;
-    let mut buf = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("closed at once, not left waiting")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "refused: {:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(
+        closed_by_sidecar(&mut s).await,
+        "closed at once, not left waiting"
+    );
     // One closes: its slot is free again.
     drop(held.pop());
-    let mut served = false;
-    for _ in 0..50 {
+    common::eventually("a slot to come back", async || {
         let r = client()
             .get(sc.url("/healthz"))
             .header("connection", "close")
             .send()
             .await;
-        if r.is_ok_and(|r| r.status() == 200) {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(served, "a slot came back");
+        r.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+/// Near the bound, idle keep-alive connections are closed to make room,
+/// the oldest first; a connection with a request in progress is never cut,
+/// nor one that has just connected.
+#[tokio::test]
+async fn idle_keep_alive_connections_make_room_first_near_the_bound() {
+    let mock = Mock::start();
+    // Four slots: the last one free is the reserve.
+    let sc = Sidecar::start(&mock.url(), "threads = 1\nmax_connections = 4\n").await;
+    let mut busy = busy_connection(&sc, 1500).await;
+    mock.wait_stats("the busy request at the app", |s| s["in_flight"] == 1)
+        .await;
+    // An idle keep-alive connection: one request answered, socket kept.
+    let mut idle = TcpStream::connect(sc.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // A third connection takes the slot before the reserve: the idle one
+    // is asked to close; the new one is served.
+    let mut third = TcpStream::connect(sc.addr).await.unwrap();
+    assert!(
+        closed_by_sidecar(&mut idle).await,
+        "the idle connection was kept"
+    );
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    third.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    // The busy one gets its answer.
+    let mut answer = [0u8; 12];
+    busy.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
 }
 
 #[tokio::test]

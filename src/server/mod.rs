@@ -28,7 +28,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -37,9 +36,9 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::BoxError;
@@ -52,7 +51,7 @@ use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
 
 use self::edge::{drop_underscored, normalised, refused, request_started};
-use self::slots::{ConnPolicy, ConnSlots, Slot};
+use self::slots::{ConnHandle, ConnPolicy, ConnSlots, DRAIN_BATCH, Open, Slot, Tracked};
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -182,10 +181,7 @@ impl Server {
             policy: ConnPolicy {
                 head_timeout: cfg.header_read_timeout,
                 body_timeout: cfg.client_body_timeout,
-                slots: Some(Arc::new(ConnSlots {
-                    open: AtomicUsize::new(0),
-                    max: cfg.max_connections,
-                })),
+                slots: Some(ConnSlots::new(cfg.max_connections)),
             },
         }
     }
@@ -328,23 +324,13 @@ async fn worker(
     let Some(listener) = to_tokio(listener) else {
         return;
     };
-    let graceful = GracefulShutdown::new();
     let stop_signal = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    accept_loop(
-        listener,
-        svc,
-        &builder,
-        stop_signal,
-        Some(&graceful),
-        &policy,
-    )
-    .await;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let tracker = TaskTracker::new();
+    accept_loop(listener, svc, &builder, stop_signal, &tracker, &policy).await;
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(grace = ?grace, "shutdown grace expired; closing the remaining connections");
     }
 }
@@ -357,19 +343,22 @@ async fn accept_until(
     stop: impl Future<Output = ()>,
     policy: ConnPolicy,
 ) {
-    accept_loop(listener, svc, &builder, stop, None, &policy).await;
+    let tracker = TaskTracker::new();
+    accept_loop(listener, svc, &builder, stop, &tracker, &policy).await;
 }
 
-/// Connections are watched by `graceful` when given, so they can drain.
+/// Accepts until `stop`, then asks every connection it opened to finish
+/// what it is answering and close (the caller waits on `tracker`).
 async fn accept_loop(
     listener: TcpListener,
     svc: Dispatch,
     builder: &auto::Builder<TokioExecutor>,
     stop: impl Future<Output = ()>,
-    graceful: Option<&GracefulShutdown>,
+    tracker: &TaskTracker,
     policy: &ConnPolicy,
 ) {
     tokio::pin!(stop);
+    let mut open = Open::default();
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -385,57 +374,85 @@ async fn accept_loop(
             },
         };
         let slot = match &policy.slots {
-            Some(slots) => match slots.take() {
-                Some(slot) => Some(slot),
-                None => {
-                    // At max_connections: closed at once.
-                    tracing::debug!(client = %peer, "connection refused: max_connections reached");
-                    drop(stream);
-                    continue;
+            Some(slots) => {
+                let slot = slots.take();
+                if slots.running_low() {
+                    // Idle keep-alive connections make room first.
+                    let asked = open.close_idle(DRAIN_BATCH);
+                    tracing::debug!(
+                        asked,
+                        "free connections low: idle keep-alive connections asked to close"
+                    );
                 }
-            },
+                match slot {
+                    Some(slot) => Some(slot),
+                    None => {
+                        // At max_connections: closed at once.
+                        tracing::debug!(client = %peer, "connection refused: max_connections reached");
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
             None => None,
         };
-        serve(stream, peer, svc.clone(), builder, graceful, policy, slot);
+        let handle = open.add();
+        tracker.spawn(serve(
+            stream,
+            peer,
+            svc.clone(),
+            builder.clone(),
+            handle,
+            policy.clone(),
+            slot,
+        ));
     }
+    open.close_all();
 }
 
-fn serve(
+/// One connection's life: its first request must start in time; asked to
+/// close (near the bound, or at shutdown), it finishes what it is answering
+/// and closes.
+async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     svc: Dispatch,
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: Option<&GracefulShutdown>,
-    policy: &ConnPolicy,
+    builder: auto::Builder<TokioExecutor>,
+    handle: Arc<ConnHandle>,
+    policy: ConnPolicy,
     slot: Option<Slot>,
 ) {
-    let (head_timeout, body_timeout) = (policy.head_timeout, policy.body_timeout);
     let _ = stream.set_nodelay(true);
-    let builder = builder.clone();
-    let watcher = graceful.map(GracefulShutdown::watcher);
-    tokio::spawn(async move {
-        if !request_started(&stream, head_timeout).await {
-            return; // dropped: the connection closes
+    let started = tokio::select! {
+        started = request_started(&stream, policy.head_timeout) => started,
+        () = handle.asked_to_close() => false,
+    };
+    if !started {
+        return; // dropped: the connection closes
+    }
+    let conn = builder
+        .serve_connection(
+            TokioIo::new(stream),
+            ConnService {
+                svc,
+                peer,
+                body_timeout: policy.body_timeout,
+                handle: Arc::clone(&handle),
+            },
+        )
+        .into_owned();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = handle.asked_to_close() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                ConnService {
-                    svc,
-                    peer,
-                    body_timeout,
-                },
-            )
-            .into_owned();
-        let result = match watcher {
-            Some(w) => w.watch(conn).await,
-            None => conn.await,
-        };
-        if let Err(e) = result {
-            tracing::debug!(client = %peer, "connection ended with an error: {e}");
-        }
-        drop(slot);
-    });
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, "connection ended with an error: {e}");
+    }
+    drop(slot);
 }
 
 /// Where a connection's requests go.
@@ -458,25 +475,56 @@ struct ConnService {
     peer: SocketAddr,
     /// The longest pause between two reads of a request body.
     body_timeout: Duration,
+    /// The connection's handle: each request marks it busy until its
+    /// answer is written.
+    handle: Arc<ConnHandle>,
 }
 
 impl ConnService {
-    fn admin(
-        &self,
-        admin: &Admin,
-        req: Request<Incoming>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>> {
+    fn admin(&self, admin: &Admin, req: Request<Incoming>) -> Answer {
         let fut = admin.call(req, self.peer);
         Box::pin(async move { Ok(fut.await.map(Either::Left)) })
     }
 }
 
-impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+type Answer = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<Tracked<ResponseBody>>;
+    type Error = Infallible;
+    type Future = Busying;
+
+    fn call(&self, req: Request<Incoming>) -> Busying {
+        // Busy from the head's arrival until the answer's body is written.
+        Busying {
+            busy: Some(self.handle.busy()),
+            answer: self.answer(req),
+        }
+    }
+}
+
+/// The answer's future, holding its request's [`slots::Busy`] mark until
+/// the answer exists, then moving it into the body.
+struct Busying {
+    busy: Option<slots::Busy>,
+    answer: Answer,
+}
+
+impl Future for Busying {
+    type Output = Result<Response<Tracked<ResponseBody>>, Infallible>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let resp = std::task::ready!(self.answer.as_mut().poll(cx));
+        let busy = self.busy.take();
+        std::task::Poll::Ready(resp.map(|r| r.map(|b| Tracked::new(b, busy))))
+    }
+}
+
+impl ConnService {
+    fn answer(&self, mut req: Request<Incoming>) -> Answer {
         let normalised = normalised(&mut req);
         if let Some(why) = normalised.err().or_else(|| refused(&req)) {
             tracing::debug!(client = %self.peer, "request refused: {why}");
