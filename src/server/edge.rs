@@ -11,32 +11,43 @@ use tokio::net::TcpStream;
 
 use crate::route::{PathRefused, normalise_path};
 
+/// The protocol a client speaks, told from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Proto {
+    Http1,
+    /// HTTP/2 with prior knowledge (its connection preface).
+    H2c,
+}
+
 /// Waits (at most `within`) until the client has sent enough to tell
-/// HTTP/1.1 from an h2c preface. hyper-util's auto builder reads those bytes
-/// with no timeout of its own, and `header_read_timeout` only starts after
-/// it: without this, a client that connects and sends nothing (or half an h2
-/// preface) would hold a connection forever.
-pub(super) async fn request_started(stream: &TcpStream, within: Duration) -> bool {
+/// HTTP/1.1 from an h2c preface, and says which; `None` if it sent nothing
+/// (or half a preface) in time, or closed. hyper's header-read timeout
+/// starts only once a connection is served: without this, a client that
+/// connects and sends nothing would hold a connection forever.
+pub(super) async fn request_started(stream: &TcpStream, within: Duration) -> Option<Proto> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = [0u8; 24];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
-            _ => return false,
+            _ => return None,
         };
         if n == 0 {
-            return false;
+            return None;
         }
-        if n >= PREFACE.len() || buf[..n] != PREFACE[..n] {
-            return true;
+        if buf[..n] != PREFACE[..n] {
+            return Some(Proto::Http1);
+        }
+        if n == PREFACE.len() {
+            return Some(Proto::H2c);
         }
         // Part of an h2 preface: wait briefly for the rest.
         if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
             .await
             .is_err()
         {
-            return false;
+            return None;
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Accepting connections and serving them: hyper-util's auto builder (HTTP/1.1
-//! and h2c on one port), the slowloris guard, per-connection dispatch to the
-//! admin router or the proxy stack, and graceful shutdown. It builds
+//! Accepting connections and serving them: hyper's HTTP/1.1 and h2c
+//! connections on one port (told apart by their first bytes), the slowloris
+//! guard, the bound on connections, per-connection dispatch to the admin
+//! router or the proxy stack, and graceful shutdown. It builds
 //! nothing: the composition root ([`crate::app`]) hands it the listeners,
 //! one stack per worker and the admin router.
 //!
@@ -35,7 +36,7 @@ use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -50,7 +51,7 @@ use crate::extensions::ClientAddr;
 use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
 
-use self::edge::{drop_underscored, normalised, refused, request_started};
+use self::edge::{Proto, drop_underscored, normalised, refused, request_started};
 use self::slots::{ConnHandle, ConnPolicy, ConnSlots, DRAIN_BATCH, Open, Slot, Tracked};
 
 /// The largest request head (request line and headers) accepted.
@@ -98,7 +99,7 @@ pub struct Server {
     addr: SocketAddr,
     admin_listener: Option<std::net::TcpListener>,
     admin: Admin,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Protocols,
     grace: Duration,
     /// How long a new connection may take to start its first request, and
     /// the bound on open proxy connections.
@@ -154,23 +155,24 @@ impl Server {
             .zip(stacks)
             .map(|(listener, stack)| Worker { listener, stack })
             .collect();
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut h1 = hyper::server::conn::http1::Builder::new();
         // Without a timer the header-read timeout is silently off.
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        h1.timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             // A request head larger than this is refused with 431 (hyper
-            // would otherwise buffer up to 400 KiB of headers).
+            // would otherwise buffer up to 400 KiB of headers). The buffer
+            // bound alone is soft (a read may fill the buffer past it and
+            // complete the head), the head's own bound is exact.
+            .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         // Idle h2c connections are pinged; a peer that stopped answering is
         // closed instead of holding its slot forever.
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
+        let builder = Protocols { h1, h2 };
         Self {
             workers,
             addr,
@@ -316,7 +318,7 @@ fn to_tokio(l: std::net::TcpListener) -> Option<TcpListener> {
 async fn worker(
     listener: std::net::TcpListener,
     svc: Dispatch,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Protocols,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     policy: ConnPolicy,
@@ -339,7 +341,7 @@ async fn worker(
 async fn accept_until(
     listener: TcpListener,
     svc: Dispatch,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Protocols,
     stop: impl Future<Output = ()>,
     policy: ConnPolicy,
 ) {
@@ -352,7 +354,7 @@ async fn accept_until(
 async fn accept_loop(
     listener: TcpListener,
     svc: Dispatch,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &Protocols,
     stop: impl Future<Output = ()>,
     tracker: &TaskTracker,
     policy: &ConnPolicy,
@@ -417,42 +419,63 @@ async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     svc: Dispatch,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Protocols,
     handle: Arc<ConnHandle>,
     policy: ConnPolicy,
     slot: Option<Slot>,
 ) {
     let _ = stream.set_nodelay(true);
-    let started = tokio::select! {
-        started = request_started(&stream, policy.head_timeout) => started,
-        () = handle.asked_to_close() => false,
+    let proto = tokio::select! {
+        proto = request_started(&stream, policy.head_timeout) => proto,
+        () = handle.asked_to_close() => None,
     };
-    if !started {
+    let Some(proto) = proto else {
         return; // dropped: the connection closes
-    }
-    let conn = builder
-        .serve_connection(
-            TokioIo::new(stream),
-            ConnService {
-                svc,
-                peer,
-                body_timeout: policy.body_timeout,
-                handle: Arc::clone(&handle),
-            },
-        )
-        .into_owned();
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = handle.asked_to_close() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
+    };
+    let svc = ConnService {
+        svc,
+        peer,
+        body_timeout: policy.body_timeout,
+        handle: Arc::clone(&handle),
+    };
+    let io = TokioIo::new(stream);
+    let result = match proto {
+        Proto::Http1 => drive(builder.h1.serve_connection(io, svc), &handle).await,
+        Proto::H2c => drive(builder.h2.serve_connection(io, svc), &handle).await,
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, "connection ended with an error: {e}");
     }
     drop(slot);
+}
+
+/// Serves a connection to its end; asked to close, it finishes what it is
+/// answering first (HTTP/1.1: the request in progress; h2: a GOAWAY, then
+/// the open streams).
+async fn drive<C>(conn: C, handle: &ConnHandle) -> Result<(), hyper::Error>
+where
+    C: GracefulConnection<Error = hyper::Error>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = handle.asked_to_close() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+/// hyper's own HTTP/1.1 and h2c connection builders. The sidecar tells the
+/// two apart from the first bytes it peeks anyway (the slowloris guard), so
+/// a connection holds only its own protocol's state: hyper-util's auto
+/// builder holds room for both in every connection, and re-reads the bytes
+/// it sniffed through a rewinding wrapper on every read (measured in
+/// docs/proxy.md, "Memory per idle connection").
+#[derive(Debug, Clone)]
+struct Protocols {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 /// Where a connection's requests go.
