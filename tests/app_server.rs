@@ -68,11 +68,14 @@ fn gunicorn_bin() -> &'static Path {
 struct Gunicorn {
     child: Child,
     addr: SocketAddr,
+    /// Where the app marks each upload it starts to read.
+    marks: tempfile::TempDir,
 }
 
 impl Gunicorn {
     async fn start() -> Self {
         let addr = free_addr();
+        let marks = tempfile::tempdir().unwrap();
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let child = Command::new(gunicorn_bin())
             .args(["--bind", &addr.to_string()])
@@ -81,11 +84,12 @@ impl Gunicorn {
             .arg("--chdir")
             .arg(&fixtures)
             .arg("wsgi_app:app")
+            .env("WSGI_MARKS", marks.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn gunicorn");
-        let g = Self { child, addr };
+        let g = Self { child, addr, marks };
         common::eventually("gunicorn to listen", async || {
             TcpStream::connect(addr).await.is_ok()
         })
@@ -96,6 +100,21 @@ impl Gunicorn {
     fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Uploads the app has started to read.
+    fn uploads_started(&self) -> usize {
+        std::fs::read_dir(self.marks.path()).map_or(0, Iterator::count)
+    }
+}
+
+/// The bytes the sidecar holds on disk for uploads (its Prometheus gauge).
+async fn spooled(sc: &Sidecar) -> u64 {
+    sc.get_text("/metrics")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Gunicorn {
@@ -150,6 +169,13 @@ async fn slow_uploads_never_hold_the_apps_worker() {
     for _ in 0..3 {
         drips.push(dripping_upload(&sc).await);
     }
+    // All three are in the sidecar's hands (where, unbuffered, the first
+    // would hold the worker) before the app is asked anything.
+    common::eventually("the uploads to be spooled", async || {
+        spooled(&sc).await == 3000
+    })
+    .await;
+    assert_eq!(app.uploads_started(), 0, "no upload reached the app yet");
     assert!(
         app_answers(&sc, Duration::from_secs(10)).await,
         "the app's only worker is held by a slow upload"
@@ -168,6 +194,8 @@ async fn control_without_request_buffering_a_slow_upload_holds_the_worker() {
     let toml = format!("{NO_LIMITS}[[routes]]\nname = \"upload\"\nrequest_buffering = false\n");
     let sc = Sidecar::start(&app.url(), &toml).await;
     let _drip = dripping_upload(&sc).await;
+    // The app's worker is reading it before the probe goes.
+    common::eventually("the upload at the app", async || app.uploads_started() == 1).await;
     assert_worker_held(&sc).await;
 }
 
