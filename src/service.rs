@@ -57,6 +57,14 @@ where
     Box::pin(inner.call(req))
 }
 
+/// The service that `poll_ready` made ready, for a request's own async
+/// work, leaving a fresh clone in its place (tower's rule: the clone has
+/// not been polled ready, the original has).
+pub fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
 /// Whole seconds, rounded up: "retry in 0 s" would invite a retry too soon.
 pub fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)

@@ -19,6 +19,8 @@
 
 pub mod spool;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, header};
@@ -26,7 +28,6 @@ use http_body::Body as _;
 
 use crate::BoxError;
 use crate::body::{Body, read_ahead};
-use crate::service::{BoxResponseFuture, call_boxed};
 
 /// Reads answers of up to `limit` bytes from the app before passing them on.
 #[derive(Debug, Clone, Copy)]
@@ -61,39 +62,67 @@ pub struct ResponseBuffer<S> {
 impl<S> tower::Service<Request<Body>> for ResponseBuffer<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
-    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxResponseFuture;
+    type Future = ReadingAhead<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let fut = call_boxed(&mut self.inner, req);
-        let limit = self.limit;
-        if limit == 0 {
-            return fut;
+        ReadingAhead {
+            answer: self.inner.call(req),
+            limit: self.limit,
+            reading: None,
         }
-        Box::pin(async move {
-            let resp = fut.await?;
-            if !worth_reading_ahead(&resp, limit) {
-                return Ok(resp);
-            }
-            let (parts, body) = resp.into_parts();
-            Ok(Response::from_parts(parts, read_ahead(body, limit).await))
-        })
     }
 }
 
-/// Whether an answer is read ahead: not an event stream, not already
-/// complete, and not declared larger than the buffer (that one streams
+type Reading = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// The inner service's answer, read ahead when [`worth_reading_ahead`]:
+    /// no allocation for an answer passed on as it is.
+    pub struct ReadingAhead<F> {
+        #[pin]
+        answer: F,
+        limit: u64,
+        reading: Option<Reading>,
+    }
+}
+
+impl<F> Future for ReadingAhead<F>
+where
+    F: Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = Result<Response<Body>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(reading) = this.reading.as_mut() {
+            return reading.as_mut().poll(cx).map(Ok);
+        }
+        let resp = std::task::ready!(this.answer.poll(cx))?;
+        let limit = *this.limit;
+        if !worth_reading_ahead(&resp, limit) {
+            return Poll::Ready(Ok(resp));
+        }
+        let (parts, body) = resp.into_parts();
+        let reading = this.reading.insert(Box::pin(async move {
+            Response::from_parts(parts, read_ahead(body, limit).await)
+        }));
+        reading.as_mut().poll(cx).map(Ok)
+    }
+}
+
+/// Whether an answer is read ahead: buffering on, not an event stream, not
+/// already complete, and not declared larger than the buffer (that one streams
 /// from its first byte, as it would have anyway after `limit` bytes).
 fn worth_reading_ahead(resp: &Response<Body>, limit: u64) -> bool {
     let body = resp.body();
-    if body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n > limit) {
+    if limit == 0 || body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n > limit) {
         return false;
     }
     !resp

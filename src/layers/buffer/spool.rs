@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response, header};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, StreamBody};
@@ -30,7 +31,7 @@ use crate::body::{self, Body};
 use crate::error::{SpoolFull, SpoolIo};
 use crate::metrics::requests::SpoolFigures;
 use crate::route::MatchedRoute;
-use crate::service::{BoxResponseFuture, Inner, call_boxed};
+use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
 /// The bytes spooled at once, over every request and worker.
 #[derive(Debug)]
@@ -125,7 +126,8 @@ pub struct RequestSpool<S> {
 impl<S: Inner> tower::Service<Request<Body>> for RequestSpool<S> {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = BoxResponseFuture;
+    /// A request that is not spooled goes on unboxed.
+    type Future = Either<S::Future, BoxResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -137,13 +139,11 @@ impl<S: Inner> tower::Service<Request<Body>> for RequestSpool<S> {
             .get::<MatchedRoute>()
             .is_some_and(|r| r.request_buffering);
         if !on || req.body().is_end_stream() {
-            return call_boxed(&mut self.inner, req);
+            return Either::Left(self.inner.call(req));
         }
-        // The ready service goes with this request; its clone stays.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take_ready(&mut self.inner);
         let budget = Arc::clone(&self.budget);
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let declared = parts
                 .headers
@@ -155,7 +155,7 @@ impl<S: Inner> tower::Service<Request<Body>> for RequestSpool<S> {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             call_boxed(&mut inner, Request::from_parts(parts, body)).await
-        })
+        }))
     }
 }
 

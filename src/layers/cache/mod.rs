@@ -44,7 +44,7 @@ use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
 use crate::extensions::{CacheOutcome, StaleAtHand};
 use crate::route::MatchedRoute;
-use crate::service::{BoxResponseFuture, Inner, call_boxed};
+use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
 pub use self::store::Clock;
 
@@ -132,9 +132,7 @@ impl<S: Inner> tower::Service<Request<Body>> for CacheService<S> {
         if ns.is_none() && !invalidates {
             return futures_util::future::Either::Left(self.inner.call(req));
         }
-        // Use the service that was made ready; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        let inner = take_ready(&mut self.inner);
         let shared = Arc::clone(&self.shared);
         futures_util::future::Either::Right(Box::pin(async move {
             let resp = handle(&shared, inner, req, route.as_ref(), ns).await?;

@@ -53,7 +53,7 @@ use crate::extensions::{ClientAddr, ClientId};
 use crate::metrics::rate_limit::{RateLimitFigures, RouteRejections};
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
-use crate::service::{BoxResponseFuture, Hook, Inner, OnAnswer, call_boxed, ceil_secs};
+use crate::service::{BoxResponseFuture, Hook, Inner, OnAnswer, call_boxed, ceil_secs, take_ready};
 
 type Limiter = RateLimiter<
     ClientKey,
@@ -483,9 +483,8 @@ impl<S: Inner> tower::Service<Request<Body>> for RateLimit<S> {
                 Err(limited) => Either::Left(Either::Left(ready(Err(limited)))),
             };
         }
-        // Shared mode: the check awaits Redis; use the ready service, leave a clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Shared mode: the check awaits Redis, with the ready service.
+        let mut inner = take_ready(&mut self.inner);
         let (shared, policy) = (Arc::clone(shared), Arc::clone(policy));
         Either::Right(Box::pin(async move {
             let verdicts = match &shared.redis {
