@@ -99,7 +99,7 @@ pub struct Server {
     addr: SocketAddr,
     admin_listener: Option<std::net::TcpListener>,
     admin: Admin,
-    builder: Protocols,
+    builder: Arc<Protocols>,
     grace: Duration,
     /// How long a new connection may take to start its first request, and
     /// the bound on open proxy connections.
@@ -172,7 +172,7 @@ impl Server {
         h2.timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
-        let builder = Protocols { h1, h2 };
+        let builder = Arc::new(Protocols { h1, h2 });
         Self {
             workers,
             addr,
@@ -226,7 +226,7 @@ impl Server {
             Some(tokio::spawn(accept_until(
                 l,
                 svc,
-                builder.clone(),
+                Arc::new(Protocols::clone(&builder)),
                 stop,
                 admin_policy,
             )))
@@ -251,7 +251,10 @@ impl Server {
         let mut done = Vec::new();
         for (i, w) in workers.enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let (svc, builder, stop) = (dispatch(w.stack), builder.clone(), stop_rx.clone());
+            // Each worker its own copy: its connections' pointer to it is
+            // counted on this core only.
+            let builder = Arc::new(Protocols::clone(&builder));
+            let (svc, stop) = (dispatch(w.stack), stop_rx.clone());
             let policy = policy.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("rag-sidecar-w{}", i + 1))
@@ -318,7 +321,7 @@ fn to_tokio(l: std::net::TcpListener) -> Option<TcpListener> {
 async fn worker(
     listener: std::net::TcpListener,
     svc: Dispatch,
-    builder: Protocols,
+    builder: Arc<Protocols>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
     policy: ConnPolicy,
@@ -341,7 +344,7 @@ async fn worker(
 async fn accept_until(
     listener: TcpListener,
     svc: Dispatch,
-    builder: Protocols,
+    builder: Arc<Protocols>,
     stop: impl Future<Output = ()>,
     policy: ConnPolicy,
 ) {
@@ -354,7 +357,7 @@ async fn accept_until(
 async fn accept_loop(
     listener: TcpListener,
     svc: Dispatch,
-    builder: &Protocols,
+    builder: &Arc<Protocols>,
     stop: impl Future<Output = ()>,
     tracker: &TaskTracker,
     policy: &ConnPolicy,
@@ -419,7 +422,7 @@ async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     svc: Dispatch,
-    builder: Protocols,
+    builder: Arc<Protocols>,
     handle: Arc<ConnHandle>,
     policy: ConnPolicy,
     slot: Option<Slot>,
@@ -466,8 +469,9 @@ where
     }
 }
 
-/// hyper's own HTTP/1.1 and h2c connection builders. The sidecar tells the
-/// two apart from the first bytes it peeks anyway (the slowloris guard), so
+/// hyper's own HTTP/1.1 and h2c connection builders, one per worker, shared
+/// by its connections (each holds a pointer, not a copy). The sidecar tells
+/// the two apart from the first bytes it peeks anyway (the slowloris guard), so
 /// a connection holds only its own protocol's state: hyper-util's auto
 /// builder holds room for both in every connection, and re-reads the bytes
 /// it sniffed through a rewinding wrapper on every read (measured in
