@@ -107,16 +107,6 @@ impl Gunicorn {
     }
 }
 
-/// The bytes the sidecar holds on disk for uploads (its Prometheus gauge).
-async fn spooled(sc: &Sidecar) -> u64 {
-    sc.get_text("/metrics")
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 impl Drop for Gunicorn {
     fn drop(&mut self) {
         // SIGTERM, so the master takes its worker down with it.
@@ -172,7 +162,7 @@ async fn slow_uploads_never_hold_the_apps_worker() {
     // All three are in the sidecar's hands (where, unbuffered, the first
     // would hold the worker) before the app is asked anything.
     common::eventually("the uploads to be spooled", async || {
-        spooled(&sc).await == 3000
+        sc.spooled().await == 3000
     })
     .await;
     assert_eq!(app.uploads_started(), 0, "no upload reached the app yet");

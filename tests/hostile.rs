@@ -696,13 +696,6 @@ async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
     let mock = Mock::start();
     let toml = "spool_max_bytes = 100000\n[rate_limit]\nenabled = false\n";
     let sc = Sidecar::start(&mock.url(), toml).await;
-    let spooled = async || -> String {
-        let text = sc.get_text("/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
-            .unwrap_or_default()
-            .to_string()
-    };
     // Abandoned part way: the app is never called.
     let mut s = TcpStream::connect(sc.addr).await.unwrap();
     s.write_all(
@@ -711,7 +704,7 @@ async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
     .await
     .unwrap();
     common::eventually("the upload to be spooled", async || {
-        spooled().await == "90000"
+        sc.spooled().await == 90000
     })
     .await;
     // A second one does not fit beside it.
@@ -728,7 +721,7 @@ async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
     assert!(head.contains("spool_max_bytes"), "{head}");
     drop(s);
     common::eventually("the spool to be given back", async || {
-        spooled().await == "0"
+        sc.spooled().await == 0
     })
     .await;
     let stats = mock.stats().await;

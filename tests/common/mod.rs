@@ -268,6 +268,12 @@ impl Sidecar {
         r.text().await.unwrap()
     }
 
+    /// The bytes of request bodies the sidecar holds on disk now (its
+    /// `rag_sidecar_request_spool_bytes` gauge).
+    pub async fn spooled(&self) -> u64 {
+        spooled_in(&self.get_text("/metrics").await)
+    }
+
     /// POST a body to a sidecar path.
     pub async fn post(&self, path: &str, body: &'static str) -> reqwest::Response {
         client()
@@ -432,6 +438,15 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The spool gauge's value in a Prometheus exposition.
+pub fn spooled_in(exposition: &str) -> u64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no spool gauge in {exposition}"))
 }
 
 /// A free port on loopback (bound then released, for a child process).
