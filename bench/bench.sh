@@ -151,9 +151,9 @@ run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up
 moderate="$work/moderate.txt"
 CONNECTIONS=4 run_rounds "$moderate" bench/post.lua \
   nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
-hit_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+hit_header=$(curl -s -D - -o /dev/null -X POST -H 'Accept:' -H 'Content-Type: application/json' \
   -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$sc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
-ngx_header=$(curl -s -D - -o /dev/null -X POST -H 'Content-Type: application/json' \
+ngx_header=$(curl -s -D - -o /dev/null -X POST -H 'Accept:' -H 'Content-Type: application/json' \
   -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$ngxc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
 
 # Memory with 10 000 cached ~4 KiB answers, on a sidecar whose search route
