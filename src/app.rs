@@ -67,7 +67,7 @@ impl App {
         // One Redis client for the cache and the rate limiter.
         let redis = RedisStore::from_config(&cfg.redis)?;
         let cache = CacheStore::new(&cfg, redis.clone()).map_err(AppError::Cache)?;
-        cache.follow_invalidations();
+        cache.follow_fleet();
         let keyed: Vec<String> = cfg
             .cache
             .identity_headers

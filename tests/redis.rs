@@ -206,10 +206,23 @@ async fn invalidation_reaches_every_sidecar() {
     .await;
     let up = a.post("/api/upload", "new doc").await;
     assert_eq!(up.status(), 200);
+    // An upload leaves the old entries as stale (in memory and Redis), never
+    // a hit again; B learns of it by the message.
+    eventually("B answers from after the upload", async || {
+        let r = search(&b, "corpus question").await;
+        r.json::<Value>().await.unwrap()["corpus_version"] == 1
+    })
+    .await;
+    // A deletion purges them: gone from Redis and from B's memory.
+    let del = client()
+        .delete(a.url("/api/documents/doc-1.pdf"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), 200);
     assert!(redis.keys("rag-sidecar:search:*").is_empty());
-    eventually("B's memory cleared", async || {
+    eventually("B's memory purged", async || {
         stats(&b).await["namespaces"]["search"]["items"] == 0
     })
     .await;
-    assert_eq!(x_cache(&search(&b, "corpus question").await), "MISS");
 }

@@ -107,6 +107,7 @@ async fn api(req: Request<Incoming>, state: &State) -> Resp {
                 docs.len() != before
             };
             if removed {
+                state.corpus_version.fetch_add(1, Ordering::Relaxed);
                 json_response(StatusCode::OK, &json!({"success": true, "deleted": name}))
             } else {
                 not_found(format!("document '{name}' not found"))
@@ -148,7 +149,12 @@ async fn search(req: Request<Incoming>, state: &State) -> Resp {
     let results = search_results(&query, top_k);
     json_response(
         StatusCode::OK,
-        &json!({"query": query, "results": results, "count": top_k}),
+        &json!({
+            "query": query,
+            "results": results,
+            "count": top_k,
+            "corpus_version": state.corpus_version.load(Ordering::Relaxed),
+        }),
     )
 }
 
@@ -177,7 +183,13 @@ async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
     );
     json_response(
         StatusCode::OK,
-        &json!({"query": query, "answer": answer, "sources": sources, "language": language}),
+        &json!({
+            "query": query,
+            "answer": answer,
+            "sources": sources,
+            "language": language,
+            "corpus_version": state.corpus_version.load(Ordering::Relaxed),
+        }),
     )
 }
 
@@ -237,6 +249,7 @@ async fn upload(req: Request<Incoming>, state: &State) -> Resp {
             chunks: bytes.div_ceil(UPLOAD_CHUNK_BYTES).max(1),
         });
     }
+    state.corpus_version.fetch_add(1, Ordering::Relaxed);
     json_response(
         StatusCode::OK,
         &json!({"success": true, "filename": filename, "bytes": bytes}),

@@ -59,6 +59,9 @@ pub(crate) struct State {
     pub(crate) upload_bytes_total: AtomicU64,
     pub(crate) by_path: Mutex<HashMap<String, u64>>,
     pub(crate) documents: Mutex<Vec<Document>>,
+    /// Bumped by every upload and deletion: search and RAG answers carry
+    /// it, so a test can tell an answer from before a corpus change.
+    pub(crate) corpus_version: AtomicU64,
     faults_armed: AtomicBool,
     pub(crate) fault: Mutex<Option<GlobalFault>>,
     gates: Mutex<HashMap<String, Gate>>,
@@ -86,6 +89,7 @@ impl State {
             upload_bytes_total: AtomicU64::new(0),
             by_path: Mutex::new(HashMap::new()),
             documents: Mutex::new(documents),
+            corpus_version: AtomicU64::new(0),
             faults_armed: AtomicBool::new(false),
             fault: Mutex::new(None),
             gates: Mutex::new(HashMap::new()),

@@ -53,7 +53,9 @@ pub use self::legacy::IGNORED_ENV;
 pub use self::parse::{fmt_duration, mask_url_password};
 pub use self::print::settings_markdown;
 pub use self::rate::{Rate, RateLimits};
-pub use self::routes::{DEFAULT_ROUTE, PathMatch, RetryMode, Route, RouteCache, RouteRate};
+pub use self::routes::{
+    DEFAULT_ROUTE, InvalidateMode, PathMatch, RetryMode, Route, RouteCache, RouteRate,
+};
 pub use self::settings::ENV_NAMES;
 pub use self::sources::{ENV_CONFIG, LoadReport, Overrides, ProcessEnv, Strings};
 
@@ -102,6 +104,11 @@ pub struct CacheConfig {
     pub identity_headers: Vec<String>,
     /// Request headers that select a representation, in the key too.
     pub vary_headers: Vec<String>,
+    /// How long a lease on a key outlives its holder (with Redis: one
+    /// upstream call per question across the fleet).
+    pub lease_ttl: Duration,
+    /// How often the namespaces' generations are re-read from Redis.
+    pub generation_poll: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::Config;
 use super::error::Errors;
 use super::parse::{self, fmt_duration};
-use super::routes::{DEFAULT_ROUTE, PathMatch, RetryMode, Route, RouteCache, RouteRate};
+use super::routes::{
+    DEFAULT_ROUTE, InvalidateMode, PathMatch, RetryMode, Route, RouteCache, RouteRate,
+};
 
 /// One `[[routes]]` entry. For a built-in name only the given fields change;
 /// a new name needs at least `path`.
@@ -38,6 +40,8 @@ pub(super) struct RouteFile {
     pub(super) retry: Option<RetryFlag>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) invalidate: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) invalidate_mode: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) max_request_body: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -196,6 +200,16 @@ fn apply_fields(
     if let Some(inv) = &rf.invalidate {
         route.invalidate = inv.clone();
     }
+    if let Some(m) = &rf.invalidate_mode {
+        match InvalidateMode::parse(m) {
+            Some(mode) => route.invalidate_mode = mode,
+            None => errs.push(
+                &key("invalidate_mode"),
+                Some(m),
+                "expected \"stale\" or \"purge\"".into(),
+            ),
+        }
+    }
     if rf.max_request_body.is_some() {
         route.max_request_body = rf.max_request_body;
     }
@@ -288,6 +302,7 @@ pub(super) fn render(routes: &[Route]) -> Vec<RouteFile> {
                 RetryMode::IdempotentOnly => RetryFlag::Mode("idempotent".into()),
             }),
             invalidate: Some(r.invalidate.clone()),
+            invalidate_mode: Some(r.invalidate_mode.as_str().into()),
             max_request_body: r.max_request_body,
             request_buffering: Some(r.request_buffering),
         })

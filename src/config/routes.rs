@@ -101,6 +101,34 @@ impl RetryMode {
     }
 }
 
+/// What an invalidation leaves of the entries it invalidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidateMode {
+    /// Never a hit again, but still served (`STALE`) when the upstream
+    /// fails, its circuit is open or its quota leaves no room.
+    Stale,
+    /// Removed for every purpose: a deleted document's content is never
+    /// served again.
+    Purge,
+}
+
+impl InvalidateMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stale => "stale",
+            Self::Purge => "purge",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "stale" => Some(Self::Stale),
+            "purge" => Some(Self::Purge),
+            _ => None,
+        }
+    }
+}
+
 /// One entry of the route table.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -118,6 +146,8 @@ pub struct Route {
     pub retry: RetryMode,
     /// Cache patterns cleared after a 2xx, e.g. `search:*`.
     pub invalidate: Vec<String>,
+    /// What the invalidation leaves of the old entries.
+    pub invalidate_mode: InvalidateMode,
     /// Overrides the global `max_request_body` when set.
     pub max_request_body: Option<u64>,
     /// The body is spooled to a temporary file and sent to the app only
@@ -141,6 +171,7 @@ impl Route {
             circuit: "upstream".into(),
             retry: RetryMode::IdempotentOnly,
             invalidate: Vec::new(),
+            invalidate_mode: InvalidateMode::Purge,
             max_request_body: None,
             request_buffering: false,
         }
@@ -213,6 +244,9 @@ pub fn builtin(search_rate: RateLimits, upload_rate: RateLimits) -> Vec<Route> {
         Route {
             rate_limit: RouteRate::Limits(upload_rate),
             invalidate: corpus_changes(),
+            // A new document makes old answers incomplete, not wrong: they
+            // may still answer while the upstream fails.
+            invalidate_mode: InvalidateMode::Stale,
             // Uploads are where slow clients hurt: a dripping 50 MiB file
             // would hold one of the app's few sync workers for its whole
             // transfer.

@@ -1,5 +1,7 @@
 //! The cache's figures: lookups by namespace and result, the memory layer's
-//! entries and bytes, and whether Redis is configured and connected. The
+//! entries and bytes, whether Redis is configured and connected, and the
+//! fleet's: each namespace's generation, lease takeovers and invalidations
+//! queued while Redis was unreachable. The
 //! cache store reports them through [`CacheFigures`], which it implements:
 //! metrics never imports the cache.
 
@@ -19,6 +21,13 @@ pub struct NamespaceFigures {
     pub stale: u64,
     pub bypass: u64,
     pub coalesced: u64,
+    /// Misses answered by another sidecar's call.
+    pub coalesced_remote: u64,
+    pub lease_takeovers: u64,
+    pub invalidations_queued: u64,
+    /// An invalidation is waiting for Redis.
+    pub invalidation_pending: bool,
+    pub generation: u64,
     pub items: usize,
     pub bytes: u64,
 }
@@ -40,6 +49,10 @@ pub struct CacheMetrics {
     bytes: IntGaugeVec,
     redis_up: IntGauge,
     redis_configured_gauge: IntGauge,
+    generation: IntGaugeVec,
+    takeovers: IntCounterVec,
+    queued: IntCounterVec,
+    pending: IntGaugeVec,
 }
 
 impl CacheMetrics {
@@ -81,6 +94,42 @@ impl CacheMetrics {
                 IntGauge,
                 opts("cache_redis_configured", "1 when a Redis URL is configured")
             ),
+            generation: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "cache_generation",
+                    "The namespace's current generation as this sidecar knows it (grows with every invalidation)"
+                ),
+                &["namespace"]
+            ),
+            takeovers: series!(
+                r,
+                IntCounterVec,
+                opts(
+                    "cache_lease_takeovers_total",
+                    "Leases taken over from another sidecar that failed, stored nothing or died"
+                ),
+                &["namespace"]
+            ),
+            queued: series!(
+                r,
+                IntCounterVec,
+                opts(
+                    "cache_invalidations_queued_total",
+                    "Invalidations kept for Redis while it was unreachable"
+                ),
+                &["namespace"]
+            ),
+            pending: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "cache_invalidation_pending",
+                    "1 while an invalidation waits for Redis"
+                ),
+                &["namespace"]
+            ),
         }
     }
 
@@ -102,8 +151,17 @@ impl CacheMetrics {
                 ("stale", ns.stale),
                 ("bypass", ns.bypass),
                 ("coalesced", ns.coalesced),
+                ("coalesced_remote", ns.coalesced_remote),
             ] {
                 raise_vec(&self.requests, &[&ns.name, result], v);
+            }
+            raise_vec(&self.takeovers, &[&ns.name], ns.lease_takeovers);
+            raise_vec(&self.queued, &[&ns.name], ns.invalidations_queued);
+            if let Ok(g) = self.generation.get_metric_with_label_values(&[&ns.name]) {
+                g.set(i64::try_from(ns.generation).unwrap_or(i64::MAX));
+            }
+            if let Ok(g) = self.pending.get_metric_with_label_values(&[&ns.name]) {
+                g.set(i64::from(ns.invalidation_pending));
             }
             if let Ok(g) = self.items.get_metric_with_label_values(&[&ns.name]) {
                 g.set(i64::try_from(ns.items).unwrap_or(i64::MAX));

@@ -1,8 +1,8 @@
 //! The one Redis client of the sidecar, on fred, shared by the cache and the
 //! rate limiter (neither reaches into the other): connection options,
 //! timeouts, the key spaces under the prefix, and the commands on entries.
-//! [`scripts`] holds the server-side scripts, [`pubsub`] the invalidation
-//! channel.
+//! [`scripts`] holds the rate limiter's script, [`fleet`] the shared cache
+//! state (generations and leases), [`pubsub`] the fleet's channels.
 //! Every command is sent with
 //! `fail_fast` and a short timeout (`redis.timeout`, 50 ms), and one attempt:
 //! fred's default is to queue commands forever while Redis is down, which
@@ -13,6 +13,7 @@
 //! One client, one connection and one reconnect policy serve the cache's
 //! entries, the invalidation messages and the rate limiter's shared mode.
 
+pub mod fleet;
 pub mod pubsub;
 pub mod scripts;
 
@@ -56,6 +57,8 @@ pub struct RedisStore {
     origin: String,
     /// The rate limiter's script ([`scripts::GCRA_LUA`]).
     gcra: std::sync::Arc<fred::types::scripts::Script>,
+    /// The fleet's scripts ([`fleet`]).
+    fleet: std::sync::Arc<fleet::FleetScripts>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -137,6 +140,7 @@ impl RedisStore {
             timeout,
             origin: uuid::Uuid::new_v4().to_string(),
             gcra: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::GCRA_LUA)),
+            fleet: std::sync::Arc::new(fleet::FleetScripts::new()),
         })
     }
 
@@ -250,10 +254,15 @@ impl RedisStore {
             };
             let mut page = page;
             if let Some(mut keys) = page.take_results() {
-                // The rate limiter's keys share the prefix: a cache clear
-                // must not reset anyone's limits.
+                // The rate limiter's and the fleet's keys share the prefix:
+                // a cache clear must not reset anyone's limits, nor the
+                // generations and leases.
                 let limiter = format!("{}{RATE_LIMIT_SPACE}", self.prefix);
-                keys.retain(|k| k.as_str().is_none_or(|k| !k.starts_with(&limiter)));
+                let fleet = format!("{}{}", self.prefix, fleet::FLEET_SPACE);
+                keys.retain(|k| {
+                    k.as_str()
+                        .is_none_or(|k| !k.starts_with(&limiter) && !k.starts_with(&fleet))
+                });
                 if !keys.is_empty() {
                     let c = self.client.with_options(&self.opts());
                     let n: i64 = self.bounded(c.unlink(keys)).await?;

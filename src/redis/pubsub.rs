@@ -1,45 +1,94 @@
-//! The invalidation channel: `<prefix>invalidate` carries the patterns an
-//! upload or a clear removed, so that every sidecar clears its memory layer.
+//! The fleet's channels: `<prefix>invalidate` carries the patterns an
+//! upload or a clear removed and the generations it left, so that every
+//! sidecar updates its memory layer at once; `<prefix>stored` carries the
+//! key whose lease just ended, so that the sidecars waiting on it look at
+//! once. Both are a fast path only: what a lost message would have said is
+//! also found by polling (the generations every `cache.generation_poll`,
+//! a lease every 100 ms).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
 
 use serde_json::json;
 
+use super::fleet::Generation;
 use super::{RedisError, RedisStore};
+
+/// What the fleet's channels and connections tell a sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetEvent {
+    /// Another sidecar invalidated: narrow patterns to delete, and the
+    /// generations whole namespaces now have.
+    Invalidated {
+        patterns: Vec<String>,
+        generations: Vec<(String, Generation)>,
+    },
+    /// A lease on this cache key ended (its entry stored, or its holder
+    /// gave up).
+    LeaseEnded(String),
+    /// A connection to Redis was (re)made: messages may have been missed.
+    Reconnected,
+}
 
 impl RedisStore {
     fn channel(&self) -> String {
         format!("{}invalidate", self.prefix)
     }
 
-    /// Tells every sidecar (this one included: it ignores its own) to clear
-    /// these patterns from its memory layer.
-    pub async fn publish_invalidation(&self, patterns: &[String]) -> Result<(), RedisError> {
-        let msg = json!({"origin": self.origin, "patterns": patterns}).to_string();
+    /// Tells every sidecar (this one included: it ignores its own) what an
+    /// invalidation did.
+    pub async fn publish_invalidation(
+        &self,
+        patterns: &[String],
+        generations: &[(String, Generation)],
+    ) -> Result<(), RedisError> {
+        let gens: serde_json::Map<String, serde_json::Value> = generations
+            .iter()
+            .map(|(ns, g)| (ns.clone(), json!([g.current, g.purged])))
+            .collect();
+        let msg =
+            json!({"origin": self.origin, "patterns": patterns, "generations": gens}).to_string();
         let c = self.client.with_options(&self.opts());
         self.bounded(c.publish::<i64, _, _>(self.channel(), msg))
             .await
             .map(|_| ())
     }
 
-    /// Calls `on_patterns` for every invalidation another sidecar publishes.
+    /// Calls `on_event` for every message of the fleet's channels from
+    /// another sidecar and after every (re)connection of either client.
     /// Subscribes as soon as Redis is reachable; fred re-subscribes after a
     /// reconnect.
-    pub fn listen(&self, on_patterns: impl Fn(Vec<String>) + Send + 'static) {
+    pub fn listen(&self, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
+        let on_event = Arc::new(on_event);
         let sub = self.subscriber.clone();
-        let channel = self.channel();
+        let channels = vec![self.channel(), self.stored_channel()];
         tokio::spawn(async move {
             loop {
-                if sub.is_connected() && sub.subscribe(channel.clone()).await.is_ok() {
+                if sub.is_connected() && sub.subscribe(channels.clone()).await.is_ok() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+        for rx in [self.client.reconnect_rx(), self.subscriber.reconnect_rx()] {
+            let on_event = Arc::clone(&on_event);
+            let mut rx = rx;
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            on_event(FleetEvent::Reconnected);
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
+        }
         let mut rx = self.subscriber.message_rx();
         let origin = self.origin.clone();
+        let stored = self.stored_channel();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
@@ -47,26 +96,81 @@ impl RedisStore {
                         let Some(text) = msg.value.as_string() else {
                             continue;
                         };
-                        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-                            continue;
-                        };
-                        if v["origin"].as_str() == Some(origin.as_str()) {
-                            continue;
+                        if *msg.channel == *stored {
+                            on_event(FleetEvent::LeaseEnded(text));
+                        } else if let Some(e) = parse_invalidation(&text, &origin) {
+                            on_event(e);
                         }
-                        let patterns = v["patterns"]
-                            .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .filter_map(|p| p.as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        on_patterns(patterns);
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Messages were dropped: poll as after a reconnect.
+                        on_event(FleetEvent::Reconnected);
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
             }
         });
+    }
+}
+
+/// An invalidation message of another sidecar (`None`: this one's own, or
+/// not one).
+fn parse_invalidation(text: &str, origin: &str) -> Option<FleetEvent> {
+    let v = serde_json::from_str::<serde_json::Value>(text).ok()?;
+    if v["origin"].as_str() == Some(origin) {
+        return None;
+    }
+    let patterns = v["patterns"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let generations = v["generations"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(ns, g)| {
+                    Some((
+                        ns.clone(),
+                        Generation {
+                            current: g.get(0)?.as_u64()?,
+                            purged: g.get(1)?.as_u64()?,
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(FleetEvent::Invalidated {
+        patterns,
+        generations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidation_messages_parse_and_own_ones_are_skipped() {
+        let text = r#"{"origin":"a","patterns":["search:ab*"],"generations":{"rag":[7,5]}}"#;
+        assert_eq!(parse_invalidation(text, "a"), None);
+        assert_eq!(
+            parse_invalidation(text, "b"),
+            Some(FleetEvent::Invalidated {
+                patterns: vec!["search:ab*".into()],
+                generations: vec![(
+                    "rag".into(),
+                    Generation {
+                        current: 7,
+                        purged: 5
+                    }
+                )],
+            })
+        );
+        assert_eq!(parse_invalidation("not json", "b"), None);
     }
 }

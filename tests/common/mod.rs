@@ -456,16 +456,24 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// A real `redis-server` on a free 127.0.0.1 port, killed on drop; `stop`
-/// and `start` again on the same port to test failure and recovery.
+/// and `start` again on the same port to test failure and recovery. It
+/// saves nothing by itself, so a restart starts empty (a crash without
+/// persistence), unless `SAVE` was called before the stop: then it starts
+/// with what was saved (a crash with persistence).
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Self {
         let port = free_addr().port();
-        let mut r = Self { port, child: None };
+        let mut r = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
         r.restart();
         r
     }
@@ -487,6 +495,8 @@ impl Redis {
                 "--appendonly",
                 "no",
             ])
+            .arg("--dir")
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,5 +1,6 @@
-//! A cached response: what is replayed byte for byte (status, headers, body)
-//! and when it was stored. In memory it is an `Arc<Entry>` (a hit clones
+//! A cached response: what is replayed byte for byte (status, headers, body),
+//! when it was stored and under which generation of its namespace (an
+//! entry of another generation than the current one is never a hit). In memory it is an `Arc<Entry>` (a hit clones
 //! pointers, not bytes); in Redis it is the compact `postcard` encoding of
 //! [`Wire`], with a version byte so a format change reads as a miss.
 
@@ -15,6 +16,8 @@ pub struct Entry {
     /// Wall-clock milliseconds (see `Clock`), comparable across replicas.
     pub stored_at_ms: u64,
     pub ttl_ms: u64,
+    /// The namespace's generation when the question was asked.
+    pub generation: u64,
     /// Bytes held, computed once: quick_cache's weigher must be cheap.
     pub weight: u64,
 }
@@ -38,12 +41,21 @@ impl Entry {
             body,
             stored_at_ms,
             ttl_ms,
+            generation: 0,
             weight,
         }
     }
+
+    /// The entry, stored under `generation`.
+    #[must_use]
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
+    }
 }
 
-const WIRE_VERSION: u8 = 1;
+/// 2: with the generation.
+const WIRE_VERSION: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Wire {
@@ -52,6 +64,7 @@ struct Wire {
     body: Bytes,
     stored_at_ms: u64,
     ttl_ms: u64,
+    generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +83,7 @@ impl Entry {
             body: self.body.clone(),
             stored_at_ms: self.stored_at_ms,
             ttl_ms: self.ttl_ms,
+            generation: self.generation,
         };
         let out = vec![WIRE_VERSION];
         postcard::to_extend(&wire, out).unwrap_or_default()
@@ -97,7 +111,8 @@ impl Entry {
             wire.body,
             wire.stored_at_ms,
             wire.ttl_ms,
-        ))
+        )
+        .with_generation(wire.generation))
     }
 }
 
@@ -117,12 +132,16 @@ mod tests {
             Bytes::from_static("{\"answer\":\"Học máy\"}".as_bytes()),
             1_700_000_000_123,
             3_600_000,
-        );
+        )
+        .with_generation(1_764_633_600_123);
         let d = Entry::decode(&e.encode()).unwrap();
         assert_eq!(d.status, e.status);
         assert_eq!(d.headers, e.headers);
         assert_eq!(d.body, e.body);
-        assert_eq!((d.stored_at_ms, d.ttl_ms), (e.stored_at_ms, e.ttl_ms));
+        assert_eq!(
+            (d.stored_at_ms, d.ttl_ms, d.generation),
+            (e.stored_at_ms, e.ttl_ms, e.generation)
+        );
         assert!(Entry::decode(b"").is_err());
         assert!(Entry::decode(&[9, 1, 2]).is_err());
         let mut truncated = e.encode();

@@ -12,17 +12,21 @@
 //!    it is not stored (error, uncacheable), each waiter goes upstream alone,
 //!    at once. quick_cache's own placeholder guard is not used for this: with
 //!    it, a failed loader hands the guard to one waiter at a time, so waiters
-//!    would load one after another.
+//!    would load one after another. With Redis, the first then takes a
+//!    lease for the whole fleet ([`fleet`]): if another sidecar holds it,
+//!    this one waits for that one's entry instead of calling the upstream.
 //! 5. The upstream's answer is stored when cacheable ([`policy`]); if the
 //!    upstream fails (an error from below, or a 5xx), the stale entry is
 //!    served instead (`STALE`). The circuit breaker's open-circuit error
 //!    arrives here as an error from below, so an open circuit serves stale
 //!    entries too.
 //!
-//! A 2xx from the upstream on a route with `invalidate` patterns clears them
-//! (memory, Redis, and every other sidecar's memory via pub/sub).
+//! A 2xx from the upstream on a route with `invalidate` patterns invalidates
+//! them here, in Redis and in every other sidecar, as its `invalidate_mode`
+//! says ([`store::CacheStore::invalidate`]).
 
 pub mod entry;
+pub mod fleet;
 pub mod key;
 pub mod policy;
 pub mod store;
@@ -38,7 +42,8 @@ use tokio::sync::watch;
 
 use self::entry::Entry;
 use self::policy::{Freshness, RequestMode};
-use self::store::{CacheStore, Counters, Namespace};
+use self::fleet::Remote;
+use self::store::{CacheStore, Counters, Namespace, Standing};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
@@ -143,8 +148,9 @@ impl<S: Inner> tower::Service<Request<Body>> for CacheService<S> {
                     // In its own task: a client that hangs up now must not
                     // cancel the invalidation half way.
                     let store = Arc::clone(&shared.store);
-                    let patterns = route.invalidate.clone();
-                    let _ = tokio::spawn(async move { store.invalidate(&patterns).await }).await;
+                    let (patterns, mode) = (route.invalidate.clone(), route.invalidate_mode);
+                    let _ =
+                        tokio::spawn(async move { store.invalidate(&patterns, mode).await }).await;
                 }
             }
             Ok(resp)
@@ -204,13 +210,12 @@ where
     let mut stale = None;
     if mode == RequestMode::Normal {
         if let Some(e) = sh.store.get(&ns, &key).await {
-            match policy::freshness(
-                e.stored_at_ms,
-                e.ttl_ms,
-                sh.store.stale_ms,
-                sh.store.clock.now_ms(),
+            let now = sh.store.clock.now_ms();
+            match (
+                ns.standing(&e),
+                policy::freshness(e.stored_at_ms, e.ttl_ms, sh.store.stale_ms, now),
             ) {
-                Freshness::Fresh { age_secs, ttl_left } => {
+                (Standing::Current, Freshness::Fresh { age_secs, ttl_left }) => {
                     count(counters, |c| &c.hits);
                     return Ok(replay(
                         &e,
@@ -222,17 +227,60 @@ where
                         age_secs,
                     ));
                 }
-                Freshness::Stale { .. } => stale = Some(e),
-                Freshness::Expired => {}
+                (Standing::Current, Freshness::Stale { .. }) => {
+                    stale = Some(Stale {
+                        entry: e,
+                        invalidated: false,
+                    });
+                }
+                // Left by an invalidation in `stale` mode: never a hit, but
+                // an answer while the upstream fails.
+                (Standing::Invalidated, Freshness::Fresh { .. } | Freshness::Stale { .. }) => {
+                    stale = Some(Stale {
+                        entry: e,
+                        invalidated: true,
+                    });
+                }
+                _ => {}
             }
         }
     }
     count(counters, |c| &c.misses);
 
+    // The generation the question is asked under, and the epoch a clear
+    // during the call would change (its answer is then not stored).
+    let generation = ns.generation();
+    let epoch = ns.epoch();
     let mut leader = None;
+    let mut lease = None;
     if mode == RequestMode::Normal {
         match sh.inflight.join(&key) {
-            Join::Leader(guard) => leader = Some(guard),
+            Join::Leader(guard) => {
+                if let Some(fleet) = sh.store.fleet() {
+                    match fleet.lease(&sh.store, &ns, &key, generation, limit).await {
+                        Remote::Holder(l) => lease = Some(l),
+                        Remote::Served(e) => {
+                            count(counters, |c| &c.coalesced_remote);
+                            guard.finish(Outcome::Stored(Arc::clone(&e)));
+                            return Ok(replay(
+                                &e,
+                                CacheOutcome::Miss,
+                                "rag-sidecar; fwd=miss; collapsed".into(),
+                                0,
+                            ));
+                        }
+                        Remote::Alone => {}
+                        Remote::TimedOut => {
+                            guard.finish(Outcome::Failed);
+                            if let Some(s) = &stale {
+                                return Ok(serve_stale(sh, &ns, s, "timeout"));
+                            }
+                            return Err(failed_miss(UpstreamTimeout(limit), "miss"));
+                        }
+                    }
+                }
+                leader = Some(guard);
+            }
             Join::Waiter(mut rx) => {
                 let outcome =
                     tokio::time::timeout(limit, rx.wait_for(|o| !matches!(o, Outcome::Pending)))
@@ -269,8 +317,6 @@ where
     } else {
         "miss"
     };
-    // A corpus change during the call makes its answer unfit to store.
-    let generation = ns.generation();
     let mut parts = parts;
     if stale.is_some() {
         // A stale answer is at hand: one try upstream, then serve it, rather
@@ -347,9 +393,11 @@ where
         Bytes::copy_from_slice(&bytes),
         sh.store.clock.now_ms(),
         ttl_ms,
-    ));
+    )
+    .with_generation(generation));
     let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
-    if ns.generation() != generation {
+    // A corpus change during the call makes its answer unfit to store.
+    if ns.epoch() != epoch {
         mark(
             &mut resp,
             CacheOutcome::Miss,
@@ -363,7 +411,13 @@ where
     if let Some(guard) = leader {
         guard.finish(Outcome::Stored(Arc::clone(&entry)));
     }
-    sh.store.put_redis(&key, &entry).await;
+    let in_redis = sh.store.put_redis(&key, &entry).await;
+    if let Some(lease) = lease {
+        // The waiting sidecars read the entry now.
+        lease
+            .release(in_redis.then_some(entry.generation))
+            .await;
+    }
     mark(
         &mut resp,
         CacheOutcome::Miss,
@@ -419,25 +473,30 @@ fn count(
     Counters::add(which(counters.1));
 }
 
-fn serve_stale(sh: &Shared, ns: &Namespace, e: &Entry, why: &str) -> Response<Body> {
+/// An answer at hand for when the upstream fails: expired within the
+/// stale window, or left by an invalidation in `stale` mode.
+struct Stale {
+    entry: Arc<Entry>,
+    invalidated: bool,
+}
+
+fn serve_stale(sh: &Shared, ns: &Namespace, s: &Stale, why: &str) -> Response<Body> {
     count((&sh.store.counters, &ns.counters), |c| &c.stale);
+    let e = &s.entry;
     let (age, over) =
         match policy::freshness(e.stored_at_ms, e.ttl_ms, u64::MAX, sh.store.clock.now_ms()) {
             Freshness::Stale { age_secs, over } => (age_secs, over),
             Freshness::Fresh { age_secs, .. } => (age_secs, 0),
             Freshness::Expired => (0, 0),
         };
-    let detail = if why.chars().all(|c| c.is_ascii_digit()) {
-        format!("fwd-status={why}")
-    } else {
-        format!("detail={why}")
+    let numeric = why.chars().all(|c| c.is_ascii_digit());
+    let status = match (s.invalidated, numeric) {
+        (true, true) => format!("rag-sidecar; fwd=stale; detail=invalidated; fwd-status={why}"),
+        (true, false) => "rag-sidecar; fwd=stale; detail=invalidated".to_string(),
+        (false, true) => format!("rag-sidecar; fwd=stale; fwd-status={why}; ttl=-{over}"),
+        (false, false) => format!("rag-sidecar; fwd=stale; detail={why}; ttl=-{over}"),
     };
-    replay(
-        e,
-        CacheOutcome::Stale,
-        format!("rag-sidecar; fwd=stale; {detail}; ttl=-{over}"),
-        age,
-    )
+    replay(e, CacheOutcome::Stale, status, age)
 }
 
 /// The stored answer, with the cache's headers.

@@ -12,10 +12,19 @@
 //! entries), not strict LRU: a burst of one-off queries does not flush the
 //! answers that are asked again and again, which is the access pattern of a
 //! RAG front end.
+//!
+//! Invalidation is by generation: each namespace has one (the fleet's, in
+//! Redis, when there is one: see [`super::fleet`]), each entry records the
+//! generation it was asked under, and only an entry of the current
+//! generation is a hit: a load and a compare on the hit path. An
+//! invalidation of a whole namespace bumps its generation; in `purge` mode
+//! it also raises the namespace's purge floor (entries below it are not
+//! even served stale) and deletes the entries. A narrower pattern deletes
+//! the entries it matches.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use quick_cache::sync::{Cache, DefaultLifecycle};
@@ -23,9 +32,11 @@ use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 use serde_json::{Value, json};
 
 use super::entry::Entry;
-use crate::config::Config;
+use super::fleet::Fleet;
+use crate::config::{Config, InvalidateMode};
 use crate::metrics::cache::{CacheFigures, NamespaceFigures};
 use crate::redis::RedisStore;
+use crate::redis::fleet::Generation;
 
 /// Wall-clock milliseconds derived from tokio's clock: comparable across
 /// replicas (entries in Redis carry it), and paused/advanced in tests.
@@ -85,6 +96,12 @@ pub struct Counters {
     pub stale: AtomicU64,
     pub bypass: AtomicU64,
     pub coalesced: AtomicU64,
+    /// Misses answered by another sidecar's upstream call (its lease).
+    pub coalesced_remote: AtomicU64,
+    /// Leases taken over from a holder that failed, stored nothing or died.
+    pub lease_takeovers: AtomicU64,
+    /// Invalidations Redis could not take at once, kept until it could.
+    pub invalidations_queued: AtomicU64,
     pub sets: AtomicU64,
     pub deletes: AtomicU64,
     pub errors: AtomicU64,
@@ -113,6 +130,9 @@ impl Counters {
             "stale": Self::get(&self.stale),
             "bypass": Self::get(&self.bypass),
             "coalesced": Self::get(&self.coalesced),
+            "coalesced_remote": Self::get(&self.coalesced_remote),
+            "lease_takeovers": Self::get(&self.lease_takeovers),
+            "invalidations_queued": Self::get(&self.invalidations_queued),
             "sets": Self::get(&self.sets),
             "deletes": Self::get(&self.deletes),
             "errors": Self::get(&self.errors),
@@ -136,9 +156,33 @@ pub struct Namespace {
     /// entry always fits one quick_cache shard (a heavier one would be
     /// dropped silently).
     pub max_body: u64,
-    /// Bumped by every clear: a fetch that started before a clear does not
-    /// store its (possibly outdated) answer.
+    /// The namespace's generation as this sidecar knows it: entries of
+    /// another are not hits.
     generation: AtomicU64,
+    /// Entries of a generation below this one are not served even stale.
+    purged: AtomicU64,
+    /// Bumped by every clear and change of generation: a fetch that started
+    /// before does not store its (possibly outdated) answer.
+    epoch: AtomicU64,
+    /// Misses of this namespace waiting now for another sidecar's answer.
+    pub remote_waiting: AtomicU64,
+    /// An invalidation Redis has not taken yet ([`OWED_STALE`],
+    /// [`OWED_PURGE`], or 0): at most one per namespace, the stronger kept.
+    owed: AtomicU8,
+}
+
+const OWED_STALE: u8 = 1;
+const OWED_PURGE: u8 = 2;
+
+/// What an entry may still be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Of the current generation: a hit while fresh.
+    Current,
+    /// Invalidated (`stale` mode): served only when the upstream fails.
+    Invalidated,
+    /// Purged: not used at all.
+    Purged,
 }
 
 impl Namespace {
@@ -156,8 +200,101 @@ impl Namespace {
         self.generation.load(Ordering::Acquire)
     }
 
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+    /// Where the generation and purge floor stand now.
+    pub fn generations(&self) -> Generation {
+        Generation {
+            current: self.generation(),
+            purged: self.purged.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The hit path's check: one load and a compare.
+    #[inline]
+    pub fn is_current(&self, e: &Entry) -> bool {
+        e.generation == self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn standing(&self, e: &Entry) -> Standing {
+        if self.is_current(e) {
+            Standing::Current
+        } else if e.generation >= self.purged.load(Ordering::Acquire) {
+            Standing::Invalidated
+        } else {
+            Standing::Purged
+        }
+    }
+
+    fn touched(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Invalidates here, at once: a new generation (and with `purge` the
+    /// floor raised to it and the entries deleted). Returns the entries
+    /// deleted.
+    fn bump_local(&self, purge: bool) -> usize {
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut removed = 0;
+        if purge {
+            self.purged.fetch_max(g, Ordering::AcqRel);
+            removed = self.cache.len();
+            self.cache.clear();
+        }
+        self.touched();
+        removed
+    }
+
+    /// Takes a generation the fleet has (never going back: generations
+    /// only grow). Not while an invalidation of this sidecar is owed:
+    /// delivering it bumps past what Redis holds. `force`: this sidecar's
+    /// own bump, just made. Returns whether anything changed.
+    pub(super) fn adopt(&self, g: Generation, force: bool) -> bool {
+        if !force && self.owed.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let before = self.generation.fetch_max(g.current, Ordering::AcqRel);
+        let floor = self.purged.fetch_max(g.purged, Ordering::AcqRel);
+        if g.purged > floor {
+            // Free what can no longer be used.
+            self.cache.retain(|_, e| e.generation >= g.purged);
+        }
+        let changed = g.current > before || g.purged > floor;
+        if changed {
+            self.touched();
+        }
+        changed
+    }
+
+    /// Keeps an invalidation for Redis to take later.
+    fn owe(&self, purge: bool) {
+        self.owed.fetch_max(
+            if purge { OWED_PURGE } else { OWED_STALE },
+            Ordering::AcqRel,
+        );
+        Counters::add(&self.counters.invalidations_queued);
+    }
+
+    /// Takes the owed invalidation: `Some(purge)`.
+    pub(super) fn take_owed(&self) -> Option<bool> {
+        match self.owed.swap(0, Ordering::AcqRel) {
+            0 => None,
+            o => Some(o == OWED_PURGE),
+        }
+    }
+
+    /// Puts back an owed invalidation Redis did not take.
+    pub(super) fn restore_owed(&self, purge: bool) {
+        self.owed.fetch_max(
+            if purge { OWED_PURGE } else { OWED_STALE },
+            Ordering::AcqRel,
+        );
+    }
+
+    pub fn owes(&self) -> bool {
+        self.owed.load(Ordering::Acquire) != 0
     }
 }
 
@@ -166,6 +303,8 @@ impl Namespace {
 pub struct CacheStore {
     namespaces: HashMap<String, Arc<Namespace>>,
     redis: Option<RedisStore>,
+    /// The fleet's coordination, with Redis.
+    fleet: Option<Fleet>,
     pub counters: Counters,
     pub clock: Clock,
     pub stale_ms: u64,
@@ -222,11 +361,19 @@ impl CacheStore {
                     counters: Counters::default(),
                     max_body,
                     generation: AtomicU64::new(0),
+                    purged: AtomicU64::new(0),
+                    epoch: AtomicU64::new(0),
+                    owed: AtomicU8::new(0),
+                    remote_waiting: AtomicU64::new(0),
                 }),
             );
         }
+        let fleet = redis
+            .as_ref()
+            .map(|r| Fleet::new(r.clone(), cfg.cache.lease_ttl, cfg.cache.generation_poll));
         let store = Arc::new(Self {
             namespaces,
+            fleet,
             redis,
             counters: Counters::default(),
             clock: Clock::new(),
@@ -235,53 +382,72 @@ impl CacheStore {
         Ok(store)
     }
 
-    /// Clears the memory layer on every invalidation another sidecar
-    /// publishes (a background task; nothing without Redis).
-    pub fn follow_invalidations(self: &Arc<Self>) {
-        if let Some(r) = &self.redis {
-            let weak = Arc::downgrade(self);
-            r.listen(move |patterns| {
-                if let Some(s) = weak.upgrade() {
-                    for p in &patterns {
-                        s.clear_memory(Some(p));
-                    }
-                    tracing::debug!(?patterns, "cleared on another sidecar's invalidation");
-                }
-            });
+    /// Follows the fleet (a background task; nothing without Redis): its
+    /// invalidations, its generations, its leases.
+    pub fn follow_fleet(self: &Arc<Self>) {
+        if let Some(f) = &self.fleet {
+            f.follow(self);
         }
+    }
+
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
         self.namespaces.get(name)
     }
 
-    fn error(&self, what: &str, e: &dyn std::fmt::Display) {
+    pub(super) fn error(&self, what: &str, e: &dyn std::fmt::Display) {
         Counters::add(&self.counters.errors);
         tracing::debug!("cache {what}: {e}");
     }
 
-    /// Memory first, then Redis; a Redis hit fills memory.
+    /// Memory first, then Redis; a Redis hit of the current generation
+    /// fills memory. An entry that is not current is returned only when no
+    /// current one is found (for its caller to serve stale, or not).
     pub async fn get(&self, ns: &Namespace, key: &str) -> Option<Arc<Entry>> {
-        if let Some(e) = ns.cache.get(key) {
-            return Some(e);
+        let memory = ns.cache.get(key);
+        if let Some(e) = &memory {
+            if ns.is_current(e) {
+                return memory;
+            }
         }
-        let redis = self.redis.as_ref()?;
+        match self.get_remote(ns, key).await {
+            Ok(Some(e)) if ns.is_current(&e) => Some(e),
+            Ok(remote) => memory.or(remote),
+            Err(()) => memory,
+        }
+    }
+
+    /// The entry in Redis (`Ok(None)`: none, or no Redis); one of the
+    /// current generation fills memory. `Err`: Redis failed (counted).
+    pub(super) async fn get_remote(
+        &self,
+        ns: &Namespace,
+        key: &str,
+    ) -> Result<Option<Arc<Entry>>, ()> {
+        let Some(redis) = self.redis.as_ref() else {
+            return Ok(None);
+        };
         match redis.get(key).await {
             Ok(Some(bytes)) => match Entry::decode(&bytes) {
                 Ok(e) => {
                     let e = Arc::new(e);
-                    ns.cache.insert(key.to_string(), Arc::clone(&e));
-                    Some(e)
+                    if ns.is_current(&e) {
+                        ns.cache.insert(key.to_string(), Arc::clone(&e));
+                    }
+                    Ok(Some(e))
                 }
                 Err(err) => {
                     self.error("decode", &err);
-                    None
+                    Ok(None)
                 }
             },
-            Ok(None) => None,
+            Ok(None) => Ok(None),
             Err(err) => {
                 self.error("get", &err);
-                None
+                Err(())
             }
         }
     }
@@ -298,11 +464,17 @@ impl CacheStore {
         ns.cache.insert(key, entry);
     }
 
-    pub async fn put_redis(&self, key: &str, entry: &Entry) {
-        if let Some(redis) = &self.redis {
-            let ttl = Duration::from_millis(entry.ttl_ms.saturating_add(self.stale_ms));
-            if let Err(err) = redis.set(key, entry.encode(), ttl).await {
+    /// Writes to Redis; whether it is there now.
+    pub async fn put_redis(&self, key: &str, entry: &Entry) -> bool {
+        let Some(redis) = &self.redis else {
+            return false;
+        };
+        let ttl = Duration::from_millis(entry.ttl_ms.saturating_add(self.stale_ms));
+        match redis.set(key, entry.encode(), ttl).await {
+            Ok(()) => true,
+            Err(err) => {
                 self.error("set", &err);
+                false
             }
         }
     }
@@ -334,49 +506,104 @@ impl CacheStore {
                 }
                 Some((_, g)) => ns.cache.retain(|k, _| !g.matches(k)),
             }
-            ns.bump();
+            ns.touched();
             removed += before.saturating_sub(ns.cache.len());
         }
         removed
     }
 
-    /// Clears a pattern (or everything) in memory and Redis; returns
-    /// `(memory, redis)` counts.
+    /// Clears a pattern (or everything) in memory and Redis, and in every
+    /// other sidecar's memory: a purge. Returns `(memory, redis)` counts.
     pub async fn clear(&self, pattern: Option<&str>) -> (usize, usize) {
-        let memory = self.clear_memory(pattern);
+        let patterns = [pattern.unwrap_or("*").to_string()];
+        self.invalidate(&patterns, InvalidateMode::Purge).await
+    }
+
+    /// The namespaces a pattern names whole (`*`: all, `search:*`: one, a
+    /// namespace not configured here: none); `None`: a narrower pattern.
+    pub(super) fn whole_namespaces(&self, pattern: &str) -> Option<Vec<Arc<Namespace>>> {
+        if pattern == "*" {
+            return Some(self.namespaces.values().cloned().collect());
+        }
+        let name = pattern.strip_suffix(":*")?;
+        if name.contains(['*', '?', '[', ']', '\\']) {
+            return None;
+        }
+        Some(self.namespaces.get(name).cloned().into_iter().collect())
+    }
+
+    /// The namespaces a narrow pattern may touch.
+    fn touched_by(&self, pattern: &str) -> Vec<Arc<Namespace>> {
+        let ns_part = pattern.split_once(':').map(|(n, _)| n);
+        self.namespaces
+            .values()
+            .filter(|ns| match ns_part {
+                Some(n) if !n.contains(['*', '?', '[', ']', '\\']) => n == ns.name,
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// After a corpus change (or a clear): here at once, then in Redis and
+    /// every other sidecar (see [`super::fleet`]). Whole namespaces get a
+    /// new generation (`purge`: and their entries deleted); narrower
+    /// patterns delete what they match. Returns `(memory, redis)` counts of
+    /// deleted entries.
+    pub async fn invalidate(&self, patterns: &[String], mode: InvalidateMode) -> (usize, usize) {
+        let purge = mode == InvalidateMode::Purge;
+        let mut whole: Vec<Arc<Namespace>> = Vec::new();
+        let mut narrow: Vec<String> = Vec::new();
+        for p in patterns {
+            match self.whole_namespaces(p) {
+                Some(list) => {
+                    for ns in list {
+                        if !whole.iter().any(|w| Arc::ptr_eq(w, &ns)) {
+                            whole.push(ns);
+                        }
+                    }
+                }
+                None => narrow.push(p.clone()),
+            }
+        }
+        let mut memory: usize = whole.iter().map(|ns| ns.bump_local(purge)).sum();
+        for p in &narrow {
+            memory += self.clear_memory(Some(p));
+        }
         let mut redis_removed = 0;
-        if let Some(redis) = &self.redis {
-            match redis.clear(pattern.unwrap_or("*")).await {
-                Ok(n) => redis_removed = n,
-                Err(err) => self.error("clear", &err),
+        if let Some(fleet) = &self.fleet {
+            let delivered = fleet.invalidate(self, &whole, purge, &narrow).await;
+            if !delivered {
+                // Redis did not take it: kept per namespace until it does. A
+                // narrow pattern is kept as its namespaces' invalidation.
+                for ns in &whole {
+                    ns.owe(purge);
+                }
+                for p in &narrow {
+                    for ns in self.touched_by(p) {
+                        ns.owe(purge);
+                    }
+                }
+            }
+            // Deleting from Redis frees its memory; the generations already
+            // keep what is deleted from being used.
+            let deleted: Vec<String> = if purge {
+                patterns.to_vec()
+            } else {
+                narrow
+            };
+            if let Some(redis) = &self.redis {
+                for p in &deleted {
+                    match redis.clear(p).await {
+                        Ok(n) => redis_removed += n,
+                        Err(err) => self.error("clear", &err),
+                    }
+                }
             }
         }
         let n = memory.max(redis_removed) as u64;
         self.counters.deletes.fetch_add(n, Ordering::Relaxed);
         (memory, redis_removed)
-    }
-
-    /// After a corpus change: clear memory here, tell the other sidecars to
-    /// clear theirs, then clear Redis.
-    pub async fn invalidate(&self, patterns: &[String]) {
-        let mut removed = 0;
-        for p in patterns {
-            removed += self.clear_memory(Some(p));
-        }
-        if let Some(redis) = &self.redis {
-            if let Err(err) = redis.publish_invalidation(patterns).await {
-                self.error("publish", &err);
-            }
-            for p in patterns {
-                match redis.clear(p).await {
-                    Ok(n) => removed = removed.max(n),
-                    Err(err) => self.error("clear", &err),
-                }
-            }
-        }
-        self.counters
-            .deletes
-            .fetch_add(removed as u64, Ordering::Relaxed);
     }
 
     pub fn redis_connected(&self) -> bool {
@@ -415,6 +642,12 @@ impl CacheStore {
                 v.insert("bytes".into(), json!(n.bytes()));
                 v.insert("max_items".into(), json!(n.max_items));
                 v.insert("ttl_seconds".into(), json!(n.ttl.as_secs()));
+                v.insert("generation".into(), json!(n.generation()));
+                v.insert("invalidation_pending".into(), json!(n.owes()));
+                v.insert(
+                    "remote_waiting".into(),
+                    json!(n.remote_waiting.load(Ordering::Relaxed)),
+                );
                 (n.name.clone(), Value::Object(v))
             })
             .collect();
@@ -438,6 +671,11 @@ impl CacheFigures for CacheStore {
                     stale: load(&c.stale),
                     bypass: load(&c.bypass),
                     coalesced: load(&c.coalesced),
+                    coalesced_remote: load(&c.coalesced_remote),
+                    lease_takeovers: load(&c.lease_takeovers),
+                    invalidations_queued: load(&c.invalidations_queued),
+                    invalidation_pending: ns.owes(),
+                    generation: ns.generation(),
                     items: ns.items(),
                     bytes: ns.bytes(),
                 }
