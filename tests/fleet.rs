@@ -80,7 +80,8 @@ enabled = false
     async fn ready(&self) {
         eventually("connected and in sync", async || {
             let s = self.stats().await;
-            s["redis_connected"] == true && s["namespaces"]["search"]["generation"].as_u64() > Some(0)
+            s["redis_connected"] == true
+                && s["namespaces"]["search"]["generation"].as_u64() > Some(0)
         })
         .await;
     }
@@ -195,7 +196,9 @@ async fn a_holder_killed_mid_call_is_taken_over() {
     let redis = Redis::start();
     let lease_ttl = Duration::from_secs(2);
     let extra = "[cache]\nlease_ttl = \"2s\"\n";
-    let mut fleet: Vec<Member> = (0..3).map(|_| Member::start(&mock, &redis, extra)).collect();
+    let mut fleet: Vec<Member> = (0..3)
+        .map(|_| Member::start(&mock, &redis, extra))
+        .collect();
     for m in &fleet {
         m.ready().await;
     }
@@ -265,7 +268,10 @@ async fn an_upload_while_redis_is_down_reaches_the_others_when_it_is_back() {
     .await;
     assert_eq!(a.post("/api/upload").await, 200);
     let s = a.stats().await;
-    assert_eq!(s["namespaces"]["search"]["invalidation_pending"], true, "{s}");
+    assert_eq!(
+        s["namespaces"]["search"]["invalidation_pending"], true,
+        "{s}"
+    );
     assert_eq!(s["namespaces"]["search"]["invalidations_queued"], 1, "{s}");
     // A itself no longer answers from before the upload.
     let on_a = a.search(q, &[]).await;
@@ -293,7 +299,10 @@ async fn an_upload_while_redis_is_down_reaches_the_others_when_it_is_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = a.stats().await;
-    assert_eq!(s["namespaces"]["search"]["invalidation_pending"], false, "{s}");
+    assert_eq!(
+        s["namespaces"]["search"]["invalidation_pending"], false,
+        "{s}"
+    );
 }
 
 #[tokio::test]

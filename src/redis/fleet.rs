@@ -223,7 +223,11 @@ impl RedisStore {
             .bounded(self.fleet.acquire.evalsha_with_reload(
                 &self.client,
                 self.full_key(&format!("{LEASE_SPACE}{key}")),
-                vec![token.to_string(), ms(ttl).to_string(), generation.to_string()],
+                vec![
+                    token.to_string(),
+                    ms(ttl).to_string(),
+                    generation.to_string(),
+                ],
             ))
             .await?;
         Ok(match n {

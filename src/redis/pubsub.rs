@@ -76,13 +76,12 @@ impl RedisStore {
             let on_event = Arc::clone(&on_event);
             let mut rx = rx;
             tokio::spawn(async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            on_event(FleetEvent::Reconnected);
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
+                // Until the client is gone (a lagged receiver missed
+                // reconnects: one poll makes up for them all).
+                while let Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) =
+                    rx.recv().await
+                {
+                    on_event(FleetEvent::Reconnected);
                 }
             });
         }

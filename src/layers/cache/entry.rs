@@ -105,14 +105,10 @@ impl Entry {
             headers.append(name, value);
         }
         let status = StatusCode::from_u16(wire.status).map_err(|e| DecodeError(e.to_string()))?;
-        Ok(Self::new(
-            status,
-            headers,
-            wire.body,
-            wire.stored_at_ms,
-            wire.ttl_ms,
+        Ok(
+            Self::new(status, headers, wire.body, wire.stored_at_ms, wire.ttl_ms)
+                .with_generation(wire.generation),
         )
-        .with_generation(wire.generation))
     }
 }
 

@@ -80,6 +80,7 @@ impl Fleet {
                 poll_now: Notify::new(),
                 #[allow(
                     clippy::disallowed_methods,
+                    clippy::disallowed_types,
                     reason = "held for one insert, lookup or remove, never across an await"
                 )]
                 waiting: std::sync::Mutex::new(HashMap::new()),
@@ -340,13 +341,14 @@ impl Drop for LeaseGuard {
         if self.released {
             return;
         }
-        let (Some(s), Ok(rt)) = (
-            self.shared.upgrade(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
+        let (Some(s), Ok(rt)) = (self.shared.upgrade(), tokio::runtime::Handle::try_current())
+        else {
             return;
         };
-        let (key, token) = (std::mem::take(&mut self.key), std::mem::take(&mut self.token));
+        let (key, token) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.token),
+        );
         rt.spawn(async move {
             if let Err(e) = s.redis.release_lease(&key, &token, None).await {
                 tracing::debug!("lease release: {e}");

@@ -41,8 +41,8 @@ use http::{HeaderName, HeaderValue, Request, Response, header};
 use tokio::sync::watch;
 
 use self::entry::Entry;
-use self::policy::{Freshness, RequestMode};
 use self::fleet::Remote;
+use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace, Standing};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
@@ -387,14 +387,16 @@ where
     let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
     // An exact-size copy: the body read from the upstream may be a slice of a
     // larger connection buffer that the entry would otherwise pin.
-    let entry = Arc::new(Entry::new(
-        rparts.status,
-        policy::stored_headers(&rparts.headers),
-        Bytes::copy_from_slice(&bytes),
-        sh.store.clock.now_ms(),
-        ttl_ms,
-    )
-    .with_generation(generation));
+    let entry = Arc::new(
+        Entry::new(
+            rparts.status,
+            policy::stored_headers(&rparts.headers),
+            Bytes::copy_from_slice(&bytes),
+            sh.store.clock.now_ms(),
+            ttl_ms,
+        )
+        .with_generation(generation),
+    );
     let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
     // A corpus change during the call makes its answer unfit to store.
     if ns.epoch() != epoch {
@@ -414,9 +416,7 @@ where
     let in_redis = sh.store.put_redis(&key, &entry).await;
     if let Some(lease) = lease {
         // The waiting sidecars read the entry now.
-        lease
-            .release(in_redis.then_some(entry.generation))
-            .await;
+        lease.release(in_redis.then_some(entry.generation)).await;
     }
     mark(
         &mut resp,

@@ -587,11 +587,7 @@ impl CacheStore {
             }
             // Deleting from Redis frees its memory; the generations already
             // keep what is deleted from being used.
-            let deleted: Vec<String> = if purge {
-                patterns.to_vec()
-            } else {
-                narrow
-            };
+            let deleted: Vec<String> = if purge { patterns.to_vec() } else { narrow };
             if let Some(redis) = &self.redis {
                 for p in &deleted {
                     match redis.clear(p).await {
