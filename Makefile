@@ -53,12 +53,13 @@ profile:
 	$(CARGO) build -j$(JOBS) --profile profiling --bins
 	bench/profile.sh
 
-## The chaos run at full size (tests/chaos.rs with CHAOS=full: faults of
-## 10 s under 32 clients; the table goes to target/chaos.md; `make test` runs
-## the same test at test size), then the app-down comparison with nginx
-## (bench/outage.sh).
+## The chaos runs at full size (CHAOS=full): tests/chaos.rs, faults of 10 s
+## under 32 clients, table in target/chaos.md; tests/chaos_fleet.rs, three
+## sidecars with uploads while Redis is killed and restarted, table in
+## target/chaos-fleet.md (`make test` runs both at test size); then the
+## app-down comparison with nginx (bench/outage.sh).
 chaos: release
-	CHAOS=full $(CARGO) test -j$(JOBS) --release --test chaos -- --nocapture
+	CHAOS=full $(CARGO) test -j$(JOBS) --release --test chaos --test chaos_fleet -- --nocapture
 	bench/outage.sh
 
 ## About a million searches with new cache keys from 100 000 client

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Mock, Redis, SidecarProcess, client, free_addr};
+use common::{Mock, Redis, client, fleet_member, load};
 use serde_json::{Value, json};
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -153,16 +153,8 @@ async fn the_sidecar_answers_through_every_fault_and_recovers() {
     };
     let mut mock = Mock::start_with(&["--search-latency-ms", "5"]);
     let mut redis = Redis::start();
-    let listen = free_addr();
-    let toml = format!(
-        r#"listen = "{listen}"
-upstream = "{upstream}"
-readiness_path = "/__mock/fast"
-[redis]
-url = "{redis}"
-[rate_limit]
-enabled = false
-[retry]
+    let extra = format!(
+        r#"[retry]
 max_retries = 1
 initial_wait = "50ms"
 max_wait = "200ms"
@@ -177,11 +169,9 @@ cache = {{ ttl = "1s" }}
 name = "default"
 timeout = "1s"
 "#,
-        upstream = mock.url(),
-        redis = redis.url(),
         cb = scale.circuit_timeout.as_millis(),
     );
-    let sidecar = SidecarProcess::start(&toml, &[("LOG_LEVEL", "ERROR")], listen);
+    let (sidecar, listen) = fleet_member(&mock.url(), &redis.url(), &extra);
     let base = format!("http://{listen}");
 
     // Warm up (and fill the cache), then take the RSS baseline.
@@ -199,60 +189,51 @@ timeout = "1s"
     let phase = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let workers: Vec<_> = (0..scale.clients)
-        .map(|w| {
-            let (phase, stop, base) = (Arc::clone(&phase), Arc::clone(&stop), base.clone());
-            tokio::spawn(async move {
-                let http = reqwest::Client::builder()
-                    .timeout(Duration::from_secs(5))
-                    .build()
-                    .unwrap();
-                let mut out = Vec::new();
-                let mut i = w;
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let p = PHASES[phase.load(Ordering::Relaxed)];
-                    let t = Instant::now();
-                    let req = if i % 2 == 0 {
-                        http.post(format!("{base}/api/search"))
-                            .json(&json!({"query": format!("question {}", i % 20)}))
-                    } else {
-                        http.get(format!("{base}/api/documents"))
-                    };
-                    let (status, json) = match req.send().await {
-                        Ok(r) => {
-                            let s = r.status().as_u16();
-                            let ct = r
-                                .headers()
-                                .get("content-type")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("")
-                                .to_string();
-                            let body_ok = r.bytes().await.is_ok();
-                            (
-                                if body_ok {
-                                    Ok(s)
-                                } else {
-                                    Err("body cut".into())
-                                },
-                                ct.starts_with("application/json"),
-                            )
-                        }
-                        Err(e) => (Err(e.to_string()), false),
-                    };
-                    out.push(Record {
-                        phase: p,
-                        phase_end: PHASES[phase.load(Ordering::Relaxed)],
-                        at: started.elapsed(),
-                        status,
-                        json,
-                        latency: t.elapsed(),
-                    });
+    let workers = load(scale.clients, &stop, {
+        let (phase, base) = (Arc::clone(&phase), base.clone());
+        move |http: reqwest::Client, i: usize| {
+            let (phase, base) = (Arc::clone(&phase), base.clone());
+            async move {
+                let p = PHASES[phase.load(Ordering::Relaxed)];
+                let t = Instant::now();
+                let req = if i % 2 == 0 {
+                    http.post(format!("{base}/api/search"))
+                        .json(&json!({"query": format!("question {}", i % 20)}))
+                } else {
+                    http.get(format!("{base}/api/documents"))
+                };
+                let (status, json) = match req.send().await {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        let ct = r
+                            .headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let body_ok = r.bytes().await.is_ok();
+                        (
+                            if body_ok {
+                                Ok(s)
+                            } else {
+                                Err("body cut".into())
+                            },
+                            ct.starts_with("application/json"),
+                        )
+                    }
+                    Err(e) => (Err(e.to_string()), false),
+                };
+                Record {
+                    phase: p,
+                    phase_end: PHASES[phase.load(Ordering::Relaxed)],
+                    at: started.elapsed(),
+                    status,
+                    json,
+                    latency: t.elapsed(),
                 }
-                out
-            })
-        })
-        .collect();
+            }
+        }
+    });
 
     let mut starts = BTreeMap::new();
     let mut circuit = BTreeMap::new();

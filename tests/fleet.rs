@@ -17,7 +17,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Mock, Redis, SidecarProcess, client, eventually, free_addr};
+use common::{Mock, Redis, SidecarProcess, client, eventually, fleet_member};
 use serde_json::{Value, json};
 
 /// One sidecar process and its address.
@@ -28,21 +28,7 @@ struct Member {
 
 impl Member {
     fn start(mock: &Mock, redis: &Redis, extra: &str) -> Self {
-        let addr = free_addr();
-        let toml = format!(
-            r#"listen = "{addr}"
-upstream = "{upstream}"
-readiness_path = "/__mock/fast"
-[redis]
-url = "{redis}"
-[rate_limit]
-enabled = false
-{extra}
-"#,
-            upstream = mock.url(),
-            redis = redis.url(),
-        );
-        let process = SidecarProcess::start(&toml, &[("LOG_LEVEL", "WARNING")], addr);
+        let (process, addr) = fleet_member(&mock.url(), &redis.url(), extra);
         Self { process, addr }
     }
 

@@ -426,6 +426,25 @@ impl Drop for SidecarProcess {
     }
 }
 
+/// One sidecar process (of a fleet, or alone): on a free port, in front of `upstream`,
+/// on the Redis at `redis`, rate limits off; `extra` is more TOML.
+pub fn fleet_member(upstream: &str, redis: &str, extra: &str) -> (SidecarProcess, SocketAddr) {
+    let addr = free_addr();
+    let toml = format!(
+        r#"listen = "{addr}"
+upstream = "{upstream}"
+readiness_path = "/__mock/fast"
+[redis]
+url = "{redis}"
+[rate_limit]
+enabled = false
+{extra}
+"#
+    );
+    let process = SidecarProcess::start(&toml, &[("LOG_LEVEL", "ERROR")], addr);
+    (process, addr)
+}
+
 pub fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS:")
 }
@@ -447,6 +466,40 @@ pub fn spooled_in(exposition: &str) -> u64 {
         .find_map(|l| l.strip_prefix("rag_sidecar_request_spool_bytes "))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no spool gauge in {exposition}"))
+}
+
+/// Steady load: `clients` tasks, each with its own HTTP client (5 s
+/// timeout), sending one request after another until `stop`; `one(http, i)`
+/// sends a worker's i-th request (i counts from the worker's number, so the
+/// workers start on different questions) and returns its record.
+pub fn load<R, F, Fut>(
+    clients: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    one: F,
+) -> Vec<tokio::task::JoinHandle<Vec<R>>>
+where
+    F: Fn(reqwest::Client, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = R> + Send,
+    R: Send + 'static,
+{
+    (0..clients)
+        .map(|w| {
+            let (stop, one) = (std::sync::Arc::clone(stop), one.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let mut out = Vec::new();
+                let mut i = w;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    out.push(one(http.clone(), i).await);
+                }
+                out
+            })
+        })
+        .collect()
 }
 
 /// A free port on loopback (bound then released, for a child process).
