@@ -127,6 +127,15 @@ fn file_errors_name_the_key() {
             "routes[0].retry",
         ),
         (
+            "[[routes]]\nname = \"upload\"\ninvalidate_mode = \"forget\"",
+            "routes[0].invalidate_mode",
+        ),
+        ("[cache]\nlease_ttl = \"0s\"", "cache.lease_ttl"),
+        (
+            "[cache]\ngeneration_poll = \"often\"",
+            "cache.generation_poll",
+        ),
+        (
             "[[routes]]\nname = \"search\"\nmethods = [\"G E T\"]",
             "routes[0].methods[0]",
         ),

@@ -33,6 +33,14 @@ fn defaults_are_valid() {
     assert_eq!(c.route("rag").unwrap().circuit, "gemini");
     assert_eq!(c.route("default").unwrap().retry, RetryMode::IdempotentOnly);
     assert_eq!(c.route("upload").unwrap().invalidate, ["search:*", "rag:*"]);
+    assert_eq!(
+        c.route("upload").unwrap().invalidate_mode,
+        InvalidateMode::Stale
+    );
+    assert_eq!(
+        c.route("documents-delete").unwrap().invalidate_mode,
+        InvalidateMode::Purge
+    );
 }
 
 #[test]
@@ -174,6 +182,7 @@ path = "/api/summar*"
 cache = { namespace = "summary" }
 retry = true
 invalidate = ["summary:*"]
+invalidate_mode = "stale"
 
 [[routes]]
 name = "upload"
@@ -211,6 +220,7 @@ rate_limit = "exempt"
         ("summary", Duration::from_secs(600), 77)
     );
     assert_eq!(new.retry, RetryMode::Always);
+    assert_eq!(new.invalidate_mode, InvalidateMode::Stale);
     assert_eq!(c.route("upload").unwrap().rate_limit, RouteRate::Exempt);
     // The printed configuration reads back to the same configuration.
     let again = d.file(&c.to_toml());
