@@ -153,7 +153,7 @@ fn lease_bench(c: &mut Criterion) {
     };
     let url = format!("redis://127.0.0.1:{}/0", server.1);
     let redis = rt.block_on(async {
-        let r = RedisStore::start(&url, Duration::from_secs(1), "bench:")
+        let r = RedisStore::start(&url, Duration::from_secs(1), "bench:", Default::default())
             .unwrap_or_else(|e| panic!("{e}"));
         for _ in 0..500 {
             if r.is_connected() {

@@ -46,6 +46,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         system: Arc::new(Monitor::default()),
         probe: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
         spool: SpoolBudget::new(cfg.spool_max_bytes),
+        redis_errors: Default::default(),
         redis_configured: false,
     };
     let metrics = Metrics::new(&cfg, sources);

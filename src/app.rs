@@ -19,6 +19,7 @@ use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::{Resilience, Shared, build_stack};
+use crate::metrics::redis::RedisErrors;
 use crate::metrics::{Metrics, Sources};
 use crate::proxy::ready::Readiness;
 use crate::proxy::{Proxy, UpstreamClient};
@@ -65,7 +66,8 @@ impl App {
         let routes = RouteTable::new(&cfg);
         let inflight = Arc::new(tokio::sync::Semaphore::new(cfg.max_inflight));
         // One Redis client for the cache and the rate limiter.
-        let redis = RedisStore::from_config(&cfg.redis)?;
+        let redis_errors = Arc::new(RedisErrors::default());
+        let redis = RedisStore::from_config(&cfg.redis, Arc::clone(&redis_errors))?;
         let cache = CacheStore::new(&cfg, redis.clone()).map_err(AppError::Cache)?;
         cache.follow_fleet();
         let keyed: Vec<String> = cfg
@@ -107,6 +109,7 @@ impl App {
                 system: Arc::clone(&monitor),
                 probe: Arc::clone(&readiness) as _,
                 spool: Arc::clone(&spool) as _,
+                redis_errors,
                 redis_configured: cfg.redis.url.is_some(),
             },
         );

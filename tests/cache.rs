@@ -373,7 +373,15 @@ async fn cache_stats_and_clear_endpoints() {
         .unwrap();
     assert_eq!(
         r,
-        json!({"success": true, "cleared": 2, "memory_cleared": 2, "redis_cleared": 0, "pattern": "search:*"})
+        json!({
+            "success": true,
+            "cleared": 2,
+            "memory_cleared": 2,
+            "redis_cleared": 0,
+            "redis_errors": 0,
+            "redis_not_cleared": 0,
+            "pattern": "search:*"
+        })
     );
     assert_eq!(
         h(&search(&sc, &search_body("one"), &[]).await, "x-cache"),

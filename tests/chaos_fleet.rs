@@ -13,8 +13,12 @@
 //! left out; the count must be 0. Every request must have a status and be
 //! a 200: Redis down never fails a request.
 //!
-//! `make test` runs it test-sized; `make chaos` runs it with `CHAOS=full`
-//! (longer phases, more clients) and writes the table to
+//! The second run puts two sidecars on a three-primary Redis Cluster and
+//! kills one primary under load, then starts it again: no request may fail
+//! because of it.
+//!
+//! `make test` runs both test-sized; `make chaos` runs them with
+//! `CHAOS=full` (longer phases, more clients) and writes the tables to
 //! target/chaos-fleet.md.
 
 #![allow(
@@ -32,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Mock, Redis, client, fleet_member, load};
+use common::{Mock, Redis, RedisCluster, client, fleet_member, load};
 use serde_json::{Value, json};
 
 /// The contract's bound on an invalidation reaching every sidecar.
@@ -271,5 +275,104 @@ async fn three_sidecars_never_serve_answers_from_before_a_corpus_change() {
     );
     assert!(changes.len() >= 10, "too few uploads: {}", changes.len());
     assert!(records.len() > 300, "too little load: {}", records.len());
+    drop(members);
+}
+
+#[tokio::test]
+async fn a_cluster_primary_killed_under_load_fails_no_request() {
+    let full = std::env::var("CHAOS").is_ok_and(|v| v == "full");
+    let (clients, phase) = if full {
+        (16, Duration::from_secs(10))
+    } else {
+        (4, Duration::from_millis(2000))
+    };
+    let mock = Mock::start_with(&["--search-latency-ms", "5"]);
+    let mut cluster = RedisCluster::start(3);
+    let members: Vec<_> = (0..2)
+        .map(|_| fleet_member(&mock.url(), &cluster.url(), ""))
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|(_, a)| *a).collect();
+    for a in &addrs {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !connected(*a).await {
+            assert!(
+                Instant::now() < deadline,
+                "{a} never connected to the cluster"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(clients, &stop, {
+        let addrs = addrs.clone();
+        move |http: reqwest::Client, i: usize| {
+            let addrs = addrs.clone();
+            async move {
+                let r = http
+                    .post(format!("http://{}/api/search", addrs[i % 2]))
+                    .header("host", "rag-services")
+                    // Mostly new questions: misses, which go to Redis (a
+                    // read, a lease, a write) rather than memory.
+                    .json(&json!({"query": format!("question {i}")}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        r.bytes().await.map(|_| s).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    });
+    tokio::time::sleep(phase).await;
+    cluster.kill(1);
+    tokio::time::sleep(phase).await;
+    cluster.restart(1);
+    tokio::time::sleep(phase).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut records = Vec::new();
+    for w in workers {
+        records.extend(w.await.unwrap());
+    }
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        let k = match r {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("no status ({e})"),
+        };
+        *statuses.entry(k).or_insert(0) += 1;
+    }
+    let errors: u64 = client()
+        .get(format!("http://{}/metrics", addrs[0]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("rag_sidecar_redis_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let table = format!(
+        "\n| requests | statuses | Redis errors counted by sidecar 0 |\n|---:|---|---:|\n| {} | {} | {errors} |\n\n{clients} clients over 2 sidecars on a 3-primary cluster; primary 1 killed for {phase:?}, then restarted",
+        records.len(),
+        statuses
+            .iter()
+            .map(|(s, n)| format!("{s}×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("{table}");
+    if full {
+        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos-fleet.md");
+        let mut text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.push_str(&table);
+        std::fs::write(&out, text).unwrap();
+    }
+    assert!(records.iter().all(|r| *r == Ok(200)), "{table}");
+    assert!(records.len() > 200, "too little load: {}", records.len());
     drop(members);
 }

@@ -214,12 +214,10 @@ async fn invalidation_reaches_every_sidecar() {
     })
     .await;
     // A deletion purges them: gone from Redis and from B's memory.
-    let del = client()
-        .delete(a.url("/api/documents/doc-1.pdf"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(del.status(), 200);
+    let del = a
+        .status_of(http::Method::DELETE, "/api/documents/doc-1.pdf")
+        .await;
+    assert_eq!(del, 200);
     assert!(redis.keys("rag-sidecar:search:*").is_empty());
     eventually("B's memory purged", async || {
         stats(&b).await["namespaces"]["search"]["items"] == 0

@@ -41,16 +41,31 @@ pub async fn clear(ctx: Ctx) -> http::Response<Body> {
             _ => return bad("expected a JSON object such as {\"pattern\": \"search:*\"}"),
         }
     };
-    let (memory, redis) = ctx.state.cache.clear(pattern.as_deref()).await;
-    tracing::info!(pattern = pattern.as_deref().unwrap_or("*"), memory, redis, client = %ctx.peer, "cache cleared");
-    body::json(
-        StatusCode::OK,
-        &json!({
-            "success": true,
-            "cleared": memory.max(redis),
-            "memory_cleared": memory,
-            "redis_cleared": redis,
-            "pattern": pattern,
-        }),
-    )
+    let r = ctx.state.cache.clear(pattern.as_deref()).await;
+    let failed = r.redis_errors > 0 || r.queued;
+    let mut body = json!({
+        "success": !failed,
+        "cleared": r.memory.max(r.redis),
+        "memory_cleared": r.memory,
+        "redis_cleared": r.redis,
+        "redis_errors": r.redis_errors,
+        "redis_not_cleared": r.redis_failed,
+        "pattern": pattern,
+    });
+    if failed {
+        // Never a success it did not have: the memory layers are cleared and
+        // the namespaces' generations bumped (or queued until Redis takes
+        // them), so no sidecar serves a cleared entry; what Redis kept
+        // takes room there until its TTL.
+        tracing::warn!(pattern = pattern.as_deref().unwrap_or("*"), memory = r.memory, redis = r.redis, errors = r.redis_errors, not_cleared = r.redis_failed, queued = r.queued, client = %ctx.peer, "cache clear incomplete");
+        body["error"] = json!("Cache clear incomplete");
+        body["message"] = json!(if r.queued {
+            "Redis is unreachable: cleared in this sidecar's memory; the clear reaches Redis and the other sidecars when it is back"
+        } else {
+            "Some Redis deletions failed (see redis_errors): no sidecar serves the cleared entries, but Redis keeps some until their TTL"
+        });
+        return body::json(StatusCode::SERVICE_UNAVAILABLE, &body);
+    }
+    tracing::info!(pattern = pattern.as_deref().unwrap_or("*"), memory = r.memory, redis = r.redis, client = %ctx.peer, "cache cleared");
+    body::json(StatusCode::OK, &body)
 }

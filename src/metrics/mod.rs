@@ -4,10 +4,11 @@
 //!
 //! Each concern registers its own series and exports its own figures:
 //! [`requests`] (the proxy: answers, durations, own errors), [`cache`],
-//! [`rate_limit`], [`resilience`] (retries, upstream failures, circuits) and
+//! [`redis`] (command failures), [`rate_limit`], [`resilience`] (retries, upstream failures, circuits) and
 //! [`system`] (machine, health score, readiness probe, process). Metrics
 //! imports no layer: the layers record into the types defined here
-//! ([`resilience::FailureCounts`], [`resilience::RetryStats`], a worker's
+//! ([`resilience::FailureCounts`], [`resilience::RetryStats`],
+//! [`redis::RedisErrors`], a worker's
 //! [`Recorder`]) or report their state through a trait defined here and
 //! implemented by them ([`cache::CacheFigures`],
 //! [`rate_limit::RateLimitFigures`], [`resilience::CircuitFigures`],
@@ -62,6 +63,7 @@ pub mod legacy;
 #[cfg(target_os = "linux")]
 mod process;
 pub mod rate_limit;
+pub mod redis;
 pub mod requests;
 pub mod resilience;
 pub mod system;
@@ -116,6 +118,8 @@ pub struct Sources {
     pub system: Arc<Monitor>,
     pub probe: Arc<dyn system::ProbeFigures>,
     pub spool: Arc<dyn requests::SpoolFigures>,
+    /// Redis command failures, which the Redis client records.
+    pub redis_errors: Arc<redis::RedisErrors>,
     /// Whether a Redis URL is configured.
     pub redis_configured: bool,
 }
@@ -127,6 +131,7 @@ pub struct Metrics {
     registry: Registry,
     requests: requests::RequestMetrics,
     cache: cache::CacheMetrics,
+    redis: redis::RedisMetrics,
     rate_limit: rate_limit::RateLimitMetrics,
     resilience: resilience::ResilienceMetrics,
     system: system::SystemMetrics,
@@ -143,6 +148,7 @@ impl Metrics {
             enabled: cfg.metrics_enabled,
             requests: requests::RequestMetrics::new(&r, route_names, cfg.threads, sources.spool),
             cache: cache::CacheMetrics::new(&r, sources.cache, sources.redis_configured),
+            redis: redis::RedisMetrics::new(&r, sources.redis_errors),
             rate_limit: rate_limit::RateLimitMetrics::new(&r, sources.rate_limit),
             resilience: resilience::ResilienceMetrics::new(
                 &r,
@@ -202,6 +208,7 @@ impl Metrics {
         let _one = lock(&self.scrape);
         self.requests.sync();
         self.cache.sync();
+        self.redis.sync();
         self.rate_limit.sync();
         self.resilience.sync();
         self.system.sync(self.health().health_score);

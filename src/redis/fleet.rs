@@ -12,6 +12,7 @@ use std::time::Duration;
 use fred::types::scripts::Script;
 
 use super::{RedisError, RedisStore};
+use crate::metrics::redis::RedisOp;
 
 /// The key space (after the prefix) of the fleet's own keys.
 pub const FLEET_SPACE: &str = "fleet:";
@@ -27,6 +28,7 @@ const LEASE_SPACE: &str = "fleet:lease:";
 /// `max(old + 1, server time in ms)` (so that a generation only grows, even
 /// across a Redis that lost its data), and with ARGV[1] == '1' raises their
 /// purge floor to it. Returns {generation, purge floor} per namespace.
+// Cluster: one key (KEYS[1]), so one slot.
 const BUMP_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -49,6 +51,7 @@ return out
 /// any invalidation it held) is given the server's time in ms, a
 /// generation no stored entry carries. Returns {generation, purge floor}
 /// per namespace.
+// Cluster: one key (KEYS[1]), so one slot.
 const SYNC_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -69,6 +72,7 @@ return out
 /// holder has it (0) or its holder stored the entry under generation
 /// ARGV[3] a moment ago (2: read the entry). A `done:` mark of another
 /// generation is taken over like a free lease.
+// Cluster: one key (KEYS[1]), so one slot.
 const ACQUIRE_LUA: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -80,6 +84,7 @@ return 1
 "#;
 
 /// Extends the lease KEYS[1] to ARGV[2] ms if token ARGV[1] still holds it.
+// Cluster: one key (KEYS[1]), so one slot.
 const RENEW_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -92,6 +97,7 @@ return 0
 /// sidecar that just missed it would take a free lease and call the
 /// upstream again), deleted otherwise; then wakes the waiters with the
 /// message ARGV[5] on channel ARGV[4].
+// Cluster: one key (KEYS[1]), so one slot.
 const RELEASE_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   if ARGV[2] ~= '' then
@@ -165,14 +171,6 @@ impl RedisStore {
         format!("{}stored", self.prefix)
     }
 
-    fn connected(&self) -> Result<(), RedisError> {
-        if self.is_connected() {
-            Ok(())
-        } else {
-            Err(RedisError::Disconnected)
-        }
-    }
-
     /// Bumps the namespaces' generations (and with `purge` their purge
     /// floors), atomically in one script on the one generations key.
     pub async fn bump_generations(
@@ -180,15 +178,18 @@ impl RedisStore {
         namespaces: &[String],
         purge: bool,
     ) -> Result<Vec<Generation>, RedisError> {
-        self.connected()?;
+        self.check(RedisOp::Generations)?;
         let mut args = vec![if purge { "1" } else { "0" }.to_string()];
         args.extend(namespaces.iter().cloned());
         let v: Vec<i64> = self
-            .bounded(self.fleet.bump.evalsha_with_reload(
-                &self.client,
-                self.full_key(GENERATIONS_KEY),
-                args,
-            ))
+            .bounded(
+                RedisOp::Generations,
+                self.fleet.bump.evalsha_with_reload(
+                    &self.client,
+                    self.full_key(GENERATIONS_KEY),
+                    args,
+                ),
+            )
             .await?;
         Ok(pairs(&v))
     }
@@ -199,13 +200,16 @@ impl RedisStore {
         &self,
         namespaces: &[String],
     ) -> Result<Vec<Generation>, RedisError> {
-        self.connected()?;
+        self.check(RedisOp::Generations)?;
         let v: Vec<i64> = self
-            .bounded(self.fleet.sync.evalsha_with_reload(
-                &self.client,
-                self.full_key(GENERATIONS_KEY),
-                namespaces.to_vec(),
-            ))
+            .bounded(
+                RedisOp::Generations,
+                self.fleet.sync.evalsha_with_reload(
+                    &self.client,
+                    self.full_key(GENERATIONS_KEY),
+                    namespaces.to_vec(),
+                ),
+            )
             .await?;
         Ok(pairs(&v))
     }
@@ -218,17 +222,20 @@ impl RedisStore {
         ttl: Duration,
         generation: u64,
     ) -> Result<Acquired, RedisError> {
-        self.connected()?;
+        self.check(RedisOp::Lease)?;
         let n: i64 = self
-            .bounded(self.fleet.acquire.evalsha_with_reload(
-                &self.client,
-                self.full_key(&format!("{LEASE_SPACE}{key}")),
-                vec![
-                    token.to_string(),
-                    ms(ttl).to_string(),
-                    generation.to_string(),
-                ],
-            ))
+            .bounded(
+                RedisOp::Lease,
+                self.fleet.acquire.evalsha_with_reload(
+                    &self.client,
+                    self.full_key(&format!("{LEASE_SPACE}{key}")),
+                    vec![
+                        token.to_string(),
+                        ms(ttl).to_string(),
+                        generation.to_string(),
+                    ],
+                ),
+            )
             .await?;
         Ok(match n {
             1 => Acquired::Taken,
@@ -244,13 +251,16 @@ impl RedisStore {
         token: &str,
         ttl: Duration,
     ) -> Result<bool, RedisError> {
-        self.connected()?;
+        self.check(RedisOp::Lease)?;
         let n: i64 = self
-            .bounded(self.fleet.renew.evalsha_with_reload(
-                &self.client,
-                self.full_key(&format!("{LEASE_SPACE}{key}")),
-                vec![token.to_string(), ms(ttl).to_string()],
-            ))
+            .bounded(
+                RedisOp::Lease,
+                self.fleet.renew.evalsha_with_reload(
+                    &self.client,
+                    self.full_key(&format!("{LEASE_SPACE}{key}")),
+                    vec![token.to_string(), ms(ttl).to_string()],
+                ),
+            )
             .await?;
         Ok(n == 1)
     }
@@ -263,20 +273,23 @@ impl RedisStore {
         token: &str,
         stored: Option<u64>,
     ) -> Result<(), RedisError> {
-        self.connected()?;
+        self.check(RedisOp::Lease)?;
         let mark = stored.map(|g| format!("done:{g}")).unwrap_or_default();
         let _: i64 = self
-            .bounded(self.fleet.release.evalsha_with_reload(
-                &self.client,
-                self.full_key(&format!("{LEASE_SPACE}{key}")),
-                vec![
-                    token.to_string(),
-                    mark,
-                    ms(DONE_MARK).to_string(),
-                    self.stored_channel(),
-                    key.to_string(),
-                ],
-            ))
+            .bounded(
+                RedisOp::Lease,
+                self.fleet.release.evalsha_with_reload(
+                    &self.client,
+                    self.full_key(&format!("{LEASE_SPACE}{key}")),
+                    vec![
+                        token.to_string(),
+                        mark,
+                        ms(DONE_MARK).to_string(),
+                        self.stored_channel(),
+                        key.to_string(),
+                    ],
+                ),
+            )
             .await?;
         Ok(())
     }

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::fleet::Generation;
 use super::{RedisError, RedisStore};
+use crate::metrics::redis::RedisOp;
 
 /// What the fleet's channels and connections tell a sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +51,14 @@ impl RedisStore {
             .collect();
         let msg =
             json!({"origin": self.origin, "patterns": patterns, "generations": gens}).to_string();
+        self.check(RedisOp::Publish)?;
         let c = self.client.with_options(&self.opts());
-        self.bounded(c.publish::<i64, _, _>(self.channel(), msg))
-            .await
-            .map(|_| ())
+        self.bounded(
+            RedisOp::Publish,
+            c.publish::<i64, _, _>(self.channel(), msg),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Calls `on_event` for every message of the fleet's channels from

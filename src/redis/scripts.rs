@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use super::{RedisError, RedisStore};
+use crate::metrics::redis::RedisOp;
 
 /// GCRA on the Redis server, atomically (one script run per check), with the
-/// server's clock so replicas agree. KEYS[1] holds the theoretical arrival
+/// server's clock so replicas agree. It touches one key, so on a Redis
+/// Cluster it runs on that key's slot (no hash tag needed). KEYS[1] holds the theoretical arrival
 /// time (ms) and expires when the client's allowance is whole again.
 /// ARGV: emission interval (ms), burst. Returns {allowed, remaining, wait_ms,
 /// reset_ms}.
@@ -45,15 +47,14 @@ impl RedisStore {
         interval: Duration,
         burst: u64,
     ) -> Result<GcraOutcome, RedisError> {
-        if !self.is_connected() {
-            return Err(RedisError::Disconnected);
-        }
+        self.check(RedisOp::RateLimit)?;
         let interval_ms = u64::try_from(interval.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         let key = self.full_key(key);
         let v: Vec<i64> = self
             .bounded(
+                RedisOp::RateLimit,
                 self.gcra
                     .evalsha_with_reload(&self.client, key, vec![interval_ms, burst]),
             )

@@ -296,8 +296,13 @@ impl Sidecar {
 
     /// GET a sidecar path and return its status.
     pub async fn get_status(&self, path: &str) -> u16 {
+        self.status_of(http::Method::GET, path).await
+    }
+
+    /// The status of a body-less request.
+    pub async fn status_of(&self, method: http::Method, path: &str) -> u16 {
         client()
-            .get(self.url(path))
+            .request(method, self.url(path))
             .send()
             .await
             .unwrap()
@@ -595,6 +600,168 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A real Redis Cluster of `n` primaries (redis-server in cluster mode on
+/// free 127.0.0.1 ports, formed with `redis-cli --cluster create`, no
+/// replicas), killed on drop. A node can be killed and started again: it
+/// keeps its identity and slots (its `nodes.conf`), not its data.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    bus: Vec<u16>,
+    nodes: Vec<Option<Child>>,
+    dirs: Vec<tempfile::TempDir>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> Self {
+        let mut ports = Vec::new();
+        let mut bus = Vec::new();
+        // Held until every port is chosen, so no two are the same.
+        let mut held = Vec::new();
+        for _ in 0..2 * n {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            held.push(l);
+        }
+        for (i, l) in held.iter().enumerate() {
+            let port = l.local_addr().unwrap().port();
+            if i % 2 == 0 {
+                ports.push(port);
+            } else {
+                bus.push(port);
+            }
+        }
+        drop(held);
+        let mut c = Self {
+            nodes: (0..n).map(|_| None).collect(),
+            dirs: (0..n).map(|_| tempfile::tempdir().unwrap()).collect(),
+            ports,
+            bus,
+        };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        let addrs: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli (Debian: redis-tools, with redis-server)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_ok();
+        c
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.ports[i].to_string()])
+            .args(["--cluster-port", &self.bus[i].to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", "2000"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dirs[i].path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (CI installs it: apt-get install redis-server)");
+        self.nodes[i] = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.cli(i, &["PING"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster node {i} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every node says `cluster_state:ok`.
+    pub fn wait_ok(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for i in 0..self.ports.len() {
+            while !self
+                .cli(i, &["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster is not ok: {}",
+                    self.cli(i, &["CLUSTER", "INFO"])
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The URL fred takes: every node named.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.ports[0]);
+        for (i, p) in self.ports.iter().enumerate().skip(1) {
+            url.push(if i == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{p}"));
+        }
+        url
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again and waits until the cluster is ok.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.start_node(i);
+        self.wait_ok();
+    }
+
+    /// redis-cli against node `i`.
+    pub fn cli(&self, i: usize, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.ports[i].to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The keys matching `pattern` on each node.
+    pub fn keys_by_node(&self, pattern: &str) -> Vec<Vec<String>> {
+        (0..self.ports.len())
+            .map(|i| {
+                self.cli(i, &["--scan", "--pattern", pattern])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.keys_by_node(pattern).concat()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
     }
 }
 

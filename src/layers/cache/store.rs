@@ -298,6 +298,21 @@ impl Namespace {
     }
 }
 
+/// What a clear or an invalidation did, and what it could not do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClearReport {
+    /// Entries deleted from this sidecar's memory.
+    pub memory: usize,
+    /// Keys deleted from Redis.
+    pub redis: usize,
+    /// Keys found in Redis but not deleted.
+    pub redis_failed: usize,
+    /// Redis commands that failed on the way.
+    pub redis_errors: usize,
+    /// Redis did not take the invalidation: kept until it does.
+    pub queued: bool,
+}
+
 /// The hybrid store.
 #[derive(Debug)]
 pub struct CacheStore {
@@ -513,8 +528,8 @@ impl CacheStore {
     }
 
     /// Clears a pattern (or everything) in memory and Redis, and in every
-    /// other sidecar's memory: a purge. Returns `(memory, redis)` counts.
-    pub async fn clear(&self, pattern: Option<&str>) -> (usize, usize) {
+    /// other sidecar's memory: a purge.
+    pub async fn clear(&self, pattern: Option<&str>) -> ClearReport {
         let patterns = [pattern.unwrap_or("*").to_string()];
         self.invalidate(&patterns, InvalidateMode::Purge).await
     }
@@ -548,9 +563,8 @@ impl CacheStore {
     /// After a corpus change (or a clear): here at once, then in Redis and
     /// every other sidecar (see [`super::fleet`]). Whole namespaces get a
     /// new generation (`purge`: and their entries deleted); narrower
-    /// patterns delete what they match. Returns `(memory, redis)` counts of
-    /// deleted entries.
-    pub async fn invalidate(&self, patterns: &[String], mode: InvalidateMode) -> (usize, usize) {
+    /// patterns delete what they match. Returns what it did and what failed.
+    pub async fn invalidate(&self, patterns: &[String], mode: InvalidateMode) -> ClearReport {
         let purge = mode == InvalidateMode::Purge;
         let mut whole: Vec<Arc<Namespace>> = Vec::new();
         let mut narrow: Vec<String> = Vec::new();
@@ -570,10 +584,15 @@ impl CacheStore {
         for p in &narrow {
             memory += self.clear_memory(Some(p));
         }
-        let mut redis_removed = 0;
+        let mut report = ClearReport {
+            memory,
+            queued: false,
+            ..ClearReport::default()
+        };
         if let Some(fleet) = &self.fleet {
             let delivered = fleet.invalidate(self, &whole, purge, &narrow).await;
             if !delivered {
+                report.queued = true;
                 // Redis did not take it: kept per namespace until it does. A
                 // narrow pattern is kept as its namespaces' invalidation.
                 for ns in &whole {
@@ -590,16 +609,19 @@ impl CacheStore {
             let deleted: Vec<String> = if purge { patterns.to_vec() } else { narrow };
             if let Some(redis) = &self.redis {
                 for p in &deleted {
-                    match redis.clear(p).await {
-                        Ok(n) => redis_removed += n,
-                        Err(err) => self.error("clear", &err),
+                    let c = redis.clear(p).await;
+                    report.redis += c.removed;
+                    report.redis_failed += c.failed;
+                    report.redis_errors += c.errors;
+                    for _ in 0..c.errors {
+                        Counters::add(&self.counters.errors);
                     }
                 }
             }
         }
-        let n = memory.max(redis_removed) as u64;
+        let n = report.memory.max(report.redis) as u64;
         self.counters.deletes.fetch_add(n, Ordering::Relaxed);
-        (memory, redis_removed)
+        report
     }
 
     pub fn redis_connected(&self) -> bool {
