@@ -371,3 +371,43 @@ async fn an_upload_leaves_stale_answers_and_a_deletion_purges_them() {
     }
     assert!(redis.keys("rag-sidecar:search:*").is_empty());
 }
+
+#[tokio::test]
+async fn a_generation_redis_lost_is_made_again() {
+    let mock = Mock::start();
+    let redis = Redis::start();
+    let (a, b) = (
+        Member::start(&mock, &redis, ""),
+        Member::start(&mock, &redis, ""),
+    );
+    a.ready().await;
+    b.ready().await;
+    let q = "lost and found";
+    b.search(q, &[]).await;
+    // An upload through A, whose bump Redis then loses (as a failover to a
+    // replica that had not received it would), with B not told: B's own
+    // pub/sub connection is closed just before.
+    let before = redis.cli(&["HGET", "rag-sidecar:fleet:gen", "search"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_eq!(a.post("/api/upload").await, 200);
+    redis.cli(&["HSET", "rag-sidecar:fleet:gen", "search", before.trim()]);
+    // A notices on its next poll and invalidates again: B learns it.
+    let lost = Instant::now();
+    loop {
+        let answer = b.search(q, &[]).await;
+        if answer.corpus() == 1 {
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(3),
+            "B still answers from before the upload: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now: u64 = redis
+        .cli(&["HGET", "rag-sidecar:fleet:gen", "search"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(now > before.trim().parse::<u64>().unwrap());
+}

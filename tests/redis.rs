@@ -1,7 +1,7 @@
 //! The cache's Redis layer against a real redis-server the test starts on a
 //! free port: shared entries between sidecars, TTLs in Redis, fallback to
 //! memory while Redis is down or slow, reconnection by itself, clearing with
-//! SCAN, and invalidation through pub/sub.
+//! SCAN, invalidation through pub/sub, and a Sentinel-managed server.
 
 #![allow(
     clippy::disallowed_types,
@@ -223,4 +223,46 @@ async fn invalidation_reaches_every_sidecar() {
         stats(&b).await["namespaces"]["search"]["items"] == 0
     })
     .await;
+}
+
+/// A Sentinel-managed Redis: the sidecars ask the Sentinel for the primary.
+#[tokio::test]
+async fn a_sentinel_managed_redis_is_followed() {
+    let (mock, redis) = (Mock::start(), Redis::start());
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_addr().port();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+            redis.port
+        ),
+    )
+    .unwrap();
+    /// Killed on drop, also when an assertion fails.
+    struct Sentinel(std::process::Child);
+    impl Drop for Sentinel {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sentinel = Sentinel(
+        std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel"),
+    );
+    let url = format!("redis-sentinel://127.0.0.1:{port}/0?sentinelServiceName=mymaster");
+    let toml = format!("[redis]\nurl = \"{url}\"\n");
+    let a = Sidecar::start(&mock.url(), &toml).await;
+    let b = Sidecar::start(&mock.url(), &toml).await;
+    connected(&a).await;
+    connected(&b).await;
+    assert_eq!(x_cache(&search(&a, "through the sentinel").await), "MISS");
+    assert_eq!(x_cache(&search(&b, "through the sentinel").await), "HIT");
+    assert_eq!(redis.keys("rag-sidecar:search:*").len(), 1);
 }

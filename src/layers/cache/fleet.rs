@@ -424,10 +424,18 @@ pub(super) async fn sync_once(store: &CacheStore, redis: &RedisStore) {
     match redis.sync_generations(&names).await {
         Ok(gens) => {
             for (name, g) in names.iter().zip(gens) {
-                if let Some(ns) = store.namespace(name) {
-                    if ns.adopt(g, false) {
-                        tracing::debug!(namespace = %name, generation = g.current, "took the fleet's generation");
-                    }
+                let Some(ns) = store.namespace(name) else {
+                    continue;
+                };
+                let known = ns.generations();
+                if g.current < known.current || g.purged < known.purged {
+                    // Redis lost a bump this sidecar had taken (a failover
+                    // to a replica that had not received it): made again,
+                    // so that a sidecar that missed its message learns it.
+                    tracing::warn!(namespace = %name, redis = g.current, known = known.current, "Redis holds an older generation than this sidecar knows: invalidating again");
+                    ns.restore_owed(g.purged < known.purged);
+                } else if ns.adopt(g, false) {
+                    tracing::debug!(namespace = %name, generation = g.current, "took the fleet's generation");
                 }
             }
         }
