@@ -74,7 +74,7 @@ soak: release
 ## A crash is saved in fuzz/artifacts/<target>/ and fails the run; it then
 ## becomes a regression test.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = dotenv config_toml rate_limit_string cache_key retry_after quota_match
+FUZZ_TARGETS = dotenv config_toml rate_limit_string cache_key retry_after quota_match cache_directives
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	set -e; for t in $(FUZZ_TARGETS); do \

@@ -2,7 +2,6 @@
 //! a channel fed by a task for SSE), and the constructors of the plain and
 //! JSON answers and of the 400 / 404 errors.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,26 +14,28 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 /// Response body: either a complete buffer or a channel fed by a task (SSE).
+/// An `Err` on the channel breaks the stream: the server drops the
+/// connection without ending the body, as a crashing app would.
 pub(crate) enum MockBody {
     Full(Option<Bytes>),
-    Channel(mpsc::Receiver<Bytes>),
+    Channel(mpsc::Receiver<Result<Bytes, std::io::Error>>),
 }
 
 impl Body for MockBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             MockBody::Full(data) => Poll::Ready(
                 data.take()
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            MockBody::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+            MockBody::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
         }
     }
 

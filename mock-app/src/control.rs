@@ -166,10 +166,10 @@ fn sse(req: &Request<Incoming>, state: &Arc<State>) -> Resp {
         },
     };
     let gate = query_param(req, "gate").filter(|g| !g.is_empty());
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let state = Arc::clone(state);
     tokio::spawn(async move {
-        let event = |i: u64| Bytes::from(format!("data: event {i}\n\n"));
+        let event = |i: u64| Ok(Bytes::from(format!("data: event {i}\n\n")));
         if events == 0 || tx.send(event(1)).await.is_err() {
             return;
         }

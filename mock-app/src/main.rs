@@ -13,7 +13,15 @@
 //!   injected answer's message) or globally through `POST /__mock/faults`
 //!   (`DELETE /__mock/faults` clears);
 //! * control and inspection endpoints under `/__mock/` (never faulted, never
-//!   counted): `stats`, `stats/reset`, `echo`, `sse`, `gate/{name}`, `fast`.
+//!   counted): `stats`, `stats/reset`, `echo`, `sse`, `gate/{name}`, `fast`;
+//! * a streamed RAG answer: `POST /api/rag/query` with
+//!   `Accept: text/event-stream` answers in server-sent events
+//!   (`X-Mock-Stream-Events`, default 5, one every
+//!   `X-Mock-Stream-Interval-Ms`, default 20, each padded by
+//!   `X-Mock-Stream-Pad` bytes), and `X-Mock-Stream-Break-After: k` breaks
+//!   the connection after k events;
+//! * a `corpus_version` in every search and RAG answer, bumped by every
+//!   upload and deletion.
 //!
 //! After binding, it prints exactly one line,
 //! `mock-legacy-app listening on <addr>`, to stdout and exits with status 0 on

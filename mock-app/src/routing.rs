@@ -159,6 +159,7 @@ async fn search(req: Request<Incoming>, state: &State) -> Resp {
 }
 
 async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
+    let stream = stream_options(req.headers());
     let (body, query, top_k) = match query_body(req).await {
         Ok(parsed) => parsed,
         Err(resp) => return resp,
@@ -181,6 +182,10 @@ async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
         "Mock answer to \"{query}\" based on {top_k} source(s) [ref {:016x}].",
         fnv1a(query.as_bytes())
     );
+    if let Some(opts) = stream {
+        let version = state.corpus_version.load(Ordering::Relaxed);
+        return streamed_answer(&answer, version, opts);
+    }
     json_response(
         StatusCode::OK,
         &json!({
@@ -254,4 +259,84 @@ async fn upload(req: Request<Incoming>, state: &State) -> Resp {
         StatusCode::OK,
         &json!({"success": true, "filename": filename, "bytes": bytes}),
     )
+}
+
+/// How a RAG answer is streamed (`Accept: text/event-stream`), from the
+/// request's `X-Mock-Stream-*` headers (not in the sidecar's cache key).
+#[derive(Debug, Clone, Copy)]
+struct StreamOptions {
+    /// Events carrying the answer's words (default 5), then `[DONE]`.
+    events: u64,
+    /// Pause before each event (default 20 ms).
+    interval: std::time::Duration,
+    /// Break the connection after this many events, without ending the
+    /// stream.
+    break_after: Option<u64>,
+    /// Bytes of padding added to each event (a comment line), to make
+    /// large streams.
+    pad: usize,
+}
+
+fn stream_options(headers: &HeaderMap) -> Option<StreamOptions> {
+    let wants = headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
+    if !wants {
+        return None;
+    }
+    let num = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(StreamOptions {
+        events: num("x-mock-stream-events").unwrap_or(5).clamp(1, 100_000),
+        interval: std::time::Duration::from_millis(num("x-mock-stream-interval-ms").unwrap_or(20)),
+        break_after: num("x-mock-stream-break-after"),
+        pad: num("x-mock-stream-pad").unwrap_or(0).min(1 << 20) as usize,
+    })
+}
+
+/// The answer as server-sent events: its words spread over `events`
+/// events, one every `interval`, then `data: [DONE]`.
+fn streamed_answer(answer: &str, version: u64, opts: StreamOptions) -> Resp {
+    let words: Vec<String> = answer.split(' ').map(str::to_owned).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let per = words.len().div_ceil(opts.events as usize).max(1);
+        for i in 0..opts.events {
+            if opts.break_after == Some(i) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("mock: stream broken")))
+                    .await;
+                return;
+            }
+            tokio::time::sleep(opts.interval).await;
+            let start = (i as usize * per).min(words.len());
+            let end = ((i as usize + 1) * per).min(words.len());
+            let text = words[start..end].join(" ");
+            let event = json!({"index": i, "text": text, "corpus_version": version});
+            let pad = if opts.pad > 0 {
+                format!(": {}\n", "p".repeat(opts.pad))
+            } else {
+                String::new()
+            };
+            let frame = bytes::Bytes::from(format!("{pad}data: {event}\n\n"));
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n")))
+            .await;
+    });
+    let mut resp = hyper::Response::new(crate::body::MockBody::Channel(rx));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    resp
 }

@@ -25,25 +25,28 @@
 //! them here, in Redis and in every other sidecar, as its `invalidate_mode`
 //! says ([`store::CacheStore::invalidate`]).
 
+pub mod directives;
 pub mod entry;
 pub mod fleet;
+mod inflight;
 pub mod key;
 pub mod policy;
 pub mod store;
+pub mod stream;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, header};
 
-use tokio::sync::watch;
-
+use self::directives::Use;
 use self::entry::Entry;
-use self::fleet::Remote;
+use self::fleet::{LeaseGuard, Remote};
+use self::inflight::{Inflight, Join, LeaderGuard, Outcome, StreamHead};
 use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace, Standing};
+use self::stream::{End, Tee};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
@@ -173,7 +176,8 @@ where
         return call_boxed(&mut inner, req).await;
     };
     let counters = (&sh.store.counters, &ns.counters);
-    let mode = policy::request_mode(req.headers());
+    let d = directives::directives(req.headers());
+    let mode = policy::request_mode(&d);
     if mode == RequestMode::Bypass {
         count(counters, |c| &c.bypass);
         return marked(
@@ -208,34 +212,55 @@ where
     );
 
     let mut stale = None;
+    // Which request directive turned a stored answer away, if one did.
+    let mut refused = None;
     if mode == RequestMode::Normal {
         if let Some(e) = sh.store.get(&ns, &key).await {
             let now = sh.store.clock.now_ms();
-            match (
-                ns.standing(&e),
-                policy::freshness(e.stored_at_ms, e.ttl_ms, sh.store.stale_ms, now),
-            ) {
-                (Standing::Current, Freshness::Fresh { age_secs, ttl_left }) => {
-                    count(counters, |c| &c.hits);
-                    return Ok(replay(
-                        &e,
-                        CacheOutcome::Hit,
-                        {
-                            let mut digits = itoa::Buffer::new();
-                            ["rag-sidecar; hit; ttl=", digits.format(ttl_left)].concat()
-                        },
-                        age_secs,
-                    ));
+            let f = policy::freshness(e.stored_at_ms, e.ttl_ms, sh.store.stale_ms, now);
+            match (ns.standing(&e), directives::decide(&d, f)) {
+                (Standing::Current, Use::Hit) => {
+                    if let Freshness::Fresh { age_secs, ttl_left } = f {
+                        count(counters, |c| &c.hits);
+                        return Ok(replay(
+                            &e,
+                            CacheOutcome::Hit,
+                            {
+                                let mut digits = itoa::Buffer::new();
+                                ["rag-sidecar; hit; ttl=", digits.format(ttl_left)].concat()
+                            },
+                            age_secs,
+                        ));
+                    }
                 }
-                (Standing::Current, Freshness::Stale { .. }) => {
-                    stale = Some(Stale {
-                        entry: e,
-                        invalidated: false,
-                    });
+                // `max-stale`: the client takes it as it is, at once.
+                (Standing::Current, Use::Stale) => {
+                    if let Freshness::Stale { age_secs, over } = f {
+                        count(counters, |c| &c.stale);
+                        return Ok(replay(
+                            &e,
+                            CacheOutcome::Stale,
+                            format!("rag-sidecar; hit; ttl=-{over}; detail=max-stale"),
+                            age_secs,
+                        ));
+                    }
+                }
+                (Standing::Current, Use::Forward { detail }) => {
+                    refused = detail;
+                    // Expired: kept for stale-if-error, unless the client
+                    // bounded the age it accepts.
+                    if matches!(f, Freshness::Stale { .. }) && detail.is_none() {
+                        stale = Some(Stale {
+                            entry: e,
+                            invalidated: false,
+                        });
+                    }
                 }
                 // Left by an invalidation in `stale` mode: never a hit, but
                 // an answer while the upstream fails.
-                (Standing::Invalidated, Freshness::Fresh { .. } | Freshness::Stale { .. }) => {
+                (Standing::Invalidated, _)
+                    if matches!(f, Freshness::Fresh { .. } | Freshness::Stale { .. }) =>
+                {
                     stale = Some(Stale {
                         entry: e,
                         invalidated: true,
@@ -244,6 +269,21 @@ where
                 _ => {}
             }
         }
+    }
+    if d.only_if_cached {
+        // Nothing usable stored, and the client forbids going further.
+        count(counters, |c| &c.misses);
+        let mut resp = body::json(
+            http::StatusCode::GATEWAY_TIMEOUT,
+            &serde_json::json!({"error": "Gateway timeout", "message": "Not in cache (only-if-cached)"}),
+        );
+        mark(
+            &mut resp,
+            CacheOutcome::Miss,
+            "rag-sidecar; detail=only-if-cached".into(),
+            None,
+        );
+        return Ok(resp);
     }
     count(counters, |c| &c.misses);
 
@@ -298,6 +338,24 @@ where
                             0,
                         ));
                     }
+                    // A stream under way: followed from its first event.
+                    (Some(Outcome::Streaming(head)), _) => {
+                        if let Some(body) = head.tee.reader() {
+                            count(counters, |c| &c.coalesced);
+                            let mut resp = Response::new(body);
+                            *resp.status_mut() = head.status;
+                            *resp.headers_mut() = head.headers.clone();
+                            mark(
+                                &mut resp,
+                                CacheOutcome::Miss,
+                                "rag-sidecar; fwd=miss; collapsed".into(),
+                                None,
+                            );
+                            return Ok(resp);
+                        }
+                        // Its first events are gone (too large to keep):
+                        // go upstream alone.
+                    }
                     // The shared call failed (or never answered) and an old
                     // answer is at hand: serve it now rather than try again.
                     (Some(Outcome::Failed) | None, Some(s)) => {
@@ -317,6 +375,7 @@ where
     } else {
         "miss"
     };
+    let fwd_why = refused.map_or(String::new(), |d| format!("; detail={d}"));
     let mut parts = parts;
     if stale.is_some() {
         // A stale answer is at hand: one try upstream, then serve it, rather
@@ -361,6 +420,26 @@ where
             &mut resp,
             CacheOutcome::Miss,
             format!("rag-sidecar; fwd={fwd}; detail={}", why.as_str()),
+            None,
+        );
+        return Ok(resp);
+    }
+    if policy::is_event_stream(resp.headers()) {
+        let tee = Tee::new(ns.max_body);
+        let to_store = Stream {
+            store: Arc::clone(&sh.store),
+            ns: Arc::clone(&ns),
+            key,
+            generation,
+            epoch,
+            leader,
+            lease,
+        };
+        let mut resp = to_store.start(resp, tee, limit);
+        mark(
+            &mut resp,
+            CacheOutcome::Miss,
+            format!("rag-sidecar; fwd={fwd}{fwd_why}; detail=stream"),
             None,
         );
         return Ok(resp);
@@ -421,7 +500,10 @@ where
     mark(
         &mut resp,
         CacheOutcome::Miss,
-        format!("rag-sidecar; fwd={fwd}; stored; ttl={}", ns.ttl.as_secs()),
+        format!(
+            "rag-sidecar; fwd={fwd}{fwd_why}; stored; ttl={}",
+            ns.ttl.as_secs()
+        ),
         None,
     );
     Ok(resp)
@@ -529,72 +611,78 @@ fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: O
     }
 }
 
-/// What the leader of a coalesced miss tells its waiters.
-#[derive(Debug, Clone)]
-enum Outcome {
-    Pending,
-    Stored(Arc<Entry>),
-    /// The upstream failed: waiters holding a stale entry serve it.
-    Failed,
-    NotShared,
-}
-
-/// Misses under way, by key.
-#[derive(Debug, Default)]
-#[allow(
-    clippy::disallowed_types,
-    clippy::disallowed_methods,
-    reason = "held for one lookup, insert or remove per miss, never across an await"
-)]
-struct Inflight {
-    map: std::sync::Mutex<HashMap<String, watch::Receiver<Outcome>>>,
-}
-
-enum Join {
-    Leader(LeaderGuard),
-    Waiter(watch::Receiver<Outcome>),
-}
-
-impl Inflight {
-    fn join(self: &Arc<Self>, key: &str) -> Join {
-        // Held only for one map operation, never across an await.
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = map.get(key) {
-            return Join::Waiter(rx.clone());
-        }
-        let (tx, rx) = watch::channel(Outcome::Pending);
-        map.insert(key.to_string(), rx);
-        Join::Leader(LeaderGuard {
-            inflight: Arc::clone(self),
-            key: key.to_string(),
-            tx,
-        })
-    }
-}
-
-/// Held by the request that went upstream; dropping it without an answer
-/// (error, uncacheable, client gone) releases the waiters to go alone.
-struct LeaderGuard {
-    inflight: Arc<Inflight>,
+/// A streamed answer on its way to its clients and, if it ends cleanly
+/// within the limit, to the cache.
+struct Stream {
+    store: Arc<CacheStore>,
+    ns: Arc<Namespace>,
     key: String,
-    tx: watch::Sender<Outcome>,
+    generation: u64,
+    epoch: u64,
+    leader: Option<LeaderGuard>,
+    lease: Option<LeaseGuard>,
 }
 
-impl LeaderGuard {
-    fn finish(self, outcome: Outcome) {
-        self.tx.send_replace(outcome);
+impl Stream {
+    /// The leader's answer, reading the stream from the tee; the upstream
+    /// body is read by a task of its own (bounded by `idle` between
+    /// events), which stores the copy when the stream ends cleanly. The
+    /// identical requests waiting here join at once; the lead (and a lease)
+    /// is held until the stream ends.
+    fn start(
+        self,
+        resp: Response<Body>,
+        tee: Arc<Tee>,
+        idle: std::time::Duration,
+    ) -> Response<Body> {
+        let (parts, upstream) = resp.into_parts();
+        let head = Arc::new(StreamHead {
+            status: parts.status,
+            headers: policy::stored_headers(&parts.headers),
+            tee: Arc::clone(&tee),
+        });
+        let body = tee.reader().unwrap_or_else(body::empty);
+        if let Some(l) = &self.leader {
+            l.publish(Outcome::Streaming(Arc::clone(&head)));
+        }
+        tokio::spawn(async move {
+            let end = stream::pump(Arc::clone(&tee), upstream, idle).await;
+            self.finish(end, &head).await;
+        });
+        Response::from_parts(parts, body)
     }
-}
 
-impl Drop for LeaderGuard {
-    fn drop(&mut self) {
-        self.inflight
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-        if matches!(*self.tx.borrow(), Outcome::Pending) {
-            self.tx.send_replace(Outcome::NotShared);
+    async fn finish(self, end: End, head: &StreamHead) {
+        let copy = if end == End::Clean && self.ns.epoch() == self.epoch {
+            head.tee.copy()
+        } else {
+            None
+        };
+        let Some(bytes) = copy else {
+            // Broken, silent, oversized or overtaken by an invalidation:
+            // nothing stored; dropping the lead and the lease lets the
+            // others go upstream.
+            return;
+        };
+        let ttl_ms = u64::try_from(self.ns.ttl.as_millis()).unwrap_or(u64::MAX);
+        let entry = Arc::new(
+            Entry::new(
+                head.status,
+                head.headers.clone(),
+                bytes,
+                self.store.clock.now_ms(),
+                ttl_ms,
+            )
+            .with_generation(self.generation),
+        );
+        self.store
+            .put_memory(&self.ns, self.key.clone(), Arc::clone(&entry));
+        if let Some(l) = self.leader {
+            l.finish(Outcome::Stored(Arc::clone(&entry)));
+        }
+        let in_redis = self.store.put_redis(&self.key, &entry).await;
+        if let Some(l) = self.lease {
+            l.release(in_redis.then_some(self.generation)).await;
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use http::{HeaderMap, HeaderName, StatusCode, header};
 
+use super::directives::Directives;
+
 /// What the request asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestMode {
@@ -24,14 +26,10 @@ fn cache_control_has(headers: &HeaderMap, directives: &[&str]) -> bool {
         .any(|d| directives.iter().any(|x| d.eq_ignore_ascii_case(x)))
 }
 
-pub fn request_mode(headers: &HeaderMap) -> RequestMode {
-    if cache_control_has(headers, &["no-store"]) {
+pub fn request_mode(d: &Directives) -> RequestMode {
+    if d.no_store {
         RequestMode::Bypass
-    } else if cache_control_has(headers, &["no-cache"])
-        || headers
-            .get(header::PRAGMA)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
-    {
+    } else if d.no_cache {
         RequestMode::Refresh
     } else {
         RequestMode::Normal
@@ -44,7 +42,6 @@ pub enum NotCacheable {
     Status,
     SetCookie,
     Private,
-    EventStream,
     TooLarge,
     /// `Vary` names a header outside the key: the answer could be another
     /// caller's (a session cookie, an origin, an encoding).
@@ -57,7 +54,6 @@ impl NotCacheable {
             Self::Status => "status",
             Self::SetCookie => "set-cookie",
             Self::Private => "private",
-            Self::EventStream => "event-stream",
             Self::TooLarge => "too-large",
             Self::Vary => "vary",
         }
@@ -81,13 +77,6 @@ pub fn response_cacheable(
     }
     if cache_control_has(headers, &["private", "no-store"]) {
         return Err(NotCacheable::Private);
-    }
-    let streaming = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    if streaming {
-        return Err(NotCacheable::EventStream);
     }
     if declared.is_some_and(|n| n > max_body) {
         return Err(NotCacheable::TooLarge);
@@ -171,6 +160,14 @@ pub fn freshness(stored_at_ms: u64, ttl_ms: u64, stale_ms: u64, now_ms: u64) -> 
     }
 }
 
+/// Whether an answer is a stream of server-sent events.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +179,10 @@ mod tests {
             m.append(*k, HeaderValue::from_static(v));
         }
         m
+    }
+
+    fn request_mode(h: &HeaderMap) -> RequestMode {
+        super::request_mode(&crate::layers::cache::directives::directives(h))
     }
 
     #[test]
@@ -251,6 +252,7 @@ mod tests {
             response_cacheable(ok, &h(&[("cache-control", "max-age=60")]), None, max, &ids),
             Ok(())
         );
+        // A stream is stored once it ends cleanly (the layer's tee).
         assert_eq!(
             response_cacheable(
                 ok,
@@ -259,7 +261,7 @@ mod tests {
                 max,
                 &ids
             ),
-            Err(NotCacheable::EventStream)
+            Ok(())
         );
         assert_eq!(
             response_cacheable(ok, &h(&[]), Some(1025), max, &ids),
