@@ -45,6 +45,7 @@ bench: release
 	bench/hit_scale.sh
 	bench/idle_conns.sh
 	bench/instructions.sh
+	bench/stream.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
 
 ## Where the sidecar's CPU time per request goes, by crate (perf samples
