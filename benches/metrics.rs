@@ -47,6 +47,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         probe: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
         spool: SpoolBudget::new(cfg.spool_max_bytes),
         redis_errors: Default::default(),
+        quota: rag_sidecar::metrics::quota::QuotaStats::new([]),
         redis_configured: false,
     };
     let metrics = Metrics::new(&cfg, sources);

@@ -17,8 +17,10 @@ use crate::config::Config;
 use crate::layers::buffer::spool::SpoolBudget;
 use crate::layers::cache::CacheLayer;
 use crate::layers::cache::store::CacheStore;
+use crate::layers::quota::QuotaLayer;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::{Resilience, Shared, build_stack};
+use crate::metrics::quota::QuotaStats;
 use crate::metrics::redis::RedisErrors;
 use crate::metrics::{Metrics, Sources};
 use crate::proxy::ready::Readiness;
@@ -78,6 +80,8 @@ impl App {
             .cloned()
             .collect();
         let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed);
+        let quota_stats = QuotaStats::new(QuotaLayer::routes(&cfg));
+        let quota = QuotaLayer::new(&cfg, redis.clone(), Arc::clone(&quota_stats));
         let rate_limit = RateLimitLayer::new(&cfg, redis);
         let sweeper = rate_limit.clone();
         tokio::spawn(async move {
@@ -110,6 +114,7 @@ impl App {
                 probe: Arc::clone(&readiness) as _,
                 spool: Arc::clone(&spool) as _,
                 redis_errors,
+                quota: quota_stats,
                 redis_configured: cfg.redis.url.is_some(),
             },
         );
@@ -117,6 +122,7 @@ impl App {
             inflight,
             cache: cache_layer,
             rate_limit,
+            quota,
             resilience,
             metrics: Arc::clone(&metrics),
             spool,

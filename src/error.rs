@@ -100,6 +100,17 @@ pub struct CircuitOpen {
     pub retry_after: u64,
 }
 
+/// The route's upstream quota (`upstream_limit`) leaves no room within the
+/// request's wait: the upstream was not called.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct UpstreamQuota {
+    /// `Upstream quota of 15 per minute reached`
+    pub message: String,
+    /// Whole seconds until there is room (at least 1).
+    pub retry_after: u64,
+}
+
 /// On a response the rescue made: what went wrong, for the metrics.
 #[derive(Debug, Clone)]
 pub struct Rescued {
@@ -117,6 +128,7 @@ pub enum ErrorKind {
     Overloaded,
     SpoolFull,
     CircuitOpen,
+    UpstreamQuota,
     UpstreamTimeout,
     UpstreamUnavailable,
     UpstreamBadResponse,
@@ -133,6 +145,7 @@ impl ErrorKind {
             Self::Overloaded => "overloaded",
             Self::SpoolFull => "spool_full",
             Self::CircuitOpen => "circuit_open",
+            Self::UpstreamQuota => "upstream_quota",
             Self::UpstreamTimeout => "timeout",
             Self::UpstreamUnavailable => "connect_error",
             Self::UpstreamBadResponse => "bad_response",
@@ -146,7 +159,7 @@ impl ErrorKind {
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen => {
+            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen | Self::UpstreamQuota => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -162,7 +175,9 @@ impl ErrorKind {
             Self::ClientTimeout => "Request timeout",
             Self::ClientBody => "Bad request",
             Self::BodyTooLarge => "Payload too large",
-            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen => "Service unavailable",
+            Self::Overloaded | Self::SpoolFull | Self::CircuitOpen | Self::UpstreamQuota => {
+                "Service unavailable"
+            }
             Self::UpstreamTimeout => "Gateway timeout",
             Self::UpstreamUnavailable | Self::UpstreamBadResponse => "Bad gateway",
             Self::Internal => "Internal server error",
@@ -207,6 +222,8 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         ErrorKind::Overloaded
     } else if find_cause::<CircuitOpen>(err).is_some() {
         ErrorKind::CircuitOpen
+    } else if find_cause::<UpstreamQuota>(err).is_some() {
+        ErrorKind::UpstreamQuota
     } else if find_cause::<UpstreamTimeout>(err).is_some() {
         ErrorKind::UpstreamTimeout
     } else if find_cause::<UpstreamBadResponse>(err).is_some() {

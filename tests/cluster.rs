@@ -3,7 +3,8 @@
 //! three sidecars. Shared entries and limits, invalidation and
 //! `/api/cache/clear` over keys of many slots on every node (one `UNLINK`
 //! of a page of such keys failed with `CROSSSLOT` before), the fleet's
-//! generations and leases, and Redis failures visible in `/metrics`.
+//! generations and leases, the upstream quota's shared budget, and Redis
+//! failures visible in `/metrics`.
 
 #![allow(
     clippy::disallowed_types,
@@ -184,4 +185,26 @@ async fn redis_failures_are_counted_by_operation() {
     };
     assert!(count("op=\"get\"") >= 1, "{metrics}");
     assert!(count("op=\"clear\"") >= 1, "{metrics}");
+}
+
+#[tokio::test]
+async fn the_upstream_quota_is_one_for_the_fleet_on_a_cluster() {
+    let mock = Mock::start();
+    let cluster = RedisCluster::start(3);
+    let quota = "[rate_limit]\nenabled = false\n[[routes]]\nname = \"rag\"\nupstream_limit = \"1 per 10 seconds\"\nupstream_queue = \"1s\"\n";
+    let a = sidecar(&mock, &cluster, quota).await;
+    let b = sidecar(&mock, &cluster, quota).await;
+    let ask = |sc: &Sidecar, q: &str| {
+        client()
+            .post(sc.url("/api/rag/query"))
+            .json(&json!({"query": q, "top_k": 1}))
+            .send()
+    };
+    assert_eq!(ask(&a, "first").await.unwrap().status(), 200);
+    // B's budget is A's: spent for 10 s.
+    let r = ask(&b, "second").await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(mock.stats().await["by_path"]["/api/rag/query"], 1);
+    assert!(!cluster.keys("rag-sidecar:rl:quota:*").is_empty());
 }

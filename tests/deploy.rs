@@ -325,7 +325,12 @@ async fn every_metric_the_alerts_and_the_dashboard_use_exists() {
     let rules = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
 
     let mock = Mock::start_with(&["--search-latency-ms", "0"]);
-    let sc = Sidecar::start(&mock.url(), "").await;
+    // A quota on `rag`, so that its series exist.
+    let sc = Sidecar::start(
+        &mock.url(),
+        "[[routes]]\nname = \"rag\"\nupstream_limit = \"15 per minute\"\n",
+    )
+    .await;
     sc.post_json("/api/search", &json!({"query": "q"})).await;
     let text = sc.get_text("/metrics").await;
     let exported = metric_names(&text);

@@ -266,3 +266,38 @@ async fn a_sentinel_managed_redis_is_followed() {
     assert_eq!(x_cache(&search(&b, "through the sentinel").await), "HIT");
     assert_eq!(redis.keys("rag-sidecar:search:*").len(), 1);
 }
+
+/// A streamed answer, stored once it ended, is in Redis like any entry: the
+/// other sidecar replays it byte for byte.
+#[tokio::test]
+async fn a_streamed_answer_is_shared_through_redis() {
+    let (mock, redis) = (Mock::start(), Redis::start());
+    let a = sidecar(&mock, &redis).await;
+    let b = sidecar(&mock, &redis).await;
+    connected(&a).await;
+    connected(&b).await;
+    let ask = |sc: &Sidecar| {
+        client()
+            .post(sc.url("/api/rag/query"))
+            .header("host", "rag-services")
+            .header("accept", "text/event-stream")
+            .json(&json!({"query": "streamed and shared", "top_k": 2}))
+            .send()
+    };
+    let first = ask(&a).await.unwrap();
+    assert_eq!(x_cache(&first), "MISS");
+    let streamed = first.bytes().await.unwrap();
+    eventually("the stream stored in Redis", async || {
+        redis.keys("rag-sidecar:rag:*").len() == 1
+    })
+    .await;
+    let hit = ask(&b).await.unwrap();
+    assert_eq!(x_cache(&hit), "HIT");
+    assert!(
+        hit.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert_eq!(hit.bytes().await.unwrap(), streamed);
+}

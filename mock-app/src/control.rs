@@ -40,6 +40,8 @@ pub(crate) async fn control(req: Request<Incoming>, state: &Arc<State>) -> Resp 
                     "in_flight": state.in_flight.load(Ordering::Relaxed),
                     "upload_bytes_in_progress": state.upload_bytes_in_progress.load(Ordering::Relaxed),
                     "upload_bytes_total": state.upload_bytes_total.load(Ordering::Relaxed),
+                    "quota_errors": state.quota_errors.load(Ordering::Relaxed),
+                    "rag_queries": lock(&state.rag_queries).iter().cloned().collect::<Vec<_>>(),
                 }),
             )
         }

@@ -21,7 +21,10 @@
 //!   `X-Mock-Stream-Pad` bytes), and `X-Mock-Stream-Break-After: k` breaks
 //!   the connection after k events;
 //! * a `corpus_version` in every search and RAG answer, bumped by every
-//!   upload and deletion.
+//!   upload and deletion;
+//! * Gemini's quota on `/api/rag/query` (`--quota N --quota-window-ms W`),
+//!   with the calls over it (`quota_errors`) and the order the questions
+//!   arrived in (`rag_queries`, the last 1000) in `/__mock/stats`.
 //!
 //! After binding, it prints exactly one line,
 //! `mock-legacy-app listening on <addr>`, to stdout and exits with status 0 on
@@ -70,6 +73,14 @@ pub(crate) struct Cli {
     /// Number of tokio worker threads.
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// Gemini's quota: at most this many /api/rag/query calls per
+    /// `--quota-window-ms` (a fixed window); beyond it the Gemini quota
+    /// error (429 RESOURCE_EXHAUSTED). 0: no quota.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) quota: u64,
+    /// The quota's window, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub(crate) quota_window_ms: u64,
 }
 
 fn main() -> Result<(), Box<dyn Error>> {

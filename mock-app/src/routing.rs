@@ -164,6 +164,10 @@ async fn rag_query(req: Request<Incoming>, state: &State) -> Resp {
         Ok(parsed) => parsed,
         Err(resp) => return resp,
     };
+    state.record_rag_query(&query);
+    if !state.take_quota() {
+        return crate::request::injected(StatusCode::TOO_MANY_REQUESTS);
+    }
     let language = match body.get("language").and_then(Value::as_str) {
         None | Some("auto") | Some("") => {
             if query.is_ascii() {

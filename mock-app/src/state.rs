@@ -62,6 +62,13 @@ pub(crate) struct State {
     /// Bumped by every upload and deletion: search and RAG answers carry
     /// it, so a test can tell an answer from before a corpus change.
     pub(crate) corpus_version: AtomicU64,
+    /// Gemini's quota on RAG calls: `(calls allowed, window)`; calls in the
+    /// current window; calls refused over it.
+    pub(crate) quota: Option<(u64, Duration)>,
+    pub(crate) quota_window: Mutex<(std::time::Instant, u64)>,
+    pub(crate) quota_errors: AtomicU64,
+    /// The RAG questions in the order they arrived (the last 1000).
+    pub(crate) rag_queries: Mutex<std::collections::VecDeque<String>>,
     faults_armed: AtomicBool,
     pub(crate) fault: Mutex<Option<GlobalFault>>,
     gates: Mutex<HashMap<String, Gate>>,
@@ -90,10 +97,40 @@ impl State {
             by_path: Mutex::new(HashMap::new()),
             documents: Mutex::new(documents),
             corpus_version: AtomicU64::new(0),
+            quota: (cli.quota > 0)
+                .then(|| (cli.quota, Duration::from_millis(cli.quota_window_ms.max(1)))),
+            quota_window: Mutex::new((std::time::Instant::now(), 0)),
+            quota_errors: AtomicU64::new(0),
+            rag_queries: Mutex::new(std::collections::VecDeque::new()),
             faults_armed: AtomicBool::new(false),
             fault: Mutex::new(None),
             gates: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes one RAG call of the quota; `false` when it is spent.
+    pub(crate) fn take_quota(&self) -> bool {
+        let Some((limit, window)) = self.quota else {
+            return true;
+        };
+        let mut w = lock(&self.quota_window);
+        if w.0.elapsed() >= window {
+            *w = (std::time::Instant::now(), 0);
+        }
+        if w.1 >= limit {
+            self.quota_errors.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        w.1 += 1;
+        true
+    }
+
+    pub(crate) fn record_rag_query(&self, q: &str) {
+        let mut l = lock(&self.rag_queries);
+        if l.len() >= 1000 {
+            l.pop_front();
+        }
+        l.push_back(q.to_owned());
     }
 
     pub(crate) fn record_path(&self, path: &str) {

@@ -9,6 +9,7 @@
 //!   turns Redis off whatever else is set;
 //! - `SEARCH_RATE_LIMIT`, `UPLOAD_RATE_LIMIT`: the `search` and `upload`
 //!   routes' limits;
+//! - `RAG_UPSTREAM_LIMIT`: the `rag` route's upstream quota;
 //! - `ENABLE_EMBEDDING_CACHE=False`: the `embeddings` route's cache off;
 //! - [`IGNORED_ENV`]: names that mean nothing to a proxy (`BATCH_SIZE`),
 //!   accepted and ignored.
@@ -67,6 +68,13 @@ pub(super) const LEGACY: &[Legacy] = &[
         secret: false,
         doc: "Flask-Limiter syntax.",
         apply: |cfg, env, errs, _| route_rate(cfg, env, errs, "UPLOAD_RATE_LIMIT", "upload"),
+    },
+    Legacy {
+        env: &["RAG_UPSTREAM_LIMIT"],
+        sets: "`upstream_limit` of route `rag`",
+        secret: false,
+        doc: "Flask-Limiter syntax, e.g. `15 per minute` (Gemini's free tier): requests sent to the app on that route, fleet-wide with Redis.",
+        apply: rag_upstream_limit,
     },
     Legacy {
         env: &["ENABLE_EMBEDDING_CACHE"],
@@ -130,6 +138,16 @@ fn route_rate(cfg: &mut Config, env: &dyn Strings, errs: &mut Errors, var: &str,
             .unwrap_or(RouteRate::Default);
         if let Some(route) = cfg.route_mut(route) {
             route.rate_limit = r;
+        }
+    }
+}
+
+fn rag_upstream_limit(cfg: &mut Config, env: &dyn Strings, errs: &mut Errors, _: &mut Pending) {
+    if let Some(v) = env.get("RAG_UPSTREAM_LIMIT") {
+        if let Some(limits) = errs.parse("RAG_UPSTREAM_LIMIT", &v, rate::parse) {
+            if let Some(route) = cfg.route_mut("rag") {
+                route.upstream_limit = Some(limits);
+            }
         }
     }
 }

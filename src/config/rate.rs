@@ -14,6 +14,27 @@ pub struct Rate {
     pub period: Duration,
 }
 
+impl Rate {
+    /// The period in Flask-Limiter's words: `minute`, `5 minutes`.
+    pub fn period_text(self) -> String {
+        let secs = self.period.as_secs();
+        let (n, unit) = [
+            (86_400, "day"),
+            (3_600, "hour"),
+            (60, "minute"),
+            (1, "second"),
+        ]
+        .into_iter()
+        .find(|(u, _)| secs >= *u && secs % u == 0)
+        .map_or((secs, "second"), |(u, name)| (secs / u, name));
+        if n == 1 {
+            unit.to_string()
+        } else {
+            format!("{n} {unit}s")
+        }
+    }
+}
+
 /// Every limit of one rate string; all of them must hold. `Default` is no
 /// limit at all (the blank a configuration's defaults are written onto).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

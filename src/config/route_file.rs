@@ -46,6 +46,11 @@ pub(super) struct RouteFile {
     pub(super) max_request_body: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) request_buffering: Option<bool>,
+    /// A rate string, or `"none"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) upstream_limit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) upstream_queue: Option<String>,
 }
 
 /// `cache = false` turns a route's cache off; a table sets (some of) its
@@ -216,6 +221,20 @@ fn apply_fields(
     if let Some(b) = rf.request_buffering {
         route.request_buffering = b;
     }
+    match rf.upstream_limit.as_deref() {
+        None => {}
+        Some("none") => route.upstream_limit = None,
+        Some(v) => {
+            if let Some(l) = errs.parse(&key("upstream_limit"), v, super::rate::parse) {
+                route.upstream_limit = Some(l);
+            }
+        }
+    }
+    if let Some(v) = &rf.upstream_queue {
+        if let Some(d) = errs.parse(&key("upstream_queue"), v, parse::duration) {
+            route.upstream_queue = d;
+        }
+    }
 }
 
 /// `cache = false | true | { namespace, ttl, max_items }`: fields a new
@@ -305,6 +324,12 @@ pub(super) fn render(routes: &[Route]) -> Vec<RouteFile> {
             invalidate_mode: Some(r.invalidate_mode.as_str().into()),
             max_request_body: r.max_request_body,
             request_buffering: Some(r.request_buffering),
+            upstream_limit: Some(
+                r.upstream_limit
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), ToString::to_string),
+            ),
+            upstream_queue: Some(fmt_duration(r.upstream_queue)),
         })
         .collect()
 }

@@ -153,6 +153,12 @@ pub struct Route {
     /// The body is spooled to a temporary file and sent to the app only
     /// once complete, so a slow client never holds an app worker.
     pub request_buffering: bool,
+    /// Requests sent to the app on this route (every attempt), fleet-wide
+    /// with Redis; `None`: no quota.
+    pub upstream_limit: Option<RateLimits>,
+    /// The longest a request waits for room under `upstream_limit` (never
+    /// past the route's timeout).
+    pub upstream_queue: Duration,
 }
 
 impl Route {
@@ -174,6 +180,8 @@ impl Route {
             invalidate_mode: InvalidateMode::Purge,
             max_request_body: None,
             request_buffering: false,
+            upstream_limit: None,
+            upstream_queue: Duration::from_secs(10),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod circuit;
 pub mod classify;
 pub mod inflight;
 pub mod match_route;
+pub mod quota;
 pub mod rate_limit;
 pub mod rescue;
 pub mod retry;
@@ -83,6 +84,8 @@ pub struct Shared {
     pub inflight: Arc<tokio::sync::Semaphore>,
     pub cache: cache::CacheLayer,
     pub rate_limit: rate_limit::RateLimitLayer,
+    /// The routes' upstream quotas (`upstream_limit`).
+    pub quota: quota::QuotaLayer,
     pub resilience: Resilience,
     pub metrics: Arc<Metrics>,
     /// The bytes of request bodies on disk (`spool_max_bytes`).
@@ -168,6 +171,12 @@ pub fn build_stack(
                 cfg.threads,
             )
         }))
+        // The upstream quota (`upstream_limit`): below the retry, so that
+        // every attempt costs quota; below the cache, so that hits and
+        // coalesced waiters cost none; above the breaker, so that a request
+        // refused for want of quota (a stale answer above, or 503) is no
+        // failure of the app's, and one waiting its turn holds no permit.
+        .layer(shared.quota.clone())
         // One breaker per named circuit: open → 503 at once (or stale above).
         .layer(CircuitLayer::new(Arc::clone(&resilience.circuits)))
         // Each attempt's answer sorted into the legacy error types that the

@@ -17,7 +17,8 @@ use serde_json::json;
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::error::{
-    BodyTooLarge, CircuitOpen, Decorated, ErrorKind, RateLimited, Rescued, classify, find_cause,
+    BodyTooLarge, CircuitOpen, Decorated, ErrorKind, RateLimited, Rescued, UpstreamQuota, classify,
+    find_cause,
 };
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -169,6 +170,15 @@ fn answer(err: &BoxError, kind: ErrorKind) -> Response<Body> {
         );
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(c.retry_after));
+        return resp;
+    }
+    if let Some(q) = find_cause::<UpstreamQuota>(err.as_ref()) {
+        let mut resp = body::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "Service unavailable", "message": q.message, "retry_after": q.retry_after}),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(q.retry_after));
         return resp;
     }
     let message = match kind {

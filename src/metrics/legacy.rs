@@ -27,6 +27,7 @@ impl Metrics {
         let (mut c, mut e) = (BTreeMap::new(), BTreeMap::new());
         self.requests.legacy(&mut c, &mut e);
         self.rate_limit.legacy(&mut c);
+        self.quota.legacy(&mut c);
         self.resilience.legacy(&mut c, &mut e);
         (c, e)
     }
@@ -75,6 +76,7 @@ impl Metrics {
         self.requests.legacy_gauges(&mut gauges);
         self.cache.legacy_gauges(&mut gauges);
         self.resilience.legacy_gauges(&mut gauges);
+        self.quota.legacy_gauges(&mut gauges);
         json!({
             "counters": counters,
             "timers": self.timers(),

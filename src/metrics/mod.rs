@@ -4,7 +4,8 @@
 //!
 //! Each concern registers its own series and exports its own figures:
 //! [`requests`] (the proxy: answers, durations, own errors), [`cache`],
-//! [`redis`] (command failures), [`rate_limit`], [`resilience`] (retries, upstream failures, circuits) and
+//! [`redis`] (command failures), [`quota`] (the upstream quota),
+//! [`rate_limit`], [`resilience`] (retries, upstream failures, circuits) and
 //! [`system`] (machine, health score, readiness probe, process). Metrics
 //! imports no layer: the layers record into the types defined here
 //! ([`resilience::FailureCounts`], [`resilience::RetryStats`],
@@ -62,6 +63,7 @@ pub mod layer;
 pub mod legacy;
 #[cfg(target_os = "linux")]
 mod process;
+pub mod quota;
 pub mod rate_limit;
 pub mod redis;
 pub mod requests;
@@ -120,6 +122,8 @@ pub struct Sources {
     pub spool: Arc<dyn requests::SpoolFigures>,
     /// Redis command failures, which the Redis client records.
     pub redis_errors: Arc<redis::RedisErrors>,
+    /// The upstream quota's figures, which the quota layer records.
+    pub quota: Arc<quota::QuotaStats>,
     /// Whether a Redis URL is configured.
     pub redis_configured: bool,
 }
@@ -132,6 +136,7 @@ pub struct Metrics {
     requests: requests::RequestMetrics,
     cache: cache::CacheMetrics,
     redis: redis::RedisMetrics,
+    quota: quota::QuotaMetrics,
     rate_limit: rate_limit::RateLimitMetrics,
     resilience: resilience::ResilienceMetrics,
     system: system::SystemMetrics,
@@ -149,6 +154,7 @@ impl Metrics {
             requests: requests::RequestMetrics::new(&r, route_names, cfg.threads, sources.spool),
             cache: cache::CacheMetrics::new(&r, sources.cache, sources.redis_configured),
             redis: redis::RedisMetrics::new(&r, sources.redis_errors),
+            quota: quota::QuotaMetrics::new(&r, sources.quota),
             rate_limit: rate_limit::RateLimitMetrics::new(&r, sources.rate_limit),
             resilience: resilience::ResilienceMetrics::new(
                 &r,
@@ -209,6 +215,7 @@ impl Metrics {
         self.requests.sync();
         self.cache.sync();
         self.redis.sync();
+        self.quota.sync();
         self.rate_limit.sync();
         self.resilience.sync();
         self.system.sync(self.health().health_score);

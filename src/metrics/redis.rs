@@ -23,6 +23,8 @@ pub enum RedisOp {
     Publish,
     /// The shared rate limiter's check.
     RateLimit,
+    /// The upstream quota's reservation.
+    Quota,
     /// The fleet's secret for keyed client hashes.
     Secret,
     /// Read or bump the namespaces' generations.
@@ -32,12 +34,13 @@ pub enum RedisOp {
 }
 
 impl RedisOp {
-    pub const ALL: [RedisOp; 8] = [
+    pub const ALL: [RedisOp; 9] = [
         Self::Get,
         Self::Set,
         Self::Clear,
         Self::Publish,
         Self::RateLimit,
+        Self::Quota,
         Self::Secret,
         Self::Generations,
         Self::Lease,
@@ -50,6 +53,7 @@ impl RedisOp {
             Self::Clear => "clear",
             Self::Publish => "publish",
             Self::RateLimit => "rate_limit",
+            Self::Quota => "quota",
             Self::Secret => "secret",
             Self::Generations => "generations",
             Self::Lease => "lease",

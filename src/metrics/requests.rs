@@ -35,7 +35,7 @@ pub const METHODS: [&str; 8] = [
 pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// The sidecar's own error answers counted by kind (the upstream's failures
 /// are counted by type in [`super::resilience::FailureCounts`]).
-pub const OWN_ERRORS: [ErrorKind; 8] = [
+pub const OWN_ERRORS: [ErrorKind; 9] = [
     ErrorKind::RateLimited,
     ErrorKind::ClientTimeout,
     ErrorKind::ClientBody,
@@ -43,6 +43,7 @@ pub const OWN_ERRORS: [ErrorKind; 8] = [
     ErrorKind::Overloaded,
     ErrorKind::SpoolFull,
     ErrorKind::CircuitOpen,
+    ErrorKind::UpstreamQuota,
     ErrorKind::Internal,
 ];
 /// Request and upstream duration buckets, in seconds: from a cache hit

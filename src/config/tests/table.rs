@@ -76,6 +76,7 @@ fn env_names_are_the_promised_ones() {
         "LOG_LEVEL",
         "LOG_FILE",
         "NUM_THREADS",
+        "RAG_UPSTREAM_LIMIT",
         "ENABLE_EMBEDDING_CACHE",
         "LISTEN_ADDR",
         "UPSTREAM_URL",

@@ -270,26 +270,12 @@ struct Verdict<'a> {
 
 /// `30 requests per minute`, `2 requests per 5 minutes`.
 pub fn describe(rate: Rate) -> String {
-    let secs = rate.period.as_secs();
-    let (n, unit) = [
-        (86_400, "day"),
-        (3_600, "hour"),
-        (60, "minute"),
-        (1, "second"),
-    ]
-    .into_iter()
-    .find(|(u, _)| secs >= *u && secs % u == 0)
-    .map_or((secs, "second"), |(u, name)| (secs / u, name));
     let what = if rate.count == 1 {
         "request"
     } else {
         "requests"
     };
-    if n == 1 {
-        format!("{} {what} per {unit}", rate.count)
-    } else {
-        format!("{} {what} per {n} {unit}s", rate.count)
-    }
+    format!("{} {what} per {}", rate.count, rate.period_text())
 }
 
 fn interval(rate: Rate) -> Duration {

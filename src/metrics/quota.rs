@@ -1,0 +1,147 @@
+//! The upstream quota's figures, per route with an `upstream_limit`
+//! ([`QuotaStats`], which the quota layer records into): requests waiting
+//! for room now, the waits, and the requests refused. Exported as
+//! `rag_sidecar_upstream_queue_depth{route}`,
+//! `rag_sidecar_upstream_queue_wait_seconds{route}` and
+//! `rag_sidecar_upstream_quota_rejected_total{route}`; in `/api/metrics`
+//! as the gauges `upstream_queue.<route>` and the counter
+//! `upstream_quota.rejected`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use serde_json::{Value, json};
+
+use super::{opts, raise_vec, reg};
+
+/// Wait buckets, in seconds: from no wait to the longest `upstream_queue`.
+const WAIT_BUCKETS: [f64; 12] = [
+    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// One route's figures.
+#[derive(Debug, Default)]
+pub struct RouteQuotaStats {
+    /// Requests waiting for their turn now.
+    pub waiting: AtomicI64,
+    /// Requests refused (no room within their wait).
+    pub rejected: AtomicU64,
+}
+
+/// Every quota route's figures, and the wait histogram they record into.
+#[derive(Debug)]
+pub struct QuotaStats {
+    routes: BTreeMap<String, Arc<RouteQuotaStats>>,
+    waits: HistogramVec,
+}
+
+impl QuotaStats {
+    /// Figures for these routes (those with an `upstream_limit`).
+    pub fn new<'a>(routes: impl IntoIterator<Item = &'a str>) -> Arc<Self> {
+        let waits = HistogramVec::new(
+            HistogramOpts::from(opts(
+                "upstream_queue_wait_seconds",
+                "Time requests waited for room under the route's upstream quota",
+            ))
+            .buckets(WAIT_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .unwrap_or_else(|e| {
+            tracing::error!("metric: {e}");
+            HistogramVec::new(HistogramOpts::new("invalid", "invalid"), &["x"])
+                .expect("a literal name is valid")
+        });
+        Arc::new(Self {
+            routes: routes
+                .into_iter()
+                .map(|r| (r.to_string(), Arc::default()))
+                .collect(),
+            waits,
+        })
+    }
+
+    pub fn route(&self, name: &str) -> Option<Arc<RouteQuotaStats>> {
+        self.routes.get(name).cloned()
+    }
+
+    /// A request of `route` waited this long, then went.
+    pub fn waited(&self, route: &str, secs: f64) {
+        if let Ok(h) = self.waits.get_metric_with_label_values(&[route]) {
+            h.observe(secs);
+        }
+    }
+
+    /// `upstream_quota.rejected` over every route.
+    pub fn rejected(&self) -> u64 {
+        self.routes
+            .values()
+            .map(|r| r.rejected.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct QuotaMetrics {
+    source: Arc<QuotaStats>,
+    depth: IntGaugeVec,
+    rejected: IntCounterVec,
+}
+
+impl QuotaMetrics {
+    pub fn new(r: &Registry, source: Arc<QuotaStats>) -> Self {
+        let waits = reg(r, source.waits.clone());
+        for route in source.routes.keys() {
+            // Every route's series from the start.
+            let _ = waits.get_metric_with_label_values(&[route]);
+        }
+        Self {
+            depth: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "upstream_queue_depth",
+                    "Requests waiting for room under the route's upstream quota"
+                ),
+                &["route"]
+            ),
+            rejected: series!(
+                r,
+                IntCounterVec,
+                opts(
+                    "upstream_quota_rejected_total",
+                    "Requests refused by the route's upstream quota (no room within their wait)"
+                ),
+                &["route"]
+            ),
+            source,
+        }
+    }
+
+    pub fn sync(&self) {
+        for (name, s) in &self.source.routes {
+            if let Ok(g) = self.depth.get_metric_with_label_values(&[name]) {
+                g.set(s.waiting.load(Ordering::Relaxed));
+            }
+            raise_vec(&self.rejected, &[name], s.rejected.load(Ordering::Relaxed));
+        }
+    }
+
+    /// The legacy counter `upstream_quota.rejected`.
+    pub fn legacy(&self, c: &mut BTreeMap<String, u64>) {
+        if !self.source.routes.is_empty() {
+            c.insert("upstream_quota.rejected".into(), self.source.rejected());
+        }
+    }
+
+    /// The legacy gauges `upstream_queue.<route>`.
+    pub fn legacy_gauges(&self, g: &mut serde_json::Map<String, Value>) {
+        for (name, s) in &self.source.routes {
+            g.insert(
+                format!("upstream_queue.{name}"),
+                json!(s.waiting.load(Ordering::Relaxed)),
+            );
+        }
+    }
+}
