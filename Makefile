@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench profile fuzz chaos soak clean
+.PHONY: all build release run test lint unit bench bench-workload profile fuzz chaos soak clean
 
 all: build
 
@@ -46,7 +46,15 @@ bench: release
 	bench/idle_conns.sh
 	bench/instructions.sh
 	bench/stream.sh
+	bench/workload.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
+
+## The workload benchmark alone (bench/workload.sh): the legacy app's
+## users replayed open-loop against the app alone, nginx proxy_cache, one
+## rag-sidecar and two on Redis; table in target/workload.md, chart in
+## docs/workload.svg.
+bench-workload: release
+	bench/workload.sh
 
 ## Where the sidecar's CPU time per request goes, by crate (perf samples
 ## under the bench's load, proxied and cache hits; installs linux-perf).

@@ -17,10 +17,12 @@
 //!      └ admin        the sidecar's own endpoints: reads layer state, metrics
 //!        └ layers     build_stack: which layer wraps which, and why
 //!          └ layers::{match_route, access_log, rescue, inflight, rate_limit,
-//!          │          body_limit, cache, timeout, retry, circuit, classify}
+//!          │          body_limit, cache, buffer, timeout, retry, quota,
+//!          │          circuit, classify}
 //!          │          one concern each; none uses another
 //!          └ proxy    the upstream client, headers, the readiness probe
-//!            └ redis  one Redis client (cache and limiter): scripts, pub/sub
+//!            └ redis  one Redis client (cache, limiter, quota): scripts,
+//!              │      the fleet's keys, pub/sub
 //!              └ metrics   per concern; each layer records into it or
 //!                │         reports through a trait it defines
 //!                └ system · health
