@@ -17,7 +17,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Mock, Redis, SidecarProcess, client, eventually, fleet_member};
+use common::{Mock, Redis, SidecarProcess, client, eventually, fleet_member, get_json_at};
 use serde_json::{Value, json};
 
 /// One sidecar process and its address.
@@ -37,14 +37,7 @@ impl Member {
     }
 
     async fn stats(&self) -> Value {
-        client()
-            .get(self.url("/api/cache/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json_at(self.url("/api/cache/stats")).await
     }
 
     async fn search(&self, q: &str, headers: &[(&str, &str)]) -> Answer {
@@ -62,6 +55,24 @@ impl Member {
             .as_u16()
     }
 
+    /// Asks `q` until the answer carries the corpus after one upload (its
+    /// `corpus_version` 1), which must come within `within` of now.
+    async fn answers_from_after_the_upload(&self, q: &str, within: Duration) -> Answer {
+        let since = Instant::now();
+        loop {
+            let answer = self.search(q, &[]).await;
+            if answer.corpus() == 1 {
+                return answer;
+            }
+            assert!(
+                since.elapsed() < within,
+                "still answering from before the upload {:?} on: {answer:?}",
+                since.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Connected to Redis, with the fleet's generations read.
     async fn ready(&self) {
         eventually("connected and in sync", async || {
@@ -71,6 +82,17 @@ impl Member {
         })
         .await;
     }
+}
+
+/// Two members on one Redis, both ready.
+async fn pair(mock: &Mock, redis: &Redis) -> (Member, Member) {
+    let (a, b) = (
+        Member::start(mock, redis, ""),
+        Member::start(mock, redis, ""),
+    );
+    a.ready().await;
+    b.ready().await;
+    (a, b)
 }
 
 #[derive(Debug)]
@@ -234,12 +256,7 @@ async fn a_holder_killed_mid_call_is_taken_over() {
 async fn an_upload_while_redis_is_down_reaches_the_others_when_it_is_back() {
     let mock = Mock::start();
     let mut redis = Redis::start();
-    let (a, b) = (
-        Member::start(&mock, &redis, ""),
-        Member::start(&mock, &redis, ""),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = pair(&mock, &redis).await;
     let q = "what changed?";
     assert_eq!(b.search(q, &[]).await.x_cache, "MISS");
     let before = b.search(q, &[]).await;
@@ -271,19 +288,8 @@ async fn an_upload_while_redis_is_down_reaches_the_others_when_it_is_back() {
         })
         .await;
     }
-    let back = Instant::now();
-    loop {
-        let answer = b.search(q, &[]).await;
-        if answer.corpus() == 1 {
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(2),
-            "B still answers from before the upload {:?} after reconnecting: {answer:?}",
-            back.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    b.answers_from_after_the_upload(q, Duration::from_secs(2))
+        .await;
     let s = a.stats().await;
     assert_eq!(
         s["namespaces"]["search"]["invalidation_pending"], false,
@@ -295,45 +301,25 @@ async fn an_upload_while_redis_is_down_reaches_the_others_when_it_is_back() {
 async fn a_lost_invalidation_message_is_made_up_within_a_second() {
     let mock = Mock::start();
     let redis = Redis::start();
-    let (a, b) = (
-        Member::start(&mock, &redis, ""),
-        Member::start(&mock, &redis, ""),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = pair(&mock, &redis).await;
     subscribed(&redis, 2).await;
     let q = "is this still true?";
     b.search(q, &[]).await;
     assert_eq!(b.search(q, &[]).await.x_cache, "HIT");
     // Every pub/sub connection dropped: the upload's message goes nowhere.
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    let upload = Instant::now();
     assert_eq!(a.post("/api/upload").await, 200);
-    loop {
-        let answer = b.search(q, &[]).await;
-        if answer.corpus() == 1 {
-            assert_eq!(answer.x_cache, "MISS");
-            break;
-        }
-        assert!(
-            upload.elapsed() < Duration::from_secs(2),
-            "B still answers from before the upload {:?} after it: {answer:?}",
-            upload.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let answer = b
+        .answers_from_after_the_upload(q, Duration::from_secs(2))
+        .await;
+    assert_eq!(answer.x_cache, "MISS");
 }
 
 #[tokio::test]
 async fn an_upload_leaves_stale_answers_and_a_deletion_purges_them() {
     let mock = Mock::start();
     let redis = Redis::start();
-    let (a, b) = (
-        Member::start(&mock, &redis, ""),
-        Member::start(&mock, &redis, ""),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = pair(&mock, &redis).await;
     let q = "what does doc-1 say?";
     b.search(q, &[]).await;
     let fail = [("x-mock-status", "503")];
@@ -376,12 +362,7 @@ async fn an_upload_leaves_stale_answers_and_a_deletion_purges_them() {
 async fn a_generation_redis_lost_is_made_again() {
     let mock = Mock::start();
     let redis = Redis::start();
-    let (a, b) = (
-        Member::start(&mock, &redis, ""),
-        Member::start(&mock, &redis, ""),
-    );
-    a.ready().await;
-    b.ready().await;
+    let (a, b) = pair(&mock, &redis).await;
     let q = "lost and found";
     b.search(q, &[]).await;
     // An upload through A, whose bump Redis then loses (as a failover to a
@@ -392,18 +373,8 @@ async fn a_generation_redis_lost_is_made_again() {
     assert_eq!(a.post("/api/upload").await, 200);
     redis.cli(&["HSET", "rag-sidecar:fleet:gen", "search", before.trim()]);
     // A notices on its next poll and invalidates again: B learns it.
-    let lost = Instant::now();
-    loop {
-        let answer = b.search(q, &[]).await;
-        if answer.corpus() == 1 {
-            break;
-        }
-        assert!(
-            lost.elapsed() < Duration::from_secs(3),
-            "B still answers from before the upload: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    b.answers_from_after_the_upload(q, Duration::from_secs(3))
+        .await;
     // And Redis holds a newer generation again (made by A, or by B if B
     // had learned the lost one before it was lost).
     let before: u64 = before.trim().parse().unwrap();

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
 use serde_json::{Value, json};
@@ -25,7 +25,7 @@ const WAIT_BUCKETS: [f64; 12] = [
 #[derive(Debug, Default)]
 pub struct RouteQuotaStats {
     /// Requests waiting for their turn now.
-    pub waiting: AtomicI64,
+    pub waiting: AtomicU64,
     /// Requests refused (no room within their wait).
     pub rejected: AtomicU64,
 }
@@ -122,7 +122,7 @@ impl QuotaMetrics {
     pub fn sync(&self) {
         for (name, s) in &self.source.routes {
             if let Ok(g) = self.depth.get_metric_with_label_values(&[name]) {
-                g.set(s.waiting.load(Ordering::Relaxed));
+                g.set(i64::try_from(s.waiting.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             }
             raise_vec(&self.rejected, &[name], s.rejected.load(Ordering::Relaxed));
         }

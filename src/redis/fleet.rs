@@ -167,6 +167,23 @@ fn pairs(v: &[i64]) -> Vec<Generation> {
 }
 
 impl RedisStore {
+    /// Runs one of the fleet's scripts on `key` (under the prefix):
+    /// `EVALSHA`, loading it again after a Redis restart emptied its cache.
+    async fn run<T: fred::types::FromValue + Send>(
+        &self,
+        op: RedisOp,
+        script: &Script,
+        key: &str,
+        args: Vec<String>,
+    ) -> Result<T, RedisError> {
+        self.check(op)?;
+        self.bounded(
+            op,
+            script.evalsha_with_reload(&self.client, self.full_key(key), args),
+        )
+        .await
+    }
+
     pub(super) fn stored_channel(&self) -> String {
         format!("{}stored", self.prefix)
     }
@@ -178,17 +195,14 @@ impl RedisStore {
         namespaces: &[String],
         purge: bool,
     ) -> Result<Vec<Generation>, RedisError> {
-        self.check(RedisOp::Generations)?;
         let mut args = vec![if purge { "1" } else { "0" }.to_string()];
         args.extend(namespaces.iter().cloned());
         let v: Vec<i64> = self
-            .bounded(
+            .run(
                 RedisOp::Generations,
-                self.fleet.bump.evalsha_with_reload(
-                    &self.client,
-                    self.full_key(GENERATIONS_KEY),
-                    args,
-                ),
+                &self.fleet.bump,
+                GENERATIONS_KEY,
+                args,
             )
             .await?;
         Ok(pairs(&v))
@@ -200,15 +214,12 @@ impl RedisStore {
         &self,
         namespaces: &[String],
     ) -> Result<Vec<Generation>, RedisError> {
-        self.check(RedisOp::Generations)?;
         let v: Vec<i64> = self
-            .bounded(
+            .run(
                 RedisOp::Generations,
-                self.fleet.sync.evalsha_with_reload(
-                    &self.client,
-                    self.full_key(GENERATIONS_KEY),
-                    namespaces.to_vec(),
-                ),
+                &self.fleet.sync,
+                GENERATIONS_KEY,
+                namespaces.to_vec(),
             )
             .await?;
         Ok(pairs(&v))
@@ -222,19 +233,16 @@ impl RedisStore {
         ttl: Duration,
         generation: u64,
     ) -> Result<Acquired, RedisError> {
-        self.check(RedisOp::Lease)?;
         let n: i64 = self
-            .bounded(
+            .run(
                 RedisOp::Lease,
-                self.fleet.acquire.evalsha_with_reload(
-                    &self.client,
-                    self.full_key(&format!("{LEASE_SPACE}{key}")),
-                    vec![
-                        token.to_string(),
-                        ms(ttl).to_string(),
-                        generation.to_string(),
-                    ],
-                ),
+                &self.fleet.acquire,
+                &format!("{LEASE_SPACE}{key}"),
+                vec![
+                    token.to_string(),
+                    ms(ttl).to_string(),
+                    generation.to_string(),
+                ],
             )
             .await?;
         Ok(match n {
@@ -251,15 +259,12 @@ impl RedisStore {
         token: &str,
         ttl: Duration,
     ) -> Result<bool, RedisError> {
-        self.check(RedisOp::Lease)?;
         let n: i64 = self
-            .bounded(
+            .run(
                 RedisOp::Lease,
-                self.fleet.renew.evalsha_with_reload(
-                    &self.client,
-                    self.full_key(&format!("{LEASE_SPACE}{key}")),
-                    vec![token.to_string(), ms(ttl).to_string()],
-                ),
+                &self.fleet.renew,
+                &format!("{LEASE_SPACE}{key}"),
+                vec![token.to_string(), ms(ttl).to_string()],
             )
             .await?;
         Ok(n == 1)
@@ -273,22 +278,19 @@ impl RedisStore {
         token: &str,
         stored: Option<u64>,
     ) -> Result<(), RedisError> {
-        self.check(RedisOp::Lease)?;
         let mark = stored.map(|g| format!("done:{g}")).unwrap_or_default();
         let _: i64 = self
-            .bounded(
+            .run(
                 RedisOp::Lease,
-                self.fleet.release.evalsha_with_reload(
-                    &self.client,
-                    self.full_key(&format!("{LEASE_SPACE}{key}")),
-                    vec![
-                        token.to_string(),
-                        mark,
-                        ms(DONE_MARK).to_string(),
-                        self.stored_channel(),
-                        key.to_string(),
-                    ],
-                ),
+                &self.fleet.release,
+                &format!("{LEASE_SPACE}{key}"),
+                vec![
+                    token.to_string(),
+                    mark,
+                    ms(DONE_MARK).to_string(),
+                    self.stored_channel(),
+                    key.to_string(),
+                ],
             )
             .await?;
         Ok(())

@@ -251,14 +251,7 @@ impl Sidecar {
 
     /// GET a sidecar path and parse its JSON answer.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        client()
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json_at(self.url(path)).await
     }
 
     /// GET a sidecar path that must answer 200, and its text.
@@ -364,6 +357,18 @@ pub async fn assert_needs_token(sc: &Sidecar, path: &str, token: &str) {
     assert_eq!(r.status(), 403, "{path} without the token");
     let r = client().post(&url).bearer_auth(token).send().await.unwrap();
     assert_eq!(r.status(), 200, "{path} with the token");
+}
+
+/// GET a URL and parse its JSON answer.
+pub async fn get_json_at(url: String) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 pub fn client() -> reqwest::Client {

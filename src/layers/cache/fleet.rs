@@ -29,6 +29,7 @@ use super::store::{CacheStore, Counters, Namespace};
 use crate::redis::RedisStore;
 use crate::redis::fleet::Acquired;
 use crate::redis::pubsub::FleetEvent;
+use crate::service::Counted;
 
 /// How often a waiter looks at a held lease without a message.
 const LEASE_POLL: Duration = Duration::from_millis(100);
@@ -214,7 +215,7 @@ impl Fleet {
                 }
             }
             waited = true;
-            _counted.get_or_insert_with(|| WaitCount::new(&ns.remote_waiting));
+            _counted.get_or_insert_with(|| Counted::new(&ns.remote_waiting));
             tokio::select! {
                 () = &mut woken => {}
                 () = tokio::time::sleep(LEASE_POLL) => {}
@@ -261,22 +262,6 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.shared.waiting().remove(self.key);
-    }
-}
-
-/// One wait for another sidecar's answer, counted while it lasts.
-struct WaitCount<'a>(&'a AtomicU64);
-
-impl<'a> WaitCount<'a> {
-    fn new(n: &'a AtomicU64) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
-    }
-}
-
-impl Drop for WaitCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

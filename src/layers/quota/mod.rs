@@ -45,7 +45,7 @@ use crate::metrics::quota::{QuotaStats, RouteQuotaStats};
 use crate::metrics::redis::RedisOp;
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
-use crate::service::{BoxResponseFuture, Inner, call_boxed, ceil_secs, take_ready};
+use crate::service::{BoxResponseFuture, Counted, Inner, call_boxed, ceil_secs, take_ready};
 
 /// One rate's schedule in memory: the theoretical arrival time of the next
 /// request, in ms on the layer's clock.
@@ -85,6 +85,9 @@ struct RouteQuota {
     queue: Duration,
     /// `Upstream quota of 15 per minute reached`
     message: String,
+    /// The fleet's key of each limit, in the limiter's space (a cache clear
+    /// leaves it); one key per script run, so one slot on a cluster.
+    keys: Vec<String>,
     /// Reservations one at a time, in arrival order (tokio's mutex is
     /// fair); the local schedules behind it.
     turn: tokio::sync::Mutex<Vec<Schedule>>,
@@ -125,6 +128,9 @@ impl QuotaLayer {
                 let limits = r.upstream_limit.clone()?;
                 let text: Vec<String> = limits.limits().iter().map(|l| describe(*l)).collect();
                 let route_stats = stats.route(&r.name)?;
+                let keys = (0..limits.limits().len())
+                    .map(|i| format!("{RATE_LIMIT_SPACE}quota:{}:{i}", r.name))
+                    .collect();
                 Some((
                     r.name.clone(),
                     Arc::new(RouteQuota {
@@ -136,6 +142,7 @@ impl QuotaLayer {
                         limits,
                         queue: r.upstream_queue,
                         message: format!("Upstream quota of {} reached", text.join("; ")),
+                        keys,
                         stats: route_stats,
                     }),
                 ))
@@ -205,7 +212,7 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                 max_wait =
                     max_wait.min(d.at.saturating_duration_since(tokio::time::Instant::now()));
             }
-            let waiting = Waiting::new(&quota.stats);
+            let waiting = Counted::new(&quota.stats.waiting);
             match shared.reserve(&quota, max_wait).await {
                 Ok(wait) => {
                     shared.stats.waited(&quota.name, wait.as_secs_f64());
@@ -263,34 +270,14 @@ impl Shared {
         max_wait: Duration,
     ) -> Option<Result<Duration, Duration>> {
         let redis = self.redis.as_ref()?;
-        // One key per route and limit, in the limiter's space (a cache clear
-        // leaves it); one key per script run, so one slot on a cluster.
-        let key = format!("{RATE_LIMIT_SPACE}quota:{}:{i}", q.name);
         match redis
-            .gcra_within(RedisOp::Quota, &key, interval, 1, max_wait)
+            .gcra_within(RedisOp::Quota, q.keys.get(i)?, interval, 1, max_wait)
             .await
         {
             Ok(o) if o.allowed => Some(Ok(o.wait)),
             Ok(o) => Some(Err(o.wait)),
             Err(_) => None,
         }
-    }
-}
-
-/// A request in the queue, counted while it waits (and when it leaves it,
-/// its client gone).
-struct Waiting<'a>(&'a RouteQuotaStats);
-
-impl<'a> Waiting<'a> {
-    fn new(s: &'a RouteQuotaStats) -> Self {
-        s.waiting.fetch_add(1, Ordering::Relaxed);
-        Self(s)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
