@@ -1,5 +1,6 @@
 //! The innermost service: forwards a request to the upstream app over a
-//! pooled keep-alive HTTP/1.1 client and streams both bodies through.
+//! pooled keep-alive HTTP/1.1 connection ([`pool`]: per worker, driven in
+//! the request's own task) and streams both bodies through.
 //!
 //! Requests from HTTP/2 clients are rewritten to HTTP/1.1 with an absolute
 //! URI (the legacy app speaks only HTTP/1.1); hop-by-hop headers are dropped
@@ -11,25 +12,24 @@
 //! `bad_response`, never retried).
 
 mod headers;
+mod pool;
 pub mod ready;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::uri::{PathAndQuery, Uri};
 use http::{HeaderValue, Request, Response, Version, header};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
 pub use self::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, drop_unfit_request_id,
     set_forwarded, strip_hop_by_hop,
 };
+use self::pool::Pool;
+pub use self::pool::SendError;
 use crate::BoxError;
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream};
@@ -38,33 +38,41 @@ use crate::error::{
 };
 use crate::extensions::ClientAddr;
 
-/// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone: the
-/// proxy clones it for every request).
+/// The pooled HTTP/1.1 client to the upstream app (one `Arc` to clone). Each
+/// worker's stack has its own (see [`crate::app`]), and within one the
+/// connections are kept per thread.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient(Arc<ClientInner>);
 
 #[derive(Debug)]
 struct ClientInner {
-    client: Client<HttpConnector, Body>,
+    pool: Arc<Pool>,
     upstream: Upstream,
+    /// The `Host` a request without one is sent with.
+    host: HeaderValue,
 }
 
 impl UpstreamClient {
     pub fn new(cfg: &Config) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            // Closed before the app server's own keep-alive ends it
-            // (gunicorn 2 s): a request sent as the app closes gets 502.
-            .pool_idle_timeout(cfg.upstream_idle_timeout)
-            .pool_max_idle_per_host(cfg.max_inflight.min(1024))
-            .build(connector);
+        let authority = &cfg.upstream.authority;
+        let addr = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        // Closed before the app server's own keep-alive ends it (gunicorn
+        // 2 s): a request sent as the app closes gets 502.
+        let pool = Pool::new(
+            addr,
+            cfg.upstream_idle_timeout,
+            cfg.max_inflight.clamp(1, 1024),
+        );
+        let host = HeaderValue::from_str(authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self(Arc::new(ClientInner {
-            client,
+            pool,
             upstream: cfg.upstream.clone(),
+            host,
         }))
     }
 
@@ -73,19 +81,24 @@ impl UpstreamClient {
         &self.0.upstream
     }
 
-    /// The absolute upstream URI for this path and query.
-    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.0.upstream.scheme.clone())
-            .authority(self.0.upstream.authority.clone())
-            .path_and_query(pq.map_or("/", |p| p.as_str()))
-            .build()
-    }
-
-    /// Sends a prepared request; connection-level failures become
-    /// [`UpstreamUnavailable`].
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
-        match self.0.client.request(req).await {
+    /// Sends a request (its target in origin form, `/path?query`, or
+    /// absolute); connection-level failures become [`UpstreamUnavailable`].
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, BoxError> {
+        // What an HTTP/1.1 server expects: the target in origin form and a
+        // Host header (the app's authority when the client sent none).
+        if req.uri().authority().is_some() || req.uri().path().is_empty() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .filter(|pq| !pq.path().is_empty())
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
+        }
+        if !req.headers().contains_key(header::HOST) {
+            req.headers_mut().insert(header::HOST, self.0.host.clone());
+        }
+        match self.0.pool.send(req).await {
             Ok(resp) => Ok(resp.map(body::boxed)),
             Err(e) => Err(upstream_error(e)),
         }
@@ -96,7 +109,7 @@ impl UpstreamClient {
 /// client) visible as what it is; an answer hyper could not parse is the
 /// upstream's [`UpstreamBadResponse`]; everything else from the client means
 /// the upstream could not be used.
-fn upstream_error(e: hyper_util::client::legacy::Error) -> BoxError {
+fn upstream_error(e: SendError) -> BoxError {
     if find_cause::<http_body_util::LengthLimitError>(&e).is_some()
         || find_cause::<ClientBodyError>(&e).is_some()
         || find_cause::<ClientBodyStalled>(&e).is_some()
@@ -127,7 +140,7 @@ impl Proxy {
     }
 
     /// Rewrites a client request into the upstream request.
-    fn prepare(&self, req: Request<Body>) -> Result<Request<Body>, BoxError> {
+    fn prepare(&self, req: Request<Body>) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
@@ -150,9 +163,9 @@ impl Proxy {
         if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
         }
-        parts.uri = self.client.uri_for(parts.uri.path_and_query())?;
+        // The target goes in origin form (UpstreamClient::send).
         parts.version = Version::HTTP_11;
-        Ok(Request::from_parts(parts, body))
+        Request::from_parts(parts, body)
     }
 }
 
@@ -170,7 +183,7 @@ impl tower::Service<Request<Body>> for Proxy {
         let prepared = self.prepare(req);
         let client = self.client.clone();
         Box::pin(async move {
-            let mut resp = client.send(prepared?).await?;
+            let mut resp = client.send(prepared).await?;
             strip_hop_by_hop(resp.headers_mut());
             *resp.version_mut() = version;
             Ok(resp)

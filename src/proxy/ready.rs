@@ -154,19 +154,13 @@ impl Readiness {
 
     async fn probe(&self) -> Probe {
         let start = Instant::now();
-        let req = self.client.uri_for(Some(&self.path)).map(|uri| {
-            let mut req = Request::new(body::empty());
-            *req.method_mut() = Method::GET;
-            *req.uri_mut() = uri;
-            req
-        });
-        let result = match req {
-            Ok(req) => tokio::time::timeout(PROBE_TIMEOUT, self.client.send(req))
-                .await
-                .map_err(|_| format!("no answer within {}s", PROBE_TIMEOUT.as_secs()))
-                .and_then(|r| r.map_err(|e| e.to_string())),
-            Err(e) => Err(e.to_string()),
-        };
+        let mut req = Request::new(body::empty());
+        *req.method_mut() = Method::GET;
+        *req.uri_mut() = http::Uri::from(self.path.clone());
+        let result = tokio::time::timeout(PROBE_TIMEOUT, self.client.send(req))
+            .await
+            .map_err(|_| format!("no answer within {}s", PROBE_TIMEOUT.as_secs()))
+            .and_then(|r| r.map_err(|e| e.to_string()));
         let latency = start.elapsed();
         let checked_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
