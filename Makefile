@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench bench-workload profile fuzz chaos soak clean
+.PHONY: all build release run test lint unit bench bench-workload bench-alloc profile fuzz chaos soak clean
 
 all: build
 
@@ -39,8 +39,10 @@ unit:
 ## nginx), cache-hit cost at 1 000 vs 100 000 entries, the memory of an idle
 ## connection, instructions per request of the optional layers (callgrind), then
 ## the criterion benches of the cache's, limiter's and metrics'
-## hot paths and of a /metrics scrape.
+## hot paths and of a /metrics scrape. The floor the tables compare with,
+## a bare hyper server, is examples/hyper_floor.rs.
 bench: release
+	$(CARGO) build -j$(JOBS) --release --example hyper_floor
 	bench/bench.sh
 	bench/hit_scale.sh
 	bench/idle_conns.sh
@@ -48,6 +50,11 @@ bench: release
 	bench/stream.sh
 	bench/workload.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3
+
+## The allocator, measured: glibc's, mimalloc and jemalloc builds side by
+## side (bench/alloc.sh; three release builds, then wrk rounds and RSS).
+bench-alloc:
+	bench/alloc.sh
 
 ## The workload benchmark alone (bench/workload.sh): the legacy app's
 ## users replayed open-loop against the app alone, nginx proxy_cache, one

@@ -12,7 +12,13 @@
 # app and the proxy share two cores, so CPU per request is what decides
 # throughput.
 #
-# Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (50), WORKERS for
+# A floor stands beside them: examples/hyper_floor.rs, a bare hyper server
+# answering the cache hit's bytes on the sidecar's runtime setup (what hyper
+# and tokio cost alone). Every row also gives wrk's own CPU (share of one
+# core): wrk -t1 near 1.0 would make wrk the ceiling (then WRK_THREADS=2).
+#
+# Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (32), LIGHT (8: the
+# connections of the lighter-load rounds), WRK_THREADS (1), WORKERS for
 # both proxies (2), PATH_ (the request, default /api/stats: the default route);
 # the on-vs-off comparisons use AB_ROUNDS (9) of AB_DURATION (3s) and report
 # the median of the per-round ratios. BASELINE=DIR runs DIR/rag-sidecar (for
@@ -24,7 +30,9 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5s}
-CONNECTIONS=${CONNECTIONS:-50}
+CONNECTIONS=${CONNECTIONS:-32}
+LIGHT=${LIGHT:-8}
+FLOOR=${FLOOR:-target/release/examples/hyper_floor}
 WORKERS=${WORKERS:-2}
 PATH_=${PATH_:-/api/stats}
 BIN=${BIN:-target/release}
@@ -58,8 +66,7 @@ idle_rss=$(rss $scpid)
 
 # Whose CPU time each contender's rows report (nginx: its workers; its cache
 # loader exits after a minute and the cache manager idles, so neither counts).
-clk=$(getconf CLK_TCK)
-declare -A cpu_of=([direct]=$uppid [direct-uncached]=$uppid [rag-sidecar]=$scpid [rag-sidecar-cache]=$scpid)
+cpu_of=([direct]=$uppid [direct-uncached]=$uppid [rag-sidecar]=$scpid [rag-sidecar-cache]=$scpid)
 cpu_of[nginx]=$(pgrep -P "$ngxpid" -f "worker process" | tr '\n' ' '); cpu_of[nginx-proxy_cache]=${cpu_of[nginx]}
 baseline=()
 baseline_cache=()
@@ -71,31 +78,6 @@ if [ -n "$BASELINE" ]; then
   baseline=(rag-sidecar-baseline="http://127.0.0.1:$scb$PATH_")
   baseline_cache=(rag-sidecar-baseline-cache="http://127.0.0.1:$scb/api/search")
 fi
-
-ticks() { # ticks PIDS -> "user system" clock ticks, summed
-  for p in $1; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u += $1; s += $2} END {print u, s}'
-}
-
-run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
-  local out=$1 script=$2; shift 2
-  local -A url=(); local order=()
-  for kv in "$@"; do url[${kv%%=*}]=${kv#*=}; order+=("${kv%%=*}"); done
-  for c in "${order[@]}"; do wrk -t1 -c"$CONNECTIONS" -d1s -s "$script" "${url[$c]}" >/dev/null; done  # warm-up
-  for r in $(seq "$ROUNDS"); do
-    for c in "${order[@]}"; do
-      local pids_of=${cpu_of[$c]:-} t0=
-      [ -n "$pids_of" ] && t0=$(ticks "$pids_of")
-      line=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$script" "${url[$c]}" | grep '^RESULT')
-      if [ -n "$pids_of" ]; then
-        line="$line $(echo "$t0 $(ticks "$pids_of") ${line#*requests=}" | awk -v hz="$clk" \
-          '{printf "user_us=%.2f sys_us=%.2f", ($3 - $1) * 1e6 / hz / $5, ($4 - $2) * 1e6 / hz / $5}')"
-      fi
-      echo "$c $line" >> "$out"
-      echo "round $r/$ROUNDS $c: $line" >&2
-    done
-    order=("${order[@]:1}" "${order[0]}")   # rotate who goes first
-  done
-}
 
 results="$work/results.txt"
 run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
@@ -142,15 +124,26 @@ fault_report=$(python3 bench/fault.py "$scf" "$upf" 10 "$CONNECTIONS" "$PATH_")
 
 # Cache hits: the same POST /api/search answered from nginx's proxy_cache and
 # from the sidecar's cache ("direct" is the app computing it every time).
+# The floor answers the hit's bytes.
+hit_bytes=$(curl -s -X POST -H 'Accept:' -H 'Content-Type: application/json' \
+  -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$sc/api/search" | wc -c)
+floor=$(free_port)
+"$FLOOR" "127.0.0.1:$floor" "$WORKERS" "$hit_bytes" &
+floorpid=$!; pids+=($floorpid); wait_port "$floor"
+cpu_of[hyper-floor]=$floorpid
 cache_results="$work/cache.txt"
 run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up/api/search" \
   nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search" \
-  "${baseline_cache[@]}"
-# Moderate load (4 connections, far from saturation): the hit latency a
-# user sees.
-moderate="$work/moderate.txt"
-CONNECTIONS=4 run_rounds "$moderate" bench/post.lua \
-  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search"
+  hyper-floor="http://127.0.0.1:$floor/api/search" "${baseline_cache[@]}"
+# Lighter load (LIGHT connections, short of saturation): the latency a user
+# sees, proxied and from the cache.
+light="$work/light.txt"
+CONNECTIONS=$LIGHT run_rounds "$light" bench/report.lua \
+  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_"
+light_cache="$work/light-cache.txt"
+CONNECTIONS=$LIGHT run_rounds "$light_cache" bench/post.lua \
+  nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search" \
+  hyper-floor="http://127.0.0.1:$floor/api/search"
 hit_header=$(curl -s -D - -o /dev/null -X POST -H 'Accept:' -H 'Content-Type: application/json' \
   -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$sc/api/search" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache" {print $2}')
 ngx_header=$(curl -s -D - -o /dev/null -X POST -H 'Accept:' -H 'Content-Type: application/json' \
@@ -166,63 +159,20 @@ TOML
 start_sidecar "$sc10k" "$up" "$work/10k.toml" ENABLE_RATE_LIMIT=False
 sc10kpid=$sidecar_pid
 rss_10k_before=$(rss $sc10kpid)
-python3 - "$sc10k" <<'PY'
-import http.client, json, sys
-conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
-for i in range(10_000):
-    body = json.dumps({"query": f"benchmark question {i}", "top_k": 32})
-    conn.request("POST", "/api/search", body, {"Content-Type": "application/json"})
-    r = conn.getresponse(); r.read()
-    assert r.status == 200, r.status
-conn.request("GET", "/api/cache/stats"); s = json.loads(conn.getresponse().read())
-ns = s["namespaces"]["search"]
-print(f"filled: {ns['items']} items, {ns['bytes']/1048576:.1f} MiB of entries", file=sys.stderr)
-PY
+items_10k=$(python3 bench/fill.py "$sc10k" 10000)
 rss_10k=$(rss $sc10kpid)
-items_10k=$(curl -s "http://127.0.0.1:$sc10k/api/cache/stats" | python3 -c 'import json,sys; s=json.load(sys.stdin)["namespaces"]["search"]; print(s["items"], round(s["bytes"]/1048576,1))')
 
-BASELINE_RUN=${BASELINE:+1} python3 - "$results" "$cache_results" "$moderate" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" "$metrics_results" "$scrape_ms" <<'PY'
+BASELINE_RUN=${BASELINE:+1} CONNS="$CONNECTIONS $LIGHT" python3 - "$results" "$cache_results" "$light" "$idle_rss" "$load_rss" "$rss_10k_before" "$rss_10k" "$items_10k" "$hit_header" "$ngx_header" "$rl_results" "$res_results" "$metrics_results" "$scrape_ms" "$light_cache" <<'PY'
 import os, sys, statistics, collections
+sys.path.insert(0, "bench")
+from tables import table, paired
 base = os.environ.get("BASELINE_RUN") == "1"
-def table(path, names):
-    rows = collections.defaultdict(list)
-    for line in open(path):
-        name, _, *kv = line.split()
-        rows[name].append(dict(x.split("=") for x in kv))
-    med = {}
-    cpu = all("user_us" in r for n in names for r in rows[n])
-    print("| contender | requests/s (median) | p50 ms | p99 ms | errors | runs |" + (" CPU µs/request, user + kernel (median) |" if cpu else ""))
-    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if cpu else ""))
-    for name in names:
-        runs = rows[name]
-        rps = statistics.median(int(r["requests"]) / (int(r["duration_us"]) / 1e6) for r in runs)
-        p50 = statistics.median(int(r["p50_us"]) for r in runs) / 1000
-        p99 = statistics.median(int(r["p99_us"]) for r in runs) / 1000
-        errs = sum(int(r["errors"]) for r in runs)
-        med[name] = (rps, p50, p99)
-        line = f"| {name} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {errs} | {len(runs)} |"
-        if cpu:
-            u = statistics.median(float(r["user_us"]) for r in runs)
-            k = statistics.median(float(r["sys_us"]) for r in runs)
-            line += f" {u:.1f} + {k:.1f} = {u + k:.1f} |"
-        print(line)
-    print()
-    return med
-def paired(path, a, b):
-    """Median and range of the per-round ratios a/b: the two ran back to
-    back in each round, so machine drift between rounds cancels out."""
-    rows = collections.defaultdict(list)
-    for line in open(path):
-        name, _, *kv = line.split()
-        r = dict(x.split("=") for x in kv)
-        rows[name].append(int(r["requests"]) / (int(r["duration_us"]) / 1e6))
-    ratios = sorted(x / y for x, y in zip(rows[a], rows[b]))
-    return statistics.median(ratios), ratios[0], ratios[-1]
 def ab(path, on, off, what):
     m = table(path, (off, on))
     r, lo, hi = paired(path, on, off)
     print(f"- throughput with {what}: median of the per-round ratios {r:.3f}x of off ({(1 - r) * 100:+.1f} % lower; rounds ranged {lo:.3f}-{hi:.3f}); medians of the columns {m[on][0]/m[off][0]:.3f}x")
-print("Proxying (GET /api/stats, default route, not cached):\n")
+c_full, c_light = os.environ["CONNS"].split()
+print(f"Proxying (GET /api/stats, default route, not cached; wrk -c{c_full}):\n")
 m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar") + (("rag-sidecar-baseline",) if base else ()))
 s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
@@ -234,10 +184,11 @@ if base:
 idle, loaded, before_10k, after_10k, items_10k, hit_h, ngx_h, rl_path = sys.argv[4:12]
 print(f"- sidecar RSS: idle {int(idle)/1024:.1f} MiB, after the load {int(loaded)/1024:.1f} MiB")
 print()
-print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {hit_h}, nginx {ngx_h}):\n")
-m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache") + (("rag-sidecar-baseline-cache",) if base else ()))
-s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
+print(f"Cache hits (POST /api/search, same body; X-Cache seen: sidecar {hit_h}, nginx {ngx_h}; wrk -c{c_full}):\n")
+m = table(sys.argv[2], ("direct-uncached", "nginx-proxy_cache", "rag-sidecar-cache", "hyper-floor") + (("rag-sidecar-baseline-cache",) if base else ()))
+s, n, f = m["rag-sidecar-cache"], m["nginx-proxy_cache"], m["hyper-floor"]
 print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+print(f"- the floor (bare hyper, the same bytes): sidecar/floor throughput {s[0]/f[0]:.2f}x; user CPU per request {s[3]:.1f} µs against the floor's {f[3]:.1f}")
 if base:
     b = m["rag-sidecar-baseline-cache"]
     r, lo, hi = paired(sys.argv[2], "rag-sidecar-cache", "rag-sidecar-baseline-cache")
@@ -253,12 +204,20 @@ print("Metrics on (as shipped) vs ENABLE_METRICS=False, GET default route:\n")
 ab(sys.argv[13], "metrics-on", "metrics-off", "metrics on")
 print(f"- one GET /metrics on the loaded sidecar (HTTP round trip included, median of 200): {sys.argv[14]}")
 print()
-print("Cache hits at moderate load (4 connections):\n")
-m = table(sys.argv[3], ("nginx-proxy_cache", "rag-sidecar-cache"))
+print(f"Lighter load (wrk -c{c_light}), proxied:\n")
+m = table(sys.argv[3], ("nginx", "rag-sidecar"))
+s, n = m["rag-sidecar"], m["nginx"]
+print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+print()
+print(f"Lighter load (wrk -c{c_light}), cache hits:\n")
+m = table(sys.argv[15], ("nginx-proxy_cache", "rag-sidecar-cache", "hyper-floor"))
+s, n = m["rag-sidecar-cache"], m["nginx-proxy_cache"]
+print(f"- hit throughput sidecar/nginx proxy_cache: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+print()
 items, mib = items_10k.split()
 print(f"- 10 000 cached ~4 KiB answers: {items} items ({mib} MiB of entries), RSS {int(before_10k)/1024:.1f} MiB before, {int(after_10k)/1024:.1f} MiB after")
 PY
 echo
 echo "$fault_report"
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%Y-%m-%d); wrk -t1 -c$CONNECTIONS -d$DURATION x $ROUNDS rounds, $WORKERS workers each, GET $PATH_"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $(date -u +%Y-%m-%d); wrk -t${WRK_THREADS:-1} -c$CONNECTIONS (and -c$LIGHT) -d$DURATION x $ROUNDS rounds, $WORKERS workers each, GET $PATH_"

@@ -10,7 +10,13 @@
 # would otherwise add a time-dependent share to every request.
 # Configurations: as shipped (retry, circuit breaking and metrics on, rate
 # limits off as in bench.sh), retry and circuit breaking off, metrics off,
-# and rate limiting on at a limit that never rejects.
+# and rate limiting on at a limit that never rejects. Then a cache hit (the
+# same POST /api/search, as shipped) and the floor, examples/hyper_floor.rs
+# (bare hyper answering the hit's bytes) with and without hyper's
+# header-read timer: what the stack costs above hyper, and what the timer
+# costs. Valgrind's CPU has no SHA extensions, so the hit's SHA-256 runs the
+# portable code here (the real CPU's SHA-NI path is much cheaper): the hit's
+# count overstates the key's share.
 # Used by `make bench` (after the release build). Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,19 +27,39 @@ need valgrind valgrind
 up=$(free_port)
 start_app "$up" --search-latency-ms 0
 printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work/resilience-off.toml"
+FLOOR=${FLOOR:-target/release/examples/hyper_floor}
+# The floor answers as many bytes as the sidecar's hit (the mock's search).
+hit_bytes=$(curl -s -X POST -H 'Content-Type: application/json' \
+  -d '{"query": "Học máy là gì?", "top_k": 5}' "http://127.0.0.1:$up/api/search" | wc -c)
 
-instructions() { # instructions CONFIG ENV N → total instructions of the sidecar
+instructions() { # instructions CONFIG ENV N [KIND] → total instructions of the sidecar
   local port; port=$(free_port)
   env LOG_LEVEL=warn ENABLE_RATE_LIMIT=False NUM_THREADS=1 $2 valgrind --tool=callgrind --separate-threads=yes \
     --callgrind-out-file="$work/cg.out" "$BIN/rag-sidecar" --config "$1" \
     --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up" 2>/dev/null &
-  local pid=$!
-  wait_port "$port"
-  python3 - "$port" "$3" <<'PY'
+  count "$!" "$port" "$3" "${4:-proxied}"
+}
+
+floor_instructions() { # floor_instructions FLAGS N → total instructions of the floor
+  local port; port=$(free_port)
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/cg.out" \
+    "$FLOOR" "127.0.0.1:$port" 1 "$hit_bytes" $1 2>/dev/null &
+  count "$!" "$port" "$2" hit
+}
+
+count() { # count PID PORT N KIND: sends N requests, stops PID, prints its main thread's total
+  local pid=$1
+  wait_port "$2"
+  python3 - "$2" "$3" "$4" <<'PY'
 import http.client, sys
 c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+search = '{"query": "Học máy là gì?", "top_k": 5}'.encode()
 for _ in range(int(sys.argv[2])):
-    c.request("GET", "/api/stats"); r = c.getresponse(); r.read()
+    if sys.argv[3] == "hit":  # the same search every time: all hits but the first
+        c.request("POST", "/api/search", search, {"Content-Type": "application/json"})
+    else:
+        c.request("GET", "/api/stats")
+    r = c.getresponse(); r.read()
     assert r.status == 200, r.status
 PY
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
@@ -41,9 +67,15 @@ PY
   rm -f "$work"/cg.out*
 }
 
-per_request() { # per_request NAME CONFIG ENV
+per_request() { # per_request NAME CONFIG ENV [KIND]
   local a b
-  a=$(instructions "$2" "$3" 1000); b=$(instructions "$2" "$3" 3000)
+  a=$(instructions "$2" "$3" 1000 "${4:-}"); b=$(instructions "$2" "$3" 3000 "${4:-}")
+  echo "$1 $(( (b - a) / 2000 ))"
+}
+
+floor_per_request() { # floor_per_request NAME FLAGS
+  local a b
+  a=$(floor_instructions "$2" 1000); b=$(floor_instructions "$2" 3000)
   echo "$1 $(( (b - a) / 2000 ))"
 }
 
@@ -52,11 +84,14 @@ per_request() { # per_request NAME CONFIG ENV
   per_request resilience-off "$work/resilience-off.toml" "X=1"
   per_request metrics-off config/rag-sidecar.toml "ENABLE_METRICS=False"
   per_request rate-limit-on config/rag-sidecar.toml "ENABLE_RATE_LIMIT=True DEFAULT_RATE_LIMIT=1000000000/minute"
+  per_request hit config/rag-sidecar.toml "X=1" hit
+  floor_per_request floor ""
+  floor_per_request floor-no-timer --no-timer
 } > "$work/figures"
 python3 - "$work/figures" <<'PY'
 import sys
 f = dict(l.split() for l in open(sys.argv[1]))
-s, r, m, l = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on"))
+s, r, m, l, h, fl, fn = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on", "hit", "floor", "floor-no-timer"))
 print("Instructions per request in the sidecar (callgrind, 1 worker, GET default route):\n")
 print("| configuration | instructions/request | layer's share |")
 print("|---|---:|---:|")
@@ -64,4 +99,13 @@ print(f"| as shipped | {s:,} | |")
 print(f"| retry + circuit off | {r:,} | retry + circuit: {s - r:,} ({(s - r) / r * 100:.1f} % of the rest) |")
 print(f"| metrics off | {m:,} | metrics: {s - m:,} ({(s - m) / m * 100:.1f} % of the rest) |")
 print(f"| rate limiting on (never rejecting) | {l:,} | rate limiting: {l - s:,} ({(l - s) / s * 100:.1f} % of the rest) |")
+print()
+print("A cache hit (POST /api/search, the same body) and the floor (examples/hyper_floor.rs:")
+print("bare hyper answering the hit's bytes, 1 worker), instructions per request:\n")
+print("| what | instructions/request |")
+print("|---|---:|")
+print(f"| rag-sidecar, cache hit (as shipped) | {h:,} |")
+print(f"| hyper floor, header-read timer on (the sidecar's setting) | {fl:,} |")
+print(f"| hyper floor, no timer | {fn:,} |")
+print(f"\n- hyper's header-read timer: {fl - fn:,} instructions per request; the stack above hyper on a hit: {h - fl:,}")
 PY

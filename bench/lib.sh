@@ -47,3 +47,43 @@ start_sidecar() { # start_sidecar PORT APP_PORT CONFIG [VAR=VALUE...] — its pi
       --config "$config" --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$app") &
   sidecar_pid=$!; pids+=("$sidecar_pid"); wait_port "$port"
 }
+
+# Rounds of wrk against several contenders, alternating (who goes first
+# rotates each round), one RESULT line per run appended to RESULTS. Reads
+# ROUNDS, DURATION, CONNECTIONS, WRK_THREADS (1), `clk` (CLK_TCK) and the
+# associative array `cpu_of` (contender -> the PIDs whose CPU time it is
+# charged: user_us/sys_us per request). Every line also carries wrk's own
+# CPU share of one core (wrk_cpu, user + kernel over the run's wall time):
+# near 1.0 per wrk thread, wrk would be the ceiling rather than the
+# contender.
+clk=$(getconf CLK_TCK)
+declare -A cpu_of=()
+ticks() { # ticks PIDS -> "user system" clock ticks, summed
+  for p in $1; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u += $1; s += $2} END {print u, s}'
+}
+run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
+  local out=$1 script=$2; shift 2
+  local -A url=(); local order=()
+  local threads=${WRK_THREADS:-1}
+  for kv in "$@"; do url[${kv%%=*}]=${kv#*=}; order+=("${kv%%=*}"); done
+  for c in "${order[@]}"; do wrk -t"$threads" -c"$CONNECTIONS" -d1s -s "$script" "${url[$c]}" >/dev/null; done  # warm-up
+  for r in $(seq "$ROUNDS"); do
+    for c in "${order[@]}"; do
+      local pids_of=${cpu_of[$c]:-} t0= line
+      [ -n "$pids_of" ] && t0=$(ticks "$pids_of")
+      # wrk's own CPU: bash's `time` of the run (user and kernel seconds).
+      local TIMEFORMAT='%U %S'
+      { time wrk -t"$threads" -c"$CONNECTIONS" -d"$DURATION" -s "$script" "${url[$c]}" > "$work/wrk.out"; } 2> "$work/wrk.time"
+      local wrk_s; wrk_s=$(awk '{print $1 + $2}' "$work/wrk.time")
+      line=$(grep '^RESULT' "$work/wrk.out")
+      line="$line $(echo "$wrk_s ${line#*duration_us=}" | awk '{printf "wrk_cpu=%.2f", $1 / ($2 / 1e6)}')"
+      if [ -n "$pids_of" ]; then
+        line="$line $(echo "$t0 $(ticks "$pids_of") ${line#*requests=}" | awk -v hz="$clk" \
+          '{printf "user_us=%.2f sys_us=%.2f", ($3 - $1) * 1e6 / hz / $5, ($4 - $2) * 1e6 / hz / $5}')"
+      fi
+      echo "$c $line" >> "$out"
+      echo "round $r/$ROUNDS $c: $line" >&2
+    done
+    order=("${order[@]:1}" "${order[0]}")   # rotate who goes first
+  done
+}

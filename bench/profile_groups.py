@@ -47,6 +47,10 @@ def group(dso: str, sym: str) -> str:
         return "other libc (syscall wrappers)"
     if dso.startswith("[vdso"):
         return "clock reads (vdso)"
+    # jemalloc (the default allocator) is linked into the binary, its
+    # symbols prefixed.
+    if sym.startswith(("_rjem_", "je_", "_rjem_je_")):
+        return "malloc/free (jemalloc)"
     s = sym.lstrip("<")
     if "::" in s:
         crate = s.split("::")[0].split(" as ")[0].lstrip("&").strip()
