@@ -236,11 +236,11 @@ impl Server {
         let dispatch = |stack| match moved {
             true => Dispatch::Proxy {
                 moved: admin.clone(),
-                stack,
+                stack: OwnStack::new(stack),
             },
             false => Dispatch::Both {
                 admin: admin.clone(),
-                stack,
+                stack: OwnStack::new(stack),
             },
         };
 
@@ -489,10 +489,38 @@ enum Dispatch {
     Admin(Admin),
     /// The proxy port with the sidecar's endpoints on it (the default): the
     /// admin router's paths go to it, the rest to the stack.
-    Both { admin: Admin, stack: ProxyStack },
+    Both { admin: Admin, stack: OwnStack },
     /// The proxy port when `admin_listen` moved the endpoints away: their
     /// paths are refused (404), never proxied.
-    Proxy { moved: Admin, stack: ProxyStack },
+    Proxy { moved: Admin, stack: OwnStack },
+}
+
+/// A connection's own copy of the stack, called in place: every layer is
+/// ready at once (each passes its inner service's readiness down to the
+/// proxy, which is always ready), so a request needs neither a clone of
+/// the whole stack (an allocation and a reference count per layer) nor
+/// `oneshot`. Only the connection's task calls it, one request at a time.
+#[derive(Debug, Clone)]
+struct OwnStack(std::cell::RefCell<ProxyStack>);
+
+impl OwnStack {
+    fn new(stack: ProxyStack) -> Self {
+        Self(std::cell::RefCell::new(stack))
+    }
+
+    fn answer(&self, req: Request<Body>) -> Answer {
+        let mut stack = self.0.borrow_mut();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match tower::Service::poll_ready(&mut *stack, &mut cx) {
+            std::task::Poll::Ready(Ok(())) => Answer::Stack(tower::Service::call(&mut *stack, req)),
+            // Not ready (no layer does this today): a copy that waits for
+            // its own readiness, as before.
+            _ => {
+                let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
+                Answer::Own(Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right)))))
+            }
+        }
+    }
 }
 
 /// [`Dispatch`] for one connection, knowing its peer.
@@ -510,11 +538,22 @@ struct ConnService {
 impl ConnService {
     fn admin(&self, admin: &Admin, req: Request<Incoming>) -> Answer {
         let fut = admin.call(req, self.peer);
-        Box::pin(async move { Ok(fut.await.map(Either::Left)) })
+        Answer::Own(Box::pin(async move { Ok(fut.await.map(Either::Left)) }))
     }
 }
 
-type Answer = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+/// An answer on its way: the sidecar's own (its endpoints, a refusal), or
+/// the stack's future, already boxed by the stack's type erasure.
+enum Answer {
+    Own(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>),
+    Stack(<ProxyStack as tower::Service<Request<Body>>>::Future),
+}
+
+impl Answer {
+    fn ready(resp: Response<Body>) -> Self {
+        Self::Own(Box::pin(std::future::ready(Ok(resp.map(Either::Left)))))
+    }
+}
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<Tracked<ResponseBody>>;
@@ -544,7 +583,12 @@ impl Future for Busying {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let resp = std::task::ready!(self.answer.as_mut().poll(cx));
+        let resp = match &mut self.answer {
+            Answer::Own(f) => std::task::ready!(f.as_mut().poll(cx)),
+            Answer::Stack(f) => {
+                std::task::ready!(f.as_mut().poll(cx)).map(|r| r.map(Either::Right))
+            }
+        };
         let busy = self.busy.take();
         std::task::Poll::Ready(resp.map(|r| r.map(|b| Tracked::new(b, busy))))
     }
@@ -559,7 +603,7 @@ impl ConnService {
                 http::StatusCode::BAD_REQUEST,
                 &serde_json::json!({"error": "Bad request", "message": why}),
             );
-            return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+            return Answer::ready(resp);
         }
         let stack = match &self.svc {
             Dispatch::Admin(admin) => return self.admin(admin, req),
@@ -575,7 +619,7 @@ impl ConnService {
                         http::StatusCode::NOT_FOUND,
                         &serde_json::json!({"error": "Not found", "message": "the sidecar's endpoints are served on admin_listen"}),
                     );
-                    return Box::pin(std::future::ready(Ok(resp.map(Either::Left))));
+                    return Answer::ready(resp);
                 }
                 stack
             }
@@ -598,9 +642,6 @@ impl ConnService {
                 Box::new(ClientBodyStalled(stall))
             }))
         });
-        let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
-        // A combinator, not an async block: rustc cannot prove the
-        // boxed-error lifetimes of an async block over `Oneshot` general.
-        Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right))))
+        stack.answer(req)
     }
 }
