@@ -128,7 +128,7 @@ async fn an_idle_upstream_connection_is_closed_by_the_sidecar_after_the_idle_tim
         Seen::Closed(_) => {}
         other => panic!("expected the connection closed, saw {other:?}"),
     }
-    // hyper-util's pool sweeps idle connections every idle timeout, so one
+    // The pool (src/proxy/pool.rs) sweeps idle connections every idle timeout, so one
     // is closed between 1× and 2× after its last use (a checkout never takes
     // an expired one).
     let idle = sent.elapsed();
