@@ -2,8 +2,9 @@
 //! pooled keep-alive HTTP/1.1 connection ([`pool`]: per worker, driven in
 //! the request's own task) and streams both bodies through.
 //!
-//! Requests from HTTP/2 clients are rewritten to HTTP/1.1 with an absolute
-//! URI (the legacy app speaks only HTTP/1.1); hop-by-hop headers are dropped
+//! Requests from HTTP/2 clients are rewritten to HTTP/1.1, their target in
+//! origin form and their `:authority` as `Host` (the legacy app speaks only
+//! HTTP/1.1); hop-by-hop headers are dropped
 //! from responses here (from requests by the server, before the stack) and
 //! `X-Forwarded-*` set. A client error becomes a typed
 //! [`UpstreamUnavailable`] unless it was caused by the request body (an
