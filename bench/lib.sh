@@ -30,11 +30,12 @@ start_app() { # start_app PORT [ARG...] — the mock app, one thread; its pid in
   "$BIN/mock-legacy-app" --listen "127.0.0.1:$port" --threads 1 "$@" >/dev/null &
   app_pid=$!; pids+=("$app_pid"); wait_port "$port"
 }
-# The configuration a baseline build runs with: its own checkout's shipped
-# file (BASELINE=<checkout>/target/release), else the built-in defaults (an
-# older build refuses the keys a newer file adds).
-baseline_config() {
-  local own; own=$(realpath -m "$BASELINE/../../config/rag-sidecar.toml")
+# The configuration another build runs with: its own checkout's shipped
+# file (DIR=<checkout>/target/release), else the built-in defaults (an
+# older build refuses the keys a newer file adds). DIR defaults to
+# $BASELINE.
+baseline_config() { # baseline_config [DIR]
+  local own; own=$(realpath -m "${1:-$BASELINE}/../../config/rag-sidecar.toml")
   if [ -f "$own" ]; then echo "$own"; else : > "$work/baseline.toml"; echo "$work/baseline.toml"; fi
 }
 start_sidecar() { # start_sidecar PORT APP_PORT CONFIG [VAR=VALUE...] — its pid in $sidecar_pid

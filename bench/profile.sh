@@ -27,8 +27,8 @@ start_app "$up" --search-latency-ms 0 --rag-latency-ms 0
 start_sidecar "$sc" "$up" config/rag-sidecar.toml ENABLE_RATE_LIMIT=False
 curl -fsS -X POST -H 'Content-Type: application/json' -d '{"query": "Học máy là gì?", "top_k": 5}' \
   "http://127.0.0.1:$sc/api/search" >/dev/null
-clk=$(getconf CLK_TCK)
-ticks() { awk '{print $14 + $15}' "/proc/$sidecar_pid/stat"; }
+# The sidecar's CPU ticks, user + kernel (lib.sh's ticks gives the two).
+cpu_ticks() { ticks "$sidecar_pid" | awk '{print $1 + $2}'; }
 
 profile() { # profile SLUG NAME SCRIPT PATH
   local slug=$1 name=$2 script=$3 path=$4
@@ -37,9 +37,9 @@ profile() { # profile SLUG NAME SCRIPT PATH
   # interrupts would inflate it), then a run of the same length under perf
   # gives the shares.
   local t0 t1 line requests cpu_us
-  t0=$(ticks)
+  t0=$(cpu_ticks)
   line=$(wrk -t1 -c50 -d"${DURATION}s" -s "$script" "http://127.0.0.1:$sc$path" | grep '^RESULT')
-  t1=$(ticks)
+  t1=$(cpu_ticks)
   requests=${line#*requests=}; requests=${requests%% *}
   cpu_us=$(awk -v a="$t0" -v b="$t1" -v hz="$clk" -v n="$requests" 'BEGIN {printf "%.2f", (b - a) * 1e6 / hz / n}')
   perf record -q -e cpu-clock -F 999 -p "$sidecar_pid" -o "$work/$slug.data" -- sleep "$DURATION" 2>/dev/null &
