@@ -67,6 +67,7 @@ pub enum SendError {
 
 /// One connection: the handle requests go in by and the state machine that
 /// reads and writes the socket, polled by whoever holds the connection.
+#[derive(Debug)]
 struct Conn {
     sender: http1::SendRequest<Body>,
     /// `None` once it has ended: dropping it hands a request it never
@@ -117,7 +118,7 @@ impl Conn {
 }
 
 /// A worker's idle connections, the most recently used last.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Idle {
     conns: VecDeque<Conn>,
     /// This worker's sweep task runs.
@@ -125,22 +126,13 @@ struct Idle {
 }
 
 /// The pool of one upstream client.
+#[derive(Debug)]
 pub(super) struct Pool {
     idle: ThreadLocal<RefCell<Idle>>,
     /// Where to connect: `host:port`.
     addr: String,
     idle_timeout: Duration,
     max_idle: usize,
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool")
-            .field("addr", &self.addr)
-            .field("idle_timeout", &self.idle_timeout)
-            .field("max_idle", &self.max_idle)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Pool {
@@ -155,6 +147,11 @@ impl Pool {
 
     fn slot(&self) -> &RefCell<Idle> {
         self.idle.get_or_default()
+    }
+
+    /// Idle for the timeout or longer: never used again.
+    fn expired(&self, c: &Conn, now: Instant) -> bool {
+        now.duration_since(c.idle_since) >= self.idle_timeout
     }
 
     /// Sends `req` on a pooled connection or a new one; the answer's body
@@ -191,7 +188,7 @@ impl Pool {
     async fn checkout(&self) -> Option<Conn> {
         loop {
             let mut c = self.slot().borrow_mut().conns.pop_back()?;
-            if c.idle_since.elapsed() >= self.idle_timeout {
+            if self.expired(&c, Instant::now()) {
                 continue; // dropped: closed
             }
             // One poll: a connection the app closed reads the end of stream.
@@ -245,11 +242,7 @@ impl Pool {
         let slot = self.slot();
         let mut idle = slot.borrow_mut();
         // The oldest first, so that a busy worker keeps no stale ones.
-        while idle
-            .conns
-            .front()
-            .is_some_and(|o| now.duration_since(o.idle_since) >= self.idle_timeout)
-        {
+        while idle.conns.front().is_some_and(|o| self.expired(o, now)) {
             idle.conns.pop_front();
         }
         if idle.conns.len() >= self.max_idle {
@@ -280,8 +273,7 @@ impl Pool {
                 let Some(pool) = pool.upgrade() else { return };
                 let now = Instant::now();
                 let mut idle = pool.slot().borrow_mut();
-                idle.conns
-                    .retain(|c| now.duration_since(c.idle_since) < pool.idle_timeout);
+                idle.conns.retain(|c| !pool.expired(c, now));
             }
         });
         true
@@ -291,20 +283,12 @@ impl Pool {
 /// An answer's body with the connection it arrives on: reading the body
 /// drives the connection, and a body read to its end gives the connection
 /// back to the pool (one dropped before its end closes it).
+#[derive(Debug)]
 pub struct Driven {
     body: Incoming,
     conn: Option<Conn>,
     pool: Arc<Pool>,
     ended: bool,
-}
-
-impl std::fmt::Debug for Driven {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driven")
-            .field("body", &self.body)
-            .field("ended", &self.ended)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Driven {
