@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::scripted::{After, Seen, is_probe, next, next_request, scripted_app};
 use common::{Mock, Sidecar, client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 #[tokio::test]
 async fn system_figures_answer_from_the_first_request() {
@@ -29,85 +29,9 @@ async fn system_figures_answer_from_the_first_request() {
     assert!(h["system"].is_object(), "{h}");
 }
 
-/// What the recording upstream saw: each request's connection number and
-/// whether it was the sidecar's readiness probe, and each connection the
-/// peer closed.
-#[derive(Debug)]
-enum Seen {
-    Request { conn: usize, probe: bool },
-    Closed(usize),
-}
-
-/// The sidecar's background readiness probe (its own pool), which the tests
-/// here leave out of what they count.
-const PROBE_PATH: &[u8] = b"/__mock/fast";
-
-fn is_probe(head: &[u8]) -> bool {
-    head.windows(PROBE_PATH.len()).any(|w| w == PROBE_PATH)
-}
-
-/// A minimal HTTP/1.1 upstream that numbers its connections, answers every
-/// request `200 ok` (keep-alive) and reports what it saw.
-async fn recording_upstream() -> (String, mpsc::UnboundedReceiver<Seen>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        for n in 0.. {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let read = sock.read(&mut chunk).await.unwrap_or(0);
-                    if read == 0 {
-                        let _ = tx.send(Seen::Closed(n));
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..read]);
-                    // Bodiless requests: each head ends the request.
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head: Vec<u8> = buf.drain(..end + 4).collect();
-                        let _ = tx.send(Seen::Request {
-                            conn: n,
-                            probe: is_probe(&head),
-                        });
-                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if sock.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (url, rx)
-}
-
-/// The next event that `wanted` keeps (within 5 s).
-async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>, wanted: impl Fn(&Seen) -> bool) -> Seen {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let seen = rx.recv().await.expect("the upstream is running");
-            if wanted(&seen) {
-                return seen;
-            }
-        }
-    })
-    .await
-    .expect("the upstream saw it within 5 s")
-}
-
-fn proxied(s: &Seen) -> bool {
-    matches!(s, Seen::Request { probe: false, .. })
-}
-
 #[tokio::test]
 async fn an_idle_upstream_connection_is_closed_by_the_sidecar_after_the_idle_timeout() {
-    let (upstream, mut seen) = recording_upstream().await;
+    let (upstream, mut seen) = scripted_app(After::KeepAlive, 2).await;
     // One worker, so both requests share one pool.
     let toml = "threads = 1\nupstream_idle_timeout = \"300ms\"\n";
     let sc = Sidecar::start(&upstream, toml).await;
@@ -115,34 +39,27 @@ async fn an_idle_upstream_connection_is_closed_by_the_sidecar_after_the_idle_tim
     let r = client().get(sc.url("/api/stats")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let sent = tokio::time::Instant::now();
-    let Seen::Request { conn: first, .. } = next(&mut seen, proxied).await else {
-        unreachable!("proxied() keeps requests only");
-    };
+    let first = next_request(&mut seen).await;
     // The sidecar closes the idle connection itself, after the timeout and
     // not before; no other request came on it meanwhile.
-    let closed_or_reused = |s: &Seen| match s {
-        Seen::Closed(n) => *n == first,
-        Seen::Request { conn, .. } => *conn == first,
-    };
-    match next(&mut seen, closed_or_reused).await {
-        Seen::Closed(_) => {}
+    match next(&mut seen).await {
+        Seen::Ended {
+            conn,
+            by_app: false,
+        } if conn == first => {}
         other => panic!("expected the connection closed, saw {other:?}"),
     }
-    // The pool (src/proxy/pool.rs) sweeps idle connections every idle timeout, so one
-    // is closed between 1× and 2× after its last use (a checkout never takes
-    // an expired one).
+    // The pool (src/proxy/pool.rs) sweeps idle connections every idle
+    // timeout, so one is closed between 1× and 2× after its last use (a
+    // checkout never takes an expired one).
     let idle = sent.elapsed();
     assert!(idle >= Duration::from_millis(250), "closed after {idle:?}");
     assert!(idle < Duration::from_millis(1500), "closed after {idle:?}");
 
     let r = client().get(sc.url("/api/stats")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    match next(&mut seen, proxied).await {
-        Seen::Request { conn, .. } => {
-            assert_ne!(conn, first, "the next request takes a new connection")
-        }
-        other => panic!("expected a request, saw {other:?}"),
-    }
+    let conn = next_request(&mut seen).await;
+    assert_ne!(conn, first, "the next request takes a new connection");
 }
 
 #[tokio::test]

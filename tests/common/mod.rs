@@ -8,6 +8,8 @@
 )]
 #![allow(dead_code, reason = "each test file uses only some of these helpers")]
 
+pub mod scripted;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
