@@ -48,6 +48,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         spool: SpoolBudget::new(cfg.spool_max_bytes),
         redis_errors: Default::default(),
         quota: rag_sidecar::metrics::quota::QuotaStats::new([]),
+        spans: std::sync::Arc::default(),
         redis_configured: false,
     };
     let metrics = Metrics::new(&cfg, sources);

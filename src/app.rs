@@ -29,6 +29,10 @@ use crate::redis::{RedisError, RedisStore};
 use crate::route::RouteTable;
 use crate::server::{Server, ServerError};
 use crate::system::Monitor;
+use crate::trace::{Exporting, TraceError, Tracing};
+
+/// How long the last spans may take to reach the collector at shutdown.
+const TRACE_FLUSH: Duration = Duration::from_secs(2);
 
 /// How often the upstream is probed in the background (readiness, health,
 /// metrics).
@@ -45,12 +49,16 @@ pub enum AppError {
     Cache(String),
     #[error(transparent)]
     Redis(#[from] RedisError),
+    #[error("tracing: {0}")]
+    Trace(#[from] TraceError),
 }
 
 /// A bound, not yet running sidecar.
 #[derive(Debug)]
 pub struct App {
     server: Server,
+    /// The span export, flushed after the drain.
+    exporting: Option<Exporting>,
 }
 
 impl App {
@@ -102,6 +110,8 @@ impl App {
             .await;
         let resilience = Resilience::new(&cfg);
         let spool = SpoolBudget::new(cfg.spool_max_bytes);
+        let spans = Arc::default();
+        let (tracing, exporting) = Tracing::start(&cfg.tracing, Arc::clone(&spans))?;
         let metrics = Metrics::new(
             &cfg,
             Sources {
@@ -115,6 +125,7 @@ impl App {
                 spool: Arc::clone(&spool) as _,
                 redis_errors,
                 quota: quota_stats,
+                spans,
                 redis_configured: cfg.redis.url.is_some(),
             },
         );
@@ -126,6 +137,7 @@ impl App {
             resilience,
             metrics: Arc::clone(&metrics),
             spool,
+            tracing,
         };
         // One stack per worker, each over its own upstream pool.
         let stacks = (0..listeners.workers())
@@ -153,6 +165,7 @@ impl App {
         let admin = Admin::with_endpoints(state, endpoints);
         Ok(Self {
             server: Server::new(&cfg, listeners, stacks, admin),
+            exporting,
         })
     }
 
@@ -169,5 +182,13 @@ impl App {
     /// Serves until `shutdown` resolves, then drains (see [`crate::server`]).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         self.server.run(shutdown).await;
+        if let Some(exporting) = self.exporting {
+            // The SDK's shutdown blocks until the last batch is sent (or
+            // the time is up): off the runtime's threads.
+            let flushed = tokio::task::spawn_blocking(move || exporting.shutdown(TRACE_FLUSH));
+            if flushed.await.is_err() {
+                tracing::warn!("trace export: the final flush did not finish");
+            }
+        }
     }
 }

@@ -11,10 +11,16 @@
 //! - [`BodySent`]: the route timeout → the breaker's permit.
 //! - [`StaleAtHand`]: the cache → the retry.
 //! - `MatchedRoute` ([`crate::route`]): the route match → every layer.
+//! - [`Attempt`]: the retry, on each copy it sends → the attempt span.
 //!
 //! On the response:
 //! - [`UpstreamFailure`]: the classifier → the retry, the breaker, metrics.
-//! - [`CacheOutcome`]: the cache → metrics, the cache's invalidation.
+//! - [`CacheOutcome`]: the cache → metrics, the cache's invalidation, the
+//!   server span.
+//! - [`Coalesced`]: the cache, on an answer shared with another request →
+//!   the server span.
+//! - [`QuotaWait`]: the upstream quota, on an answer that waited its turn →
+//!   the server span.
 //! - `Rescued` ([`crate::error`]): the rescue → metrics, the access log.
 //!
 //! [`Carried`] is the one list of request extensions a request re-made by a
@@ -120,6 +126,20 @@ impl CacheOutcome {
         }
     }
 }
+
+/// Which attempt of its request this is, from 2 on (the first carries
+/// none): the retry puts it on each copy it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt(pub u32);
+
+/// The answer is another request's, shared (collapsed forwarding, here or
+/// on another sidecar of the fleet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalesced;
+
+/// How long the request waited for room under its route's upstream quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaWait(pub Duration);
 
 /// The request extensions the layers below the retry read: taken once from
 /// the original request, put on each copy a retry makes. Copying the whole

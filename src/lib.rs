@@ -18,8 +18,9 @@
 //!        └ layers     build_stack: which layer wraps which, and why
 //!          └ layers::{match_route, access_log, rescue, inflight, rate_limit,
 //!          │          body_limit, cache, buffer, timeout, retry, quota,
-//!          │          circuit, classify}
+//!          │          circuit, classify, trace_span, attempt_span}
 //!          │          one concern each; none uses another
+//!          └ trace    the W3C trace context, span export (OTLP/HTTP)
 //!          └ proxy    the upstream client, headers, the readiness probe
 //!            └ redis  one Redis client (cache, limiter, quota): scripts,
 //!              │      the fleet's keys, pub/sub
@@ -64,6 +65,7 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod system;
+pub mod trace;
 
 /// The error type inside the stack; the rescue layer turns it into a response.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

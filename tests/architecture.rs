@@ -38,6 +38,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "layers::*",
             "proxy",
             "redis",
+            "trace",
             "metrics",
             "system",
             "health",
@@ -61,10 +62,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "layers",
-        &["layers::*", "proxy", "redis", "metrics", "base"],
+        &["layers::*", "proxy", "redis", "trace", "metrics", "base"],
     ),
     // A layer: never another layer.
-    ("layers::*", &["proxy", "redis", "metrics", "base"]),
+    ("layers::*", &["proxy", "redis", "trace", "metrics", "base"]),
+    ("trace", &["metrics", "config"]),
     ("proxy", &["metrics", "base"]),
     ("redis", &["metrics", "error", "config", "body"]),
     ("metrics", &["system", "health", "base"]),

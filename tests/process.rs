@@ -9,33 +9,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Mock, SidecarProcess, client, free_addr};
+use common::{Mock, SidecarProcess, client, free_addr, get_text_at, sigterm, wait_exit};
 use serde_json::Value;
-
-fn sigterm(pid: u32) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-fn wait_exit(p: &mut SidecarProcess, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sidecar did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
@@ -166,14 +143,7 @@ async fn a_40mb_upload_is_spooled_without_growing_the_sidecars_memory() {
         "peak RSS grew from {before} KiB to {after} KiB"
     );
     // The file and its share of spool_max_bytes are given back.
-    let metrics = client()
-        .get(format!("http://{listen}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text_at(format!("http://{listen}/metrics")).await;
     assert!(
         metrics
             .lines()

@@ -368,6 +368,11 @@ pub(super) const UPSTREAM: Text<Upstream> = Text {
     parse: parse::upstream,
     show: ToString::to_string,
 };
+/// An OTLP/HTTP collector's base URL.
+pub(super) const OTLP: Text<String> = Text {
+    parse: parse::otlp_endpoint,
+    show: String::clone,
+};
 /// An upstream request path.
 pub(super) const PATH: Text<String> = Text {
     parse: parse::path,

@@ -162,6 +162,20 @@ pub struct CircuitBreakerConfig {
     pub timeout: Duration,
 }
 
+/// Traces (`[tracing]`): where spans go and which are kept. The standard
+/// `OTEL_*` variables the SDK reads itself (`OTEL_TRACES_SAMPLER`,
+/// `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_TRACES_*`) win over these.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans
+    /// go to `<it>/v1/traces`. Unset: nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// The share of new traces sampled (a client's sampled flag is
+    /// followed), 0 to 1.
+    pub sample_ratio: f64,
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -202,6 +216,7 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// `ENABLE_METRICS`.
     pub metrics_enabled: bool,
+    pub tracing: TracingConfig,
     pub routes: Vec<Route>,
 }
 
@@ -244,6 +259,7 @@ impl Config {
             circuit_breaker: CircuitBreakerConfig::default(),
             admin_token: None,
             metrics_enabled: false,
+            tracing: TracingConfig::default(),
             routes: Vec::new(),
         }
     }

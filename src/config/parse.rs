@@ -58,6 +58,30 @@ pub(super) fn upstream(s: &str) -> Result<Upstream, String> {
     })
 }
 
+/// An OTLP/HTTP collector's base URL, without a trailing slash. Plain HTTP:
+/// the collector runs beside the pod or on its node (no TLS stack is built).
+pub(super) fn otlp_endpoint(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "https is not supported: send to a Collector beside the pod or on the node over http://"
+                    .into(),
+            );
+        }
+        _ => return Err("expected http://HOST:PORT".into()),
+    }
+    if uri.authority().is_none() {
+        return Err("missing host".into());
+    }
+    if uri.query().is_some() {
+        return Err("the endpoint cannot have a query".into());
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
 pub(super) fn redis_url(s: &str) -> Result<String, String> {
     let url = url::Url::parse(s.trim()).map_err(|e| format!("not a URL: {e}"))?;
     match url.scheme() {

@@ -11,12 +11,12 @@
 
 use super::Config;
 use super::field::{
-    ADDR, CIDRS, Dur, FILE_PATH, FORMAT, Flag, HEADER_NAMES, LEVEL, Number, Opt, PATH, Patterns,
-    RATE, RATE_KEY, RedisUrl, STRING, Slot, TOKEN, U32, U64, UPSTREAM, USIZE, field,
+    ADDR, CIDRS, Dur, FILE_PATH, FORMAT, Flag, HEADER_NAMES, LEVEL, Number, OTLP, Opt, PATH,
+    Patterns, RATE, RATE_KEY, RedisUrl, STRING, Slot, TOKEN, U32, U64, UPSTREAM, USIZE, field,
 };
 use super::legacy::LEGACY;
 use super::parse::mask_url_password;
-use super::validate::{nonzero, positive, ratio, thread_count};
+use super::validate::{fraction, nonzero, not_blank, positive, ratio, thread_count};
 
 /// The file key of the route table, the one key that is not a setting.
 pub(super) const ROUTES: &str = "routes";
@@ -518,6 +518,33 @@ pub(super) const SETTINGS: &[Setting] = &[
         secret: false,
         doc: "`false` records nothing; the metrics endpoints answer 503.",
         value: field!(metrics_enabled, Flag),
+    },
+    Setting {
+        key: "tracing.otlp_endpoint",
+        env: &["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        flag: None,
+        default: Unset,
+        secret: false,
+        doc: "OTLP/HTTP collector (`http://collector:4318`): spans go to its `/v1/traces`; unset, the trace context is only passed on. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the whole URL) wins.",
+        value: field!(tracing.otlp_endpoint, Opt(OTLP)),
+    },
+    Setting {
+        key: "tracing.service_name",
+        env: &["OTEL_SERVICE_NAME"],
+        flag: None,
+        default: Str("rag-sidecar"),
+        secret: false,
+        doc: "`service.name` of the exported spans.",
+        value: field!(tracing.service_name, STRING, Some(not_blank)),
+    },
+    Setting {
+        key: "tracing.sample_ratio",
+        env: &[],
+        flag: None,
+        default: Float(1.0),
+        secret: false,
+        doc: "Share (0 to 1) of new traces sampled; a client's sampled flag is followed. `OTEL_TRACES_SAMPLER` (with `OTEL_TRACES_SAMPLER_ARG`) wins.",
+        value: field!(tracing.sample_ratio, Number, Some(fraction)),
     },
 ];
 

@@ -44,6 +44,23 @@ pub(super) fn ratio(p: &f64) -> Result<(), String> {
     }
 }
 
+/// A share between 0 and 1.
+pub(super) fn fraction(p: &f64) -> Result<(), String> {
+    match (0.0..=1.0).contains(p) {
+        true => Ok(()),
+        false => Err("must be between 0 and 1".into()),
+    }
+}
+
+/// A name that is not empty.
+#[allow(clippy::ptr_arg, reason = "a check takes the field's own type")]
+pub(super) fn not_blank(s: &String) -> Result<(), String> {
+    match s.trim().is_empty() {
+        true => Err("must not be empty".into()),
+        false => Ok(()),
+    }
+}
+
 /// A setting's effective value as an error shows it (`0`, `0s`, `150`).
 fn plain(v: toml::Value) -> String {
     match v {

@@ -8,6 +8,7 @@
 //! as a function handed over here.
 
 pub mod access_log;
+pub mod attempt_span;
 pub mod body_limit;
 pub mod buffer;
 pub mod cache;
@@ -20,6 +21,7 @@ pub mod rate_limit;
 pub mod rescue;
 pub mod retry;
 pub mod timeout;
+pub mod trace_span;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use self::access_log::AccessLogLayer;
+use self::attempt_span::AttemptSpanLayer;
 use self::body_limit::BodyLimitLayer;
 use self::buffer::ResponseBufferLayer;
 use self::buffer::spool::{RequestSpoolLayer, SpoolBudget};
@@ -40,6 +43,7 @@ use self::match_route::MatchRouteLayer;
 use self::rescue::RescueLayer;
 use self::retry::{CircuitIsOpen, RetryLayer};
 use self::timeout::RouteTimeoutLayer;
+use self::trace_span::TraceSpanLayer;
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::Config;
@@ -48,6 +52,7 @@ use crate::metrics::layer::MetricsLayer;
 use crate::metrics::resilience::{FailureCounts, RetryStats};
 use crate::proxy::Proxy;
 use crate::route::RouteTable;
+use crate::trace::Tracing;
 
 /// The assembled stack, type-erased once; never fails (errors are answers).
 pub type ProxyStack = BoxCloneService<
@@ -90,6 +95,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The bytes of request bodies on disk (`spool_max_bytes`).
     pub spool: Arc<SpoolBudget>,
+    /// The trace context and, when spans are exported, the tracer.
+    pub tracing: Tracing,
 }
 
 /// Assembles worker `worker`'s per-request stack over its proxy service.
@@ -125,6 +132,11 @@ pub fn build_stack(
         .layer(PropagateRequestIdLayer::x_request_id())
         // One access-log line per request, with the final status.
         .layer(AccessLogLayer)
+        // The request's trace: the client's kept or a new one started,
+        // passed on with the sidecar's span as the parent; the server span
+        // when spans are exported. Above the rescue: local answers are
+        // spans with the status the client gets.
+        .layer(TraceSpanLayer::new(shared.tracing.clone()))
         // The one rescue: typed errors from below become JSON answers here,
         // above nothing that could fail, so the log above sees their status.
         .layer(RescueLayer)
@@ -177,6 +189,10 @@ pub fn build_stack(
         // refused for want of quota (a stale answer above, or 503) is no
         // failure of the app's, and one waiting its turn holds no permit.
         .layer(shared.quota.clone())
+        // One span per upstream attempt, when spans are exported: below the
+        // retry and the quota (each attempt, not its wait for room), above
+        // the breaker (a refused attempt is a span too).
+        .option_layer(shared.tracing.tracer().cloned().map(AttemptSpanLayer::new))
         // One breaker per named circuit: open → 503 at once (or stale above).
         .layer(CircuitLayer::new(Arc::clone(&resilience.circuits)))
         // Each attempt's answer sorted into the legacy error types that the

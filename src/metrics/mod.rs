@@ -4,12 +4,13 @@
 //!
 //! Each concern registers its own series and exports its own figures:
 //! [`requests`] (the proxy: answers, durations, own errors), [`cache`],
-//! [`redis`] (command failures), [`quota`] (the upstream quota),
+//! [`redis`] (command failures), [`quota`] (the upstream quota), [`trace`]
+//! (span export),
 //! [`rate_limit`], [`resilience`] (retries, upstream failures, circuits) and
 //! [`system`] (machine, health score, readiness probe, process). Metrics
 //! imports no layer: the layers record into the types defined here
 //! ([`resilience::FailureCounts`], [`resilience::RetryStats`],
-//! [`redis::RedisErrors`], a worker's
+//! [`redis::RedisErrors`], [`trace::SpanCounts`], a worker's
 //! [`Recorder`]) or report their state through a trait defined here and
 //! implemented by them ([`cache::CacheFigures`],
 //! [`rate_limit::RateLimitFigures`], [`resilience::CircuitFigures`],
@@ -69,6 +70,7 @@ pub mod redis;
 pub mod requests;
 pub mod resilience;
 pub mod system;
+pub mod trace;
 pub mod window;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -124,6 +126,8 @@ pub struct Sources {
     pub redis_errors: Arc<redis::RedisErrors>,
     /// The upstream quota's figures, which the quota layer records.
     pub quota: Arc<quota::QuotaStats>,
+    /// What became of the finished spans, which the trace exporter records.
+    pub spans: Arc<trace::SpanCounts>,
     /// Whether a Redis URL is configured.
     pub redis_configured: bool,
 }
@@ -137,6 +141,7 @@ pub struct Metrics {
     cache: cache::CacheMetrics,
     redis: redis::RedisMetrics,
     quota: quota::QuotaMetrics,
+    trace: trace::TraceMetrics,
     rate_limit: rate_limit::RateLimitMetrics,
     resilience: resilience::ResilienceMetrics,
     system: system::SystemMetrics,
@@ -155,6 +160,7 @@ impl Metrics {
             cache: cache::CacheMetrics::new(&r, sources.cache, sources.redis_configured),
             redis: redis::RedisMetrics::new(&r, sources.redis_errors),
             quota: quota::QuotaMetrics::new(&r, sources.quota),
+            trace: trace::TraceMetrics::new(&r, sources.spans),
             rate_limit: rate_limit::RateLimitMetrics::new(&r, sources.rate_limit),
             resilience: resilience::ResilienceMetrics::new(
                 &r,
@@ -216,6 +222,7 @@ impl Metrics {
         self.cache.sync();
         self.redis.sync();
         self.quota.sync();
+        self.trace.sync();
         self.rate_limit.sync();
         self.resilience.sync();
         self.system.sync(self.health().health_score);

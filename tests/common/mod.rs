@@ -373,6 +373,13 @@ pub async fn get_json_at(url: String) -> serde_json::Value {
         .unwrap()
 }
 
+/// GET a URL that must answer 200, and its text.
+pub async fn get_text_at(url: String) -> String {
+    let resp = client().get(url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
@@ -781,5 +788,29 @@ pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to `pid`.
+pub fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// The exit status of `p`, which must come within `within`.
+pub fn wait_exit(p: &mut SidecarProcess, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sidecar did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

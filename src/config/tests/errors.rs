@@ -28,6 +28,8 @@ fn every_error_names_key_and_value() {
         ("LOG_FORMAT", "xml"),
         ("NUM_THREADS", "many"),
         ("ENABLE_EMBEDDING_CACHE", "perhaps"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
     ];
     for (k, v) in env_cases {
         let r = d.load(&Overrides::default(), &[(k, v)]);
@@ -109,6 +111,11 @@ fn file_errors_name_the_key() {
         ("[rate_limit]\nkey = \"cookie\"", "rate_limit.key"),
         ("[redis]\nurl = \"http://x\"", "redis.url"),
         ("[retry]\nbudget_percent = 150.0", "retry.budget_percent"),
+        ("[tracing]\nsample_ratio = 1.5", "tracing.sample_ratio"),
+        (
+            "[tracing]\notlp_endpoint = \"http://c:4318/?x=1\"",
+            "tracing.otlp_endpoint",
+        ),
         ("[[routes]]\nname = \"x\"", "routes[0].path"),
         (
             "[[routes]]\nname = \"Bad Name\"\npath = \"/x\"",

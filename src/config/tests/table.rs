@@ -85,6 +85,9 @@ fn env_names_are_the_promised_ones() {
         "LOG_FORMAT",
         // Issue 15 (newer than the page): in the style of the others.
         "UPSTREAM_IDLE_TIMEOUT",
+        // Issue 22: OpenTelemetry's own names (PRODUCT.md "OTEL_*").
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_SERVICE_NAME",
     ];
     let mut read = ENV_NAMES.to_vec();
     promised.sort_unstable();

@@ -50,7 +50,7 @@ use self::stream::{End, Tee};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
-use crate::extensions::{CacheOutcome, StaleAtHand};
+use crate::extensions::{CacheOutcome, Coalesced, StaleAtHand};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
@@ -601,6 +601,9 @@ fn replay(e: &Entry, outcome: CacheOutcome, status: String, age_secs: u64) -> Re
 /// [`CacheOutcome`] for the layers above.
 fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: Option<u64>) {
     resp.extensions_mut().insert(outcome);
+    if status.ends_with("; collapsed") {
+        resp.extensions_mut().insert(Coalesced);
+    }
     let h = resp.headers_mut();
     h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     if let Ok(v) = HeaderValue::try_from(status) {

@@ -40,7 +40,7 @@ use crate::BoxError;
 use crate::body::Body;
 use crate::config::{Config, Rate, RateLimits};
 use crate::error::UpstreamQuota;
-use crate::extensions::Deadline;
+use crate::extensions::{Deadline, QuotaWait};
 use crate::metrics::quota::{QuotaStats, RouteQuotaStats};
 use crate::metrics::redis::RedisOp;
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
@@ -213,12 +213,18 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                     max_wait.min(d.at.saturating_duration_since(tokio::time::Instant::now()));
             }
             let waiting = Counted::new(&quota.stats.waiting);
+            let asked = tokio::time::Instant::now();
             match shared.reserve(&quota, max_wait).await {
                 Ok(wait) => {
                     shared.stats.waited(&quota.name, wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                     drop(waiting);
-                    call_boxed(&mut inner, req).await
+                    let waited = QuotaWait(asked.elapsed());
+                    let mut out = call_boxed(&mut inner, req).await;
+                    if let Ok(resp) = &mut out {
+                        resp.extensions_mut().insert(waited);
+                    }
+                    out
                 }
                 Err(room_in) => {
                     quota.stats.rejected.fetch_add(1, Ordering::Relaxed);

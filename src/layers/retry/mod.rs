@@ -41,7 +41,7 @@ use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
 use crate::config::{Config, RetryMode};
 use crate::error::{ClientTimeout, Failure};
-use crate::extensions::{Carried, Deadline, StaleAtHand, UpstreamFailure};
+use crate::extensions::{Attempt, Carried, Deadline, StaleAtHand, UpstreamFailure};
 use crate::metrics::resilience::RetryStats;
 use crate::proxy::X_REQUEST_ID;
 use crate::route::MatchedRoute;
@@ -343,6 +343,7 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
             wait.as_secs_f64()
         );
         self.carried.put_on(req.extensions_mut());
+        req.extensions_mut().insert(Attempt(self.done + 1));
         Some(tokio::time::sleep(wait))
     }
 

@@ -1,0 +1,263 @@
+//! Traces: the W3C trace context passed on to the app ([`context`]) and the
+//! export of the sidecar's spans over OTLP/HTTP. [`Tracing`] is what the
+//! two trace layers (the server span, the attempt span) hold: the tracer
+//! when spans are exported, the sample ratio of new traces when not.
+//!
+//! Export never blocks or fails a request. Finished spans go to the SDK's
+//! batch processor, whose thread sends them with the OTLP exporter (reqwest's
+//! blocking client), so a slow or hanging collector holds that thread only.
+//! In front of it a gate ([`Gate`]) counts the spans held (queued or in the
+//! batch being sent) and drops, and counts, any span over
+//! `OTEL_BSP_MAX_QUEUE_SIZE`: the SDK drops silently past its own queue, so
+//! the gate keeps the bound itself and the SDK's queue never fills.
+//! The figures are `rag_sidecar_trace_spans_total{outcome}`.
+//!
+//! The sampler is the SDK's: `OTEL_TRACES_SAMPLER` / `_ARG` when set,
+//! otherwise parent-based with `tracing.sample_ratio` for new traces. The
+//! batch processor reads `OTEL_BSP_*`, the exporter
+//! `OTEL_EXPORTER_OTLP_TRACES_{ENDPOINT,HEADERS,TIMEOUT}` and
+//! `OTEL_EXPORTER_OTLP_{HEADERS,TIMEOUT}`; `OTEL_SDK_DISABLED=true` or
+//! `OTEL_TRACES_EXPORTER=none` turn export off.
+
+pub mod context;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter, SpanProcessor,
+};
+
+use crate::config::TracingConfig;
+use crate::metrics::trace::SpanCounts;
+
+/// The SDK's default queue bound (`OTEL_BSP_MAX_QUEUE_SIZE`).
+const DEFAULT_QUEUE: usize = 2048;
+
+/// Why export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("{name}: {message}")]
+    Env { name: &'static str, message: String },
+}
+
+/// What the trace layers hold.
+#[derive(Debug, Clone)]
+pub struct Tracing {
+    /// Set when spans are exported.
+    tracer: Option<SdkTracer>,
+    /// The share of new traces marked sampled when nothing is exported.
+    ratio: f64,
+}
+
+impl Tracing {
+    /// Propagation only: nothing is exported.
+    pub fn off(ratio: f64) -> Self {
+        Self {
+            tracer: None,
+            ratio,
+        }
+    }
+
+    pub fn tracer(&self) -> Option<&SdkTracer> {
+        self.tracer.as_ref()
+    }
+
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+
+    /// Export as configured, if an endpoint is; the handle flushes on
+    /// shutdown.
+    pub fn start(
+        cfg: &TracingConfig,
+        counts: Arc<SpanCounts>,
+    ) -> Result<(Self, Option<Exporting>), TraceError> {
+        let off = Self::off(cfg.sample_ratio);
+        let Some(endpoint) = endpoint(cfg) else {
+            return Ok((off, None));
+        };
+        if env_is("OTEL_SDK_DISABLED", "true") || env_is("OTEL_TRACES_EXPORTER", "none") {
+            return Ok((off, None));
+        }
+        let bound = queue_bound()?;
+        let queued = Arc::new(AtomicUsize::new(0));
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(endpoint.clone())
+            .build()?;
+        let counted = Counted {
+            inner: exporter,
+            counts: Arc::clone(&counts),
+            queued: Arc::clone(&queued),
+        };
+        // The builder reads the other OTEL_BSP_* variables itself.
+        let batch = BatchConfigBuilder::default()
+            .with_max_queue_size(bound)
+            .build();
+        let gate = Gate {
+            inner: BatchSpanProcessor::builder(counted)
+                .with_batch_config(batch)
+                .build(),
+            queued,
+            bound,
+            counts,
+        };
+        let mut provider = SdkTracerProvider::builder()
+            .with_span_processor(gate)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(cfg.service_name.clone())
+                    .build(),
+            );
+        if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+            provider = provider.with_sampler(Sampler::ParentBased(Box::new(
+                Sampler::TraceIdRatioBased(cfg.sample_ratio),
+            )));
+        }
+        let provider = provider.build();
+        tracing::info!(%endpoint, queue = bound, "exporting spans over OTLP/HTTP");
+        let tracing = Self {
+            tracer: Some(provider.tracer("rag-sidecar")),
+            ratio: cfg.sample_ratio,
+        };
+        Ok((tracing, Some(Exporting { provider })))
+    }
+}
+
+/// The running export, flushed and stopped by [`Exporting::shutdown`].
+#[derive(Debug)]
+pub struct Exporting {
+    provider: SdkTracerProvider,
+}
+
+impl Exporting {
+    /// Sends what is queued (within `within`) and stops the exporter's
+    /// thread. Blocking: call it off the runtime's workers.
+    pub fn shutdown(self, within: Duration) {
+        if let Err(e) = self.provider.shutdown_with_timeout(within) {
+            tracing::warn!("trace export did not finish cleanly: {e}");
+        }
+    }
+}
+
+/// Where spans go: the signal's own variable (a whole URL) wins, then the
+/// configured base URL with `/v1/traces`.
+fn endpoint(cfg: &TracingConfig) -> Option<String> {
+    let own = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    own.or_else(|| {
+        cfg.otlp_endpoint
+            .as_ref()
+            .map(|base| format!("{base}/v1/traces"))
+    })
+}
+
+fn env_is(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
+}
+
+/// `OTEL_BSP_MAX_QUEUE_SIZE`, read here because the gate keeps the bound.
+fn queue_bound() -> Result<usize, TraceError> {
+    const NAME: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
+    match std::env::var(NAME) {
+        Err(_) => Ok(DEFAULT_QUEUE),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(TraceError::Env {
+                name: NAME,
+                message: format!("{v:?} is not a positive number of spans"),
+            }),
+        },
+    }
+}
+
+/// The bound in front of the batch processor: a span over it is dropped
+/// and counted; the batch processor's own queue (of the same size) then
+/// never refuses one.
+#[derive(Debug)]
+struct Gate {
+    inner: BatchSpanProcessor,
+    /// Spans handed on and not yet through the exporter.
+    queued: Arc<AtomicUsize>,
+    bound: usize,
+    counts: Arc<SpanCounts>,
+}
+
+impl SpanProcessor for Gate {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let taken = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.bound).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => self.inner.on_end(span),
+            Err(_) => SpanCounts::add(&self.counts.dropped, 1),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The OTLP exporter, counting what it sent and releasing the gate.
+#[derive(Debug)]
+struct Counted<E> {
+    inner: E,
+    counts: Arc<SpanCounts>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl<E: SpanExporter> SpanExporter for Counted<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len();
+        let result = self.inner.export(batch).await;
+        let counter = match &result {
+            Ok(()) => &self.counts.exported,
+            Err(e) => {
+                tracing::debug!("trace export failed: {e}");
+                &self.counts.failed
+            }
+        };
+        SpanCounts::add(counter, n as u64);
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}

@@ -1,0 +1,465 @@
+//! Traces over real sockets (PRODUCT.md "Traces"): the W3C context the app
+//! receives, kept, started or replaced; the spans a real OTLP/HTTP receiver
+//! gets (decoded with `opentelemetry-proto`) for a request retried once; a
+//! collector that accepts and never answers, which slows no request and
+//! whose dropped spans are counted.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use common::{Mock, Sidecar, SidecarProcess, client, free_addr, get_text_at, sigterm, wait_exit};
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn client_traceparent() -> String {
+    format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+}
+
+/// A span as the receiver decoded it, with its resource's service name.
+#[derive(Debug)]
+struct Got {
+    service: String,
+    span: Span,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<&Value> {
+        self.span
+            .attributes
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref())
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        match self.attr(key)? {
+            Value::StringValue(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn int(&self, key: &str) -> Option<i64> {
+        match self.attr(key)? {
+            Value::IntValue(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// A real OTLP/HTTP receiver on 127.0.0.1: every span of every export it
+/// decodes goes to the channel.
+async fn receiver() -> (String, mpsc::UnboundedReceiver<Got>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((io, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        assert_eq!(req.uri().path(), "/v1/traces");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let export = ExportTraceServiceRequest::decode(body).unwrap();
+                        for rs in export.resource_spans {
+                            let service = rs
+                                .resource
+                                .iter()
+                                .flat_map(|r| &r.attributes)
+                                .find(|kv| kv.key == "service.name")
+                                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                                .map(|v| match v {
+                                    Value::StringValue(s) => s.clone(),
+                                    other => format!("{other:?}"),
+                                })
+                                .unwrap_or_default();
+                            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                                let _ = tx.send(Got {
+                                    service: service.clone(),
+                                    span,
+                                });
+                            }
+                        }
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        resp.headers_mut()
+                            .insert("content-type", "application/x-protobuf".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// The next `n` spans of trace `trace` (hex), within 10 s.
+async fn spans_of(rx: &mut mpsc::UnboundedReceiver<Got>, trace: &str, n: usize) -> Vec<Got> {
+    let mut found = Vec::new();
+    while found.len() < n {
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} spans of {trace} arrived", found.len()))
+            .expect("the receiver stopped");
+        if hex(&got.span.trace_id) == trace {
+            found.push(got);
+        }
+    }
+    found
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The traceparent and tracestate the app received, from the mock's echo.
+async fn seen_by_app(url: &str, headers: &[(&str, &str)]) -> (String, Option<String>) {
+    let mut req = client().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let echo: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+    let one = |name: &str| {
+        let all = echo["headers"][name].as_array()?;
+        assert_eq!(all.len(), 1, "{name}: {all:?}");
+        all[0].as_str().map(str::to_string)
+    };
+    (
+        one("traceparent").expect("the app got no traceparent"),
+        one("tracestate"),
+    )
+}
+
+/// `(trace id, parent id, flags)` of a traceparent the app received; it
+/// must be well formed.
+fn fields(tp: &str) -> (String, String, String) {
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(parts[0], "00", "{tp}");
+    assert!(
+        parts[1].len() == 32 && parts[2].len() == 16 && parts[3].len() == 2,
+        "{tp}"
+    );
+    assert!(
+        tp.bytes()
+            .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{tp}"
+    );
+    assert_ne!(parts[1], "0".repeat(32));
+    assert_ne!(parts[2], "0".repeat(16));
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+/// Kept, started, replaced, and `tracestate`: what the app receives, with
+/// no collector configured (the context is passed on all the same).
+#[tokio::test]
+async fn the_app_receives_the_trace_context() {
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "[rate_limit]\nenabled = false\n").await;
+    let echo = sc.url("/__mock/echo");
+
+    // Kept: the client's trace and flags, the sidecar's span as the parent,
+    // the client's tracestate as it came.
+    let (tp, state) = seen_by_app(
+        &echo,
+        &[
+            ("traceparent", &client_traceparent()),
+            ("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+        ],
+    )
+    .await;
+    let (trace, parent, flags) = fields(&tp);
+    assert_eq!(trace, CLIENT_TRACE);
+    assert_ne!(
+        parent, CLIENT_SPAN,
+        "the app's parent is the sidecar's span"
+    );
+    assert_eq!(flags, "01");
+    assert_eq!(
+        state.as_deref(),
+        Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
+    );
+    // An unsampled client trace stays unsampled.
+    let (tp, _) = seen_by_app(
+        &echo,
+        &[(
+            "traceparent",
+            &format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-00"),
+        )],
+    )
+    .await;
+    assert_eq!(fields(&tp).2, "00");
+
+    // Started: a new trace each time (sampled: the default ratio is 1).
+    let (a, none) = seen_by_app(&echo, &[]).await;
+    let (b, _) = seen_by_app(&echo, &[]).await;
+    assert_eq!(none, None);
+    let (ta, _, fa) = fields(&a);
+    assert_ne!(ta, fields(&b).0, "two requests, two traces");
+    assert_eq!(fa, "01");
+
+    // Invalid: replaced by a new trace, never forwarded broken; the
+    // tracestate that came with it goes too.
+    for broken in [
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "garbage",
+    ] {
+        let (tp, state) =
+            seen_by_app(&echo, &[("traceparent", broken), ("tracestate", "rojo=1")]).await;
+        let (trace, _, _) = fields(&tp);
+        assert_ne!(trace, CLIENT_TRACE, "{broken} was kept");
+        assert_eq!(state, None, "the tracestate of {broken} went on");
+    }
+
+    // A broken tracestate beside a valid traceparent: the trace is kept,
+    // the tracestate is not passed on.
+    let (tp, state) = seen_by_app(
+        &echo,
+        &[
+            ("traceparent", &client_traceparent()),
+            ("tracestate", "this is not a list member"),
+        ],
+    )
+    .await;
+    assert_eq!(fields(&tp).0, CLIENT_TRACE);
+    assert_eq!(state, None);
+}
+
+/// GET /api/stats through the sidecar at `addr` under the client's trace.
+async fn stats_in_client_trace(addr: std::net::SocketAddr) {
+    let resp = client()
+        .get(format!("http://{addr}/api/stats"))
+        .header("traceparent", client_traceparent())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// A sidecar process exporting to `collector`, with a short batch delay.
+fn exporting_sidecar(
+    mock: &Mock,
+    collector: &str,
+    extra_env: &[(&str, &str)],
+) -> (SidecarProcess, std::net::SocketAddr) {
+    let addr = free_addr();
+    let toml = format!(
+        "listen = \"{addr}\"\nupstream = \"{}\"\nreadiness_path = \"/__mock/fast\"\n\
+         [rate_limit]\nenabled = false\n[retry]\ninitial_wait = \"10ms\"\nmax_wait = \"20ms\"\n",
+        mock.url()
+    );
+    let mut env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    env.extend_from_slice(extra_env);
+    (SidecarProcess::start(&toml, &env, addr), addr)
+}
+
+/// One server span and one span per attempt, under the client's trace, for
+/// a request retried once; the app's parent is its attempt's span.
+#[tokio::test]
+async fn a_retried_request_is_one_server_span_and_a_span_per_attempt() {
+    let mock = Mock::start();
+    let (collector, mut spans) = receiver().await;
+    let (_sc, addr) = exporting_sidecar(&mock, &collector, &[]);
+    let http = client();
+    // The app's next answer is a 503: the first attempt fails, the retry
+    // succeeds.
+    let armed = http
+        .post(format!("{}/__mock/faults", mock.url()))
+        .json(&json!({"status": 503, "count": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(armed.status(), 200);
+    stats_in_client_trace(addr).await;
+
+    let got = spans_of(&mut spans, CLIENT_TRACE, 3).await;
+    let servers: Vec<&Got> = got
+        .iter()
+        .filter(|g| g.span.kind == SpanKind::Server as i32)
+        .collect();
+    assert_eq!(servers.len(), 1, "{got:#?}");
+    let server = servers[0];
+    assert_eq!(server.service, "rag-sidecar");
+    assert_eq!(hex(&server.span.parent_span_id), CLIENT_SPAN);
+    assert_eq!(server.span.name, "GET default");
+    assert_eq!(server.text("http.request.method"), Some("GET"));
+    assert_eq!(server.text("http.route"), Some("default"));
+    assert_eq!(server.int("http.response.status_code"), Some(200));
+    let mut attempts: Vec<&Got> = got
+        .iter()
+        .filter(|g| g.span.kind == SpanKind::Client as i32)
+        .collect();
+    attempts.sort_by_key(|g| g.int("rag_sidecar.attempt"));
+    assert_eq!(attempts.len(), 2, "{got:#?}");
+    for a in &attempts {
+        assert_eq!(a.span.parent_span_id, server.span.span_id);
+    }
+    let (first, second) = (attempts[0], attempts[1]);
+    assert_eq!(first.int("rag_sidecar.attempt"), Some(1));
+    assert_eq!(first.int("http.response.status_code"), Some(503));
+    assert_eq!(first.text("error.type"), Some("upstream_5xx"));
+    assert_eq!(first.text("rag_sidecar.outcome"), Some("failure"));
+    assert_eq!(second.int("rag_sidecar.attempt"), Some(2));
+    assert_eq!(second.int("http.request.resend_count"), Some(1));
+    assert_eq!(second.int("http.response.status_code"), Some(200));
+    assert_eq!(second.text("error.type"), None);
+    assert_eq!(second.text("rag_sidecar.outcome"), Some("ok"));
+
+    // The app's parent is the attempt's span, exported under the trace.
+    let (tp, _) = seen_by_app(
+        &format!("http://{addr}/__mock/echo"),
+        &[("traceparent", &client_traceparent())],
+    )
+    .await;
+    let (trace, parent, _) = fields(&tp);
+    assert_eq!(trace, CLIENT_TRACE);
+    let got = spans_of(&mut spans, CLIENT_TRACE, 2).await;
+    let attempt = got
+        .iter()
+        .find(|g| g.span.kind == SpanKind::Client as i32)
+        .expect("an attempt span");
+    assert_eq!(hex(&attempt.span.span_id), parent);
+
+    // A cache hit and a local answer are server spans too; no query text
+    // in any attribute.
+    let question = json!({"query": "a private question about invoices", "top_k": 3});
+    for want in ["MISS", "HIT"] {
+        let resp = http
+            .post(format!("http://{addr}/api/search"))
+            .header(
+                "traceparent",
+                format!("00-{}-{CLIENT_SPAN}-01", "ab".repeat(16)),
+            )
+            .json(&question)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["x-cache"], want);
+    }
+    let got = spans_of(&mut spans, &"ab".repeat(16), 3).await;
+    let caches: Vec<&str> = got
+        .iter()
+        .filter(|g| g.span.kind == SpanKind::Server as i32)
+        .filter_map(|g| g.text("rag_sidecar.cache"))
+        .collect();
+    assert!(
+        caches.contains(&"MISS") && caches.contains(&"HIT"),
+        "{caches:?}"
+    );
+    for g in &got {
+        for kv in &g.span.attributes {
+            let v = format!("{:?}", kv.value);
+            assert!(!v.contains("invoices"), "{}: {v}", kv.key);
+        }
+        assert!(!g.span.name.contains("invoices"));
+    }
+}
+
+/// A collector that accepts and never answers: every request is answered
+/// at once all the same, and the spans that find the queue full are
+/// dropped and counted.
+#[tokio::test]
+async fn a_collector_that_never_answers_slows_no_request() {
+    let mock = Mock::start();
+    // Accepts, reads, never answers; holds every connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", listener.local_addr().unwrap());
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((io, _)) = listener.accept().await {
+            let _ = seen_tx.send(());
+            held.push(io);
+        }
+    });
+    let (mut sc, addr) = exporting_sidecar(
+        &mock,
+        &collector,
+        &[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "16"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "120000"),
+        ],
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    // Once the first export hangs, every request is still answered.
+    let first = http
+        .get(format!("http://{addr}/api/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+        .await
+        .expect("the sidecar never tried to export")
+        .unwrap();
+    for i in 0..150 {
+        let resp = http
+            .get(format!("http://{addr}/api/stats"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(resp.status(), 200);
+    }
+    // 151 requests make 302 spans; at most 16 are held.
+    let text = get_text_at(format!("http://{addr}/metrics")).await;
+    let count = |outcome: &str| -> u64 {
+        let series = format!("rag_sidecar_trace_spans_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(count("dropped") >= 302 - 16, "dropped {}", count("dropped"));
+    assert_eq!(count("exported"), 0);
+    // Nor does it hold the exit: the final flush gives up after 2 s.
+    sigterm(sc.pid());
+    assert!(wait_exit(&mut sc, Duration::from_secs(10)).success());
+}
+
+/// Spans still queued at SIGTERM reach the collector before the exit.
+#[tokio::test]
+async fn queued_spans_are_sent_at_shutdown() {
+    let mock = Mock::start();
+    let (collector, mut spans) = receiver().await;
+    // A batch delay longer than the test: only the shutdown sends.
+    let (mut sc, addr) =
+        exporting_sidecar(&mock, &collector, &[("OTEL_BSP_SCHEDULE_DELAY", "600000")]);
+    stats_in_client_trace(addr).await;
+    sigterm(sc.pid());
+    let got = spans_of(&mut spans, CLIENT_TRACE, 2).await;
+    assert_eq!(got.len(), 2);
+    assert!(wait_exit(&mut sc, Duration::from_secs(10)).success());
+}
