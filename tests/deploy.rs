@@ -249,6 +249,35 @@ fn the_ha_overlay_runs_three_replicas_with_a_disruption_budget() {
 }
 
 #[test]
+fn the_tracing_overlay_points_the_sidecar_at_a_collector() {
+    let docs = render("overlays/tracing");
+    let deployment = kind(&docs, "Deployment", "rag-services");
+    let sidecar = deployment["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "rag-sidecar")
+        .expect("the sidecar container");
+    let env = sidecar["env"].as_array().unwrap();
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("no {name} in {env:?}"))
+    };
+    let endpoint = value("OTEL_EXPORTER_OTLP_ENDPOINT");
+    assert!(endpoint.starts_with("http://") && endpoint.ends_with(":4318"));
+    assert_eq!(value("OTEL_TRACES_SAMPLER"), "parentbased_traceidratio");
+    // The base's variables are kept beside them.
+    for kept in ["NUM_THREADS", "ADMIN_TOKEN"] {
+        assert!(env.iter().any(|e| e["name"] == kept), "{kept} lost");
+    }
+    // $(POD_NAME) expands only if it is defined before its use.
+    let at = |name: &str| env.iter().position(|e| e["name"] == name).unwrap();
+    assert!(at("POD_NAME") < at("OTEL_RESOURCE_ATTRIBUTES"));
+}
+
+#[test]
 fn the_validator_catches_a_broken_manifest() {
     // A check that cannot fail is no check: a typo'd field must be refused.
     let tmp = tempfile::tempdir().unwrap();
