@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rag_sidecar::app::App;
+use rag_sidecar::app::{App, AppError};
 use rag_sidecar::config::{Config, Overrides, ProcessEnv};
+use rag_sidecar::trace::TraceError;
 
 // The allocator: jemalloc by default (Cargo.toml [features]; `mimalloc`
 // takes precedence when enabled, `--no-default-features` is glibc's).
@@ -125,7 +126,9 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("{e}");
-                return ExitCode::FAILURE;
+                // A bad OTEL_* value is a configuration error like any other.
+                let config = matches!(e, AppError::Trace(TraceError::Env { .. }));
+                return ExitCode::from(if config { EXIT_CONFIG } else { 1 });
             }
         };
         tracing::info!(

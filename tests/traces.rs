@@ -249,6 +249,17 @@ async fn the_app_receives_the_trace_context() {
     assert_eq!(state, None);
 }
 
+/// `rag_sidecar_trace_spans_total{outcome}` in a `/metrics` text.
+fn spans_counted(text: &str, outcome: &str) -> u64 {
+    let series = format!("rag_sidecar_trace_spans_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// GET /api/stats through the sidecar at `addr` under the client's trace.
 async fn stats_in_client_trace(addr: std::net::SocketAddr) {
     let resp = client()
@@ -433,15 +444,7 @@ async fn a_collector_that_never_answers_slows_no_request() {
     }
     // 151 requests make 302 spans; at most 16 are held.
     let text = get_text_at(format!("http://{addr}/metrics")).await;
-    let count = |outcome: &str| -> u64 {
-        let series = format!("rag_sidecar_trace_spans_total{{outcome=\"{outcome}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .unwrap_or_else(|| panic!("no {series} in /metrics"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
+    let count = |outcome: &str| spans_counted(&text, outcome);
     assert!(count("dropped") >= 302 - 16, "dropped {}", count("dropped"));
     assert_eq!(count("exported"), 0);
     // Nor does it hold the exit: the final flush gives up after 2 s.
@@ -462,4 +465,87 @@ async fn queued_spans_are_sent_at_shutdown() {
     let got = spans_of(&mut spans, CLIENT_TRACE, 2).await;
     assert_eq!(got.len(), 2);
     assert!(wait_exit(&mut sc, Duration::from_secs(10)).success());
+}
+
+/// A collector that refuses every export: requests are unaffected, the
+/// first failure is logged at WARN and every failed span is counted.
+#[tokio::test]
+async fn a_refusing_collector_is_logged_once_and_counted() {
+    let mock = Mock::start();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((io, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    let mut resp = Response::new(Full::new(Bytes::from_static(b"no")));
+                    *resp.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    let (mut sc, addr) = exporting_sidecar(&mock, &collector, &[]);
+    stats_in_client_trace(addr).await;
+    // The WARN line, read from the process's stderr as it comes.
+    let stderr = sc.child.stderr.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("trace export failed"))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(10), line)
+        .await
+        .expect("no export failure was logged")
+        .unwrap()
+        .expect("stderr ended");
+    assert!(line.contains("WARN"), "{line}");
+    let text = get_text_at(format!("http://{addr}/metrics")).await;
+    let count = |outcome: &str| spans_counted(&text, outcome);
+    assert!(count("failed") >= 1, "{text}");
+    assert_eq!(count("exported"), 0);
+}
+
+/// `OTEL_TRACES_SAMPLER` is the SDK's to apply: `always_off` keeps nothing,
+/// even under a client's sampled trace, and the app is told so.
+#[tokio::test]
+async fn an_env_sampler_is_honoured() {
+    let mock = Mock::start();
+    let (collector, _spans) = receiver().await;
+    let (_sc, addr) =
+        exporting_sidecar(&mock, &collector, &[("OTEL_TRACES_SAMPLER", "always_off")]);
+    let (tp, _) = seen_by_app(
+        &format!("http://{addr}/__mock/echo"),
+        &[("traceparent", &client_traceparent())],
+    )
+    .await;
+    let (trace, parent, flags) = fields(&tp);
+    assert_eq!(trace, CLIENT_TRACE);
+    assert_ne!(parent, CLIENT_SPAN);
+    assert_eq!(flags, "00", "the sampler's decision reaches the app");
+}
+
+/// A sampler argument that is no ratio stops the start, naming the
+/// variable, with the configuration error's exit code.
+#[test]
+fn a_bad_sampler_argument_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(SidecarProcess::bin())
+        .args(["--listen", &free_addr().to_string(), "run"])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("OTEL_TRACES_SAMPLER_ARG"), "{err}");
 }

@@ -21,7 +21,7 @@ use crate::body::Body;
 use crate::error::classify;
 use crate::extensions::{Attempt, UpstreamFailure};
 use crate::service::{Hook, OnAnswer};
-use crate::trace::context::{TRACESTATE, TraceParent};
+use crate::trace::context::{TRACEPARENT, TRACESTATE, TraceParent};
 
 #[derive(Debug, Clone)]
 pub struct AttemptSpanLayer {
@@ -57,7 +57,7 @@ where
 {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = OnAnswer<S::Future, ClientSpan>;
+    type Future = OnAnswer<S::Future, Box<ClientSpan>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -66,7 +66,14 @@ where
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         // The server span above wrote the request's traceparent; an
         // unsampled one stays as it is (its parent is the server span).
-        let Some(parent) = TraceParent::from_headers(req.headers()).filter(|p| p.sampled()) else {
+        let sampled = req
+            .headers()
+            .get(TRACEPARENT)
+            .is_some_and(TraceParent::written_sampled);
+        let parent = sampled
+            .then(|| TraceParent::from_headers(req.headers()))
+            .flatten();
+        let Some(parent) = parent else {
             return OnAnswer::new(self.inner.call(req), None);
         };
         let cx = parent.as_parent(false, TraceState::default());
@@ -83,12 +90,12 @@ where
         let state = req.headers().get(TRACESTATE).cloned();
         TraceParent::of(span.span_context()).write(req.headers_mut(), state);
         let attempt = req.extensions().get::<Attempt>().map_or(1, |a| a.0);
-        let hook = ClientSpan {
+        let hook = Box::new(ClientSpan {
             span,
             attempt,
             method: req.method().as_str().to_string(),
             path: req.uri().path().to_string(),
-        };
+        });
         OnAnswer::new(self.inner.call(req), Some(hook))
     }
 }
@@ -102,7 +109,7 @@ pub struct ClientSpan {
     path: String,
 }
 
-impl Hook<Body, BoxError> for ClientSpan {
+impl Hook<Body, BoxError> for Box<ClientSpan> {
     fn run(mut self, out: &mut Result<Response<Body>, BoxError>) {
         let mut attrs = vec![
             KeyValue::new("http.request.method", self.method),

@@ -18,7 +18,7 @@
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceState, Tracer as _};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceId, TraceState, Tracer as _};
 use opentelemetry::{Context as OtelContext, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 
@@ -63,7 +63,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = OnAnswer<S::Future, ServerSpan>;
+    type Future = OnAnswer<S::Future, Box<ServerSpan>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -73,35 +73,48 @@ where
         let incoming = TraceParent::from_headers(req.headers());
         // tracestate travels only with the traceparent it belongs to.
         let state = incoming.and_then(|_| context::tracestate(req.headers()));
-        let Some(tracer) = self.tracing.tracer() else {
-            // Nothing exported: pass the context on, with a span id of the
-            // sidecar's as the parent.
-            let ours = match incoming {
-                Some(p) => p.child(context::new_span_id()),
-                None => {
-                    let trace_id = context::new_trace_id();
-                    TraceParent {
-                        trace_id,
-                        parent_id: context::new_span_id(),
-                        flags: if context::sampled_at(trace_id, self.tracing.ratio()) {
-                            context::SAMPLED
-                        } else {
-                            0
-                        },
-                    }
-                }
+        // A new trace's id is drawn here: the sampling decision below and
+        // the SDK's span (if any) use the same one.
+        let fresh = match incoming {
+            Some(_) => None,
+            None => Some(context::new_trace_id()),
+        };
+        let sampled = match (incoming, fresh) {
+            (Some(p), _) => p.sampled(),
+            (None, id) => context::sampled_at(id.unwrap_or(1), self.tracing.ratio()),
+        };
+        // The SDK is asked only for a span that can be kept: with export off,
+        // or with the sidecar's own parent-based ratio sampler and a trace it
+        // would not sample, the context is passed on with a span id of the
+        // sidecar's, and no span is made.
+        let tracer = self
+            .tracing
+            .tracer()
+            .filter(|_| sampled || !self.tracing.presampled());
+        let Some(tracer) = tracer else {
+            let ours = match (incoming, fresh) {
+                (Some(p), _) => p.child(context::new_span_id()),
+                (None, id) => TraceParent {
+                    trace_id: id.unwrap_or(1),
+                    parent_id: context::new_span_id(),
+                    flags: if sampled { context::SAMPLED } else { 0 },
+                },
             };
             ours.write(req.headers_mut(), state);
             return OnAnswer::new(self.inner.call(req), None);
         };
-        let (span, ours) = start(tracer, incoming, state.as_ref());
+        let (span, ours) = start(tracer, incoming, fresh, state.as_ref());
         ours.write(req.headers_mut(), state);
-        let hook = span.is_recording().then(|| ServerSpan {
-            span,
-            method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            route: req.extensions().get::<MatchedRoute>().cloned(),
-            client: req.extensions().get::<ClientAddr>().copied(),
+        // Boxed: an SDK span is several hundred bytes, which every
+        // request's future would otherwise carry, sampled or not.
+        let hook = span.is_recording().then(|| {
+            Box::new(ServerSpan {
+                span,
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+                route: req.extensions().get::<MatchedRoute>().cloned(),
+                client: req.extensions().get::<ClientAddr>().copied(),
+            })
         });
         OnAnswer::new(self.inner.call(req), hook)
     }
@@ -112,6 +125,7 @@ where
 fn start(
     tracer: &SdkTracer,
     incoming: Option<TraceParent>,
+    fresh: Option<u128>,
     state: Option<&HeaderValue>,
 ) -> (Span, TraceParent) {
     let parent = match incoming {
@@ -126,7 +140,8 @@ fn start(
     };
     // Named when it ends, and only if sampled: no string is made for a
     // span that is not kept.
-    let builder = tracer.span_builder("HTTP").with_kind(SpanKind::Server);
+    let mut builder = tracer.span_builder("HTTP").with_kind(SpanKind::Server);
+    builder.trace_id = fresh.map(TraceId::from);
     let span = tracer.build_with_context(builder, &parent);
     let ours = TraceParent::of(span.span_context());
     (span, ours)
@@ -142,7 +157,7 @@ pub struct ServerSpan {
     client: Option<ClientAddr>,
 }
 
-impl<RB, E> Hook<RB, E> for ServerSpan {
+impl<RB, E> Hook<RB, E> for Box<ServerSpan> {
     fn run(mut self, out: &mut Result<Response<RB>, E>) {
         let route = self.route.as_ref().map_or("-", |r| r.name.as_str());
         self.span.update_name(format!("{} {route}", self.method));

@@ -79,6 +79,15 @@ impl TraceParent {
         self.flags & SAMPLED != 0
     }
 
+    /// Whether a `traceparent` the sidecar wrote (version 00, so its flags
+    /// are its last two digits) says sampled: a look at one byte, for the
+    /// layers below the server span, which wrote it.
+    pub fn written_sampled(v: &HeaderValue) -> bool {
+        let b = v.as_bytes();
+        let flags = b.get(54).map_or(NOT_HEX, |&d| NIBBLE[usize::from(d)]);
+        b.len() == 55 && flags != NOT_HEX && flags & SAMPLED != 0
+    }
+
     /// The request's one `traceparent`, if valid: none, several, or a
     /// broken one all read as none (the W3C's "restart the trace").
     pub fn from_headers(h: &HeaderMap) -> Option<Self> {
@@ -204,26 +213,40 @@ pub fn sampled_at(trace_id: u128, ratio: f64) -> bool {
     ((trace_id as u64) >> 1) < bound
 }
 
+/// Each byte's value as a lowercase hex digit, or `NOT_HEX`.
+const NIBBLE: [u8; 256] = {
+    let mut t = [NOT_HEX; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+const NOT_HEX: u8 = 0xff;
+
 /// Lowercase hex of at most 32 digits; an uppercase digit is refused.
 fn hex(digits: &[u8]) -> Option<u128> {
     let mut n = 0u128;
+    let mut bad = 0u8;
     for &d in digits {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => return None,
-        };
-        n = (n << 4) | u128::from(v);
+        let v = NIBBLE[usize::from(d)];
+        // One test after the loop instead of a branch per digit.
+        bad |= v & 0xf0;
+        n = (n << 4) | u128::from(v & 0xf);
     }
-    Some(n)
+    (bad == 0).then_some(n)
 }
 
-/// `n`'s low `out.len()` hex digits, most significant first.
-fn put_hex(out: &mut [u8], mut n: u128) {
+/// `n`'s low `out.len()` hex digits (an even number), most significant
+/// first: a byte at a time.
+fn put_hex(out: &mut [u8], n: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(n & 0xf) as usize];
-        n >>= 4;
+    let bytes = n.to_be_bytes();
+    let from = bytes.len() - out.len() / 2;
+    for (pair, b) in out.chunks_exact_mut(2).zip(&bytes[from..]) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
 }
 
@@ -272,6 +295,17 @@ mod tests {
         assert_eq!(p.parent_id, 0x00f067aa0ba902b7);
         assert_eq!(p.flags, SAMPLED, "unknown flags are not passed on");
         assert!(p.to_header().to_str().unwrap().starts_with("00-"));
+    }
+
+    #[test]
+    fn the_written_sampled_flag_is_read_from_one_byte() {
+        let on = TraceParent::parse(GOOD.as_bytes()).unwrap();
+        assert!(TraceParent::written_sampled(&on.to_header()));
+        let off = TraceParent { flags: 0, ..on };
+        assert!(!TraceParent::written_sampled(&off.to_header()));
+        assert!(!TraceParent::written_sampled(&HeaderValue::from_static(
+            "01"
+        )));
     }
 
     #[test]

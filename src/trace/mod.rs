@@ -13,7 +13,11 @@
 //! The figures are `rag_sidecar_trace_spans_total{outcome}`.
 //!
 //! The sampler is the SDK's: `OTEL_TRACES_SAMPLER` / `_ARG` when set,
-//! otherwise parent-based with `tracing.sample_ratio` for new traces. The
+//! otherwise parent-based with `tracing.sample_ratio` for new traces. A
+//! parent-based ratio sampler (the default, `parentbased_traceidratio`,
+//! `parentbased_always_on`/`_off`) is built here, so that the server span
+//! can take its decision before the SDK is asked: an unsampled request
+//! costs what propagation costs, not an SDK span. The
 //! batch processor reads `OTEL_BSP_*`, the exporter
 //! `OTEL_EXPORTER_OTLP_TRACES_{ENDPOINT,HEADERS,TIMEOUT}` and
 //! `OTEL_EXPORTER_OTLP_{HEADERS,TIMEOUT}`; `OTEL_SDK_DISABLED=true` or
@@ -22,7 +26,7 @@
 pub mod context;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use opentelemetry::Context;
@@ -55,8 +59,14 @@ pub enum TraceError {
 pub struct Tracing {
     /// Set when spans are exported.
     tracer: Option<SdkTracer>,
-    /// The share of new traces marked sampled when nothing is exported.
+    /// The share of new traces sampled: the sampled flag when nothing is
+    /// exported, and the sampler's ratio when the sidecar made it.
     ratio: f64,
+    /// The SDK's sampler is a parent-based ratio sampler the sidecar set
+    /// (from `tracing.sample_ratio`, or a parent-based
+    /// `OTEL_TRACES_SAMPLER`): a request it would not sample is known before
+    /// the SDK is asked, and the SDK is not asked.
+    presampled: bool,
 }
 
 impl Tracing {
@@ -65,6 +75,7 @@ impl Tracing {
         Self {
             tracer: None,
             ratio,
+            presampled: true,
         }
     }
 
@@ -76,13 +87,21 @@ impl Tracing {
         self.ratio
     }
 
+    /// Whether the sampling decision is the parent's sampled flag, or for
+    /// a new trace [`context::sampled_at`] the ratio: exactly what the SDK's
+    /// `ParentBased(TraceIdRatioBased(ratio))` decides, which the tests check.
+    pub fn presampled(&self) -> bool {
+        self.presampled
+    }
+
     /// Export as configured, if an endpoint is; the handle flushes on
     /// shutdown.
     pub fn start(
         cfg: &TracingConfig,
         counts: Arc<SpanCounts>,
     ) -> Result<(Self, Option<Exporting>), TraceError> {
-        let off = Self::off(cfg.sample_ratio);
+        let sampler = env_sampler(cfg.sample_ratio)?;
+        let off = Self::off(sampler.unwrap_or(cfg.sample_ratio));
         let Some(endpoint) = endpoint(cfg) else {
             return Ok((off, None));
         };
@@ -100,6 +119,7 @@ impl Tracing {
             inner: exporter,
             counts: Arc::clone(&counts),
             queued: Arc::clone(&queued),
+            warned: AtomicBool::new(false),
         };
         // The builder reads the other OTEL_BSP_* variables itself.
         let batch = BatchConfigBuilder::default()
@@ -120,19 +140,57 @@ impl Tracing {
                     .with_service_name(cfg.service_name.clone())
                     .build(),
             );
-        if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-            provider = provider.with_sampler(Sampler::ParentBased(Box::new(
-                Sampler::TraceIdRatioBased(cfg.sample_ratio),
-            )));
+        // A parent-based ratio sampler (the default, or named in
+        // OTEL_TRACES_SAMPLER) is set here, and the server span decides as
+        // it would before asking the SDK; any other is the SDK's to read.
+        if let Some(ratio) = sampler {
+            provider = provider.with_sampler(own_sampler(ratio));
         }
         let provider = provider.build();
         tracing::info!(%endpoint, queue = bound, "exporting spans over OTLP/HTTP");
         let tracing = Self {
             tracer: Some(provider.tracer("rag-sidecar")),
-            ratio: cfg.sample_ratio,
+            ratio: sampler.unwrap_or(cfg.sample_ratio),
+            presampled: sampler.is_some(),
         };
         Ok((tracing, Some(Exporting { provider })))
     }
+}
+
+/// The ratio of the parent-based sampler in force: `tracing.sample_ratio`
+/// when `OTEL_TRACES_SAMPLER` is unset, the ratio its parent-based values
+/// name, or `None` for any other sampler (the SDK decides each span).
+fn env_sampler(configured: f64) -> Result<Option<f64>, TraceError> {
+    let Ok(name) = std::env::var("OTEL_TRACES_SAMPLER") else {
+        return Ok(Some(configured));
+    };
+    Ok(match name.trim() {
+        "parentbased_always_on" => Some(1.0),
+        "parentbased_always_off" => Some(0.0),
+        "parentbased_traceidratio" => {
+            const ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
+            match std::env::var(ARG) {
+                // The SDK's own default for a missing argument.
+                Err(_) => Some(1.0),
+                Ok(v) => match v.trim().parse::<f64>() {
+                    Ok(r) if (0.0..=1.0).contains(&r) => Some(r),
+                    _ => {
+                        return Err(TraceError::Env {
+                            name: ARG,
+                            message: format!("{v:?} is not a ratio between 0 and 1"),
+                        });
+                    }
+                },
+            }
+        }
+        _ => None,
+    })
+}
+
+/// The sampler when `OTEL_TRACES_SAMPLER` is unset: the client's sampled
+/// flag, or `ratio` of new traces.
+fn own_sampler(ratio: f64) -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
 }
 
 /// The running export, flushed and stopped by [`Exporting::shutdown`].
@@ -231,6 +289,8 @@ struct Counted<E> {
     inner: E,
     counts: Arc<SpanCounts>,
     queued: Arc<AtomicUsize>,
+    /// The first failure is logged at WARN, the others at DEBUG.
+    warned: AtomicBool,
 }
 
 impl<E: SpanExporter> SpanExporter for Counted<E> {
@@ -239,13 +299,20 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
         let result = self.inner.export(batch).await;
         let counter = match &result {
             Ok(()) => &self.counts.exported,
-            Err(e) => {
-                tracing::debug!("trace export failed: {e}");
-                &self.counts.failed
-            }
+            Err(_) => &self.counts.failed,
         };
         SpanCounts::add(counter, n as u64);
         self.queued.fetch_sub(n, Ordering::AcqRel);
+        // Logged once counted, so that the figure is there when the line is.
+        if let Err(e) = &result {
+            if self.warned.swap(true, Ordering::Relaxed) {
+                tracing::debug!("trace export failed: {e}");
+            } else {
+                tracing::warn!(
+                    "trace export failed: {e}; further failures are counted in rag_sidecar_trace_spans_total{{outcome=\"failed\"}}"
+                );
+            }
+        }
         result
     }
 
@@ -259,5 +326,34 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SamplingDecision, SpanKind, TraceId};
+    use opentelemetry_sdk::trace::ShouldSample;
+
+    use super::context::{new_trace_id, sampled_at};
+    use super::own_sampler;
+
+    /// The presampling in the server span decides as the SDK's sampler
+    /// would: for a new trace, `sampled_at` is `TraceIdRatioBased`.
+    #[test]
+    fn presampling_agrees_with_the_sdk_sampler() {
+        for ratio in [0.0, 0.01, 0.25, 0.5, 0.99, 1.0] {
+            let sdk = own_sampler(ratio);
+            for _ in 0..5_000 {
+                let id = new_trace_id();
+                let decision = sdk
+                    .should_sample(None, TraceId::from(id), "HTTP", &SpanKind::Server, &[], &[])
+                    .decision;
+                assert_eq!(
+                    decision == SamplingDecision::RecordAndSample,
+                    sampled_at(id, ratio),
+                    "ratio {ratio}, trace {id:032x}"
+                );
+            }
+        }
     }
 }
