@@ -37,7 +37,8 @@ unit:
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
 ## nginx), cache-hit cost at 1 000 vs 100 000 entries, the memory of an idle
-## connection, instructions per request of the optional layers (callgrind), then
+## connection, instructions per request of the optional layers (callgrind),
+## what tracing costs (off, exporting at 0.01 and at 1.0), then
 ## the criterion benches of the cache's, limiter's and metrics'
 ## hot paths and of a /metrics scrape. The floor the tables compare with,
 ## a bare hyper server, is examples/hyper_floor.rs.
@@ -47,6 +48,7 @@ bench: release
 	bench/hit_scale.sh
 	bench/idle_conns.sh
 	bench/instructions.sh
+	bench/traces.sh
 	bench/stream.sh
 	bench/workload.sh
 	$(CARGO) bench -j$(JOBS) --bench cache --bench rate_limit --bench metrics -- --warm-up-time 1 --measurement-time 3

@@ -10,7 +10,10 @@
 # would otherwise add a time-dependent share to every request.
 # Configurations: as shipped (retry, circuit breaking and metrics on, rate
 # limits off as in bench.sh), retry and circuit breaking off, metrics off,
-# and rate limiting on at a limit that never rejects. Then a cache hit (the
+# rate limiting on at a limit that never rejects, and spans exported at a
+# sample ratio of 0.01 and of 1.0 (to a Python OTLP sink answering 200; the
+# export itself runs on the batch processor's thread, not counted here:
+# bench/traces.sh has its throughput cost). Then a cache hit (the
 # same POST /api/search, as shipped) and the floor, examples/hyper_floor.rs
 # (bare hyper answering the hit's bytes) with and without hyper's
 # header-read timer: what the stack costs above hyper, and what the timer
@@ -27,6 +30,20 @@ need valgrind valgrind
 up=$(free_port)
 start_app "$up" --search-latency-ms 0
 printf '[retry]\nenabled = false\n[circuit_breaker]\nenabled = false\n' > "$work/resilience-off.toml"
+# The OTLP/HTTP sink of the exporting configurations.
+sink=$(free_port)
+python3 - "$sink" <<'PY' &
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+pids+=($!); wait_port "$sink"
+export_at() { echo "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$sink OTEL_TRACES_SAMPLER=parentbased_traceidratio OTEL_TRACES_SAMPLER_ARG=$1"; }
 FLOOR=${FLOOR:-target/release/examples/hyper_floor}
 # The floor answers as many bytes as the sidecar's hit (the mock's search).
 hit_bytes=$(curl -s -X POST -H 'Content-Type: application/json' \
@@ -84,6 +101,8 @@ floor_per_request() { # floor_per_request NAME FLAGS
   per_request resilience-off "$work/resilience-off.toml" "X=1"
   per_request metrics-off config/rag-sidecar.toml "ENABLE_METRICS=False"
   per_request rate-limit-on config/rag-sidecar.toml "ENABLE_RATE_LIMIT=True DEFAULT_RATE_LIMIT=1000000000/minute"
+  per_request traces-0.01 config/rag-sidecar.toml "$(export_at 0.01)"
+  per_request traces-1.0 config/rag-sidecar.toml "$(export_at 1.0)"
   per_request hit config/rag-sidecar.toml "X=1" hit
   floor_per_request floor ""
   floor_per_request floor-no-timer --no-timer
@@ -91,7 +110,7 @@ floor_per_request() { # floor_per_request NAME FLAGS
 python3 - "$work/figures" <<'PY'
 import sys
 f = dict(l.split() for l in open(sys.argv[1]))
-s, r, m, l, h, fl, fn = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on", "hit", "floor", "floor-no-timer"))
+s, r, m, l, t1, t100, h, fl, fn = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on", "traces-0.01", "traces-1.0", "hit", "floor", "floor-no-timer"))
 print("Instructions per request in the sidecar (callgrind, 1 worker, GET default route):\n")
 print("| configuration | instructions/request | layer's share |")
 print("|---|---:|---:|")
@@ -99,6 +118,8 @@ print(f"| as shipped | {s:,} | |")
 print(f"| retry + circuit off | {r:,} | retry + circuit: {s - r:,} ({(s - r) / r * 100:.1f} % of the rest) |")
 print(f"| metrics off | {m:,} | metrics: {s - m:,} ({(s - m) / m * 100:.1f} % of the rest) |")
 print(f"| rate limiting on (never rejecting) | {l:,} | rate limiting: {l - s:,} ({(l - s) / s * 100:.1f} % of the rest) |")
+print(f"| spans exported, ratio 0.01 | {t1:,} | export at 0.01: {t1 - s:,} ({(t1 - s) / s * 100:.1f} %) |")
+print(f"| spans exported, ratio 1.0 | {t100:,} | export at 1.0: {t100 - s:,} ({(t100 - s) / s * 100:.1f} %) |")
 print()
 print("A cache hit (POST /api/search, the same body) and the floor (examples/hyper_floor.rs:")
 print("bare hyper answering the hit's bytes, 1 worker), instructions per request:\n")
