@@ -129,6 +129,26 @@ async fn spans_of(rx: &mut mpsc::UnboundedReceiver<Got>, trace: &str, n: usize) 
     found
 }
 
+/// The server span of each of `traces` (hex), within 10 s; spans of other
+/// traces and the attempt spans are passed over.
+async fn server_spans(
+    rx: &mut mpsc::UnboundedReceiver<Got>,
+    traces: &[String],
+) -> std::collections::HashMap<String, Got> {
+    let mut found = std::collections::HashMap::new();
+    while found.len() < traces.len() {
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("server spans of {traces:?}: only {:?}", found.keys()))
+            .expect("the receiver stopped");
+        let trace = hex(&got.span.trace_id);
+        if got.span.kind == SpanKind::Server as i32 && traces.contains(&trace) {
+            found.insert(trace, got);
+        }
+    }
+    found
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -271,16 +291,32 @@ async fn stats_in_client_trace(addr: std::net::SocketAddr) {
     assert_eq!(resp.status(), 200);
 }
 
-/// A sidecar process exporting to `collector`, with a short batch delay.
+/// A sidecar process exporting to `collector`, with a short batch delay and
+/// rate limits off.
 fn exporting_sidecar(
     mock: &Mock,
     collector: &str,
     extra_env: &[(&str, &str)],
 ) -> (SidecarProcess, std::net::SocketAddr) {
+    exporting_sidecar_with(
+        mock,
+        collector,
+        extra_env,
+        "[rate_limit]\nenabled = false\n",
+    )
+}
+
+/// The same with `toml` appended to the configuration.
+fn exporting_sidecar_with(
+    mock: &Mock,
+    collector: &str,
+    extra_env: &[(&str, &str)],
+    toml: &str,
+) -> (SidecarProcess, std::net::SocketAddr) {
     let addr = free_addr();
     let toml = format!(
         "listen = \"{addr}\"\nupstream = \"{}\"\nreadiness_path = \"/__mock/fast\"\n\
-         [rate_limit]\nenabled = false\n[retry]\ninitial_wait = \"10ms\"\nmax_wait = \"20ms\"\n",
+         {toml}[retry]\ninitial_wait = \"10ms\"\nmax_wait = \"20ms\"\n",
         mock.url()
     );
     let mut env = vec![
@@ -548,4 +584,80 @@ fn a_bad_sampler_argument_stops_the_start() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("OTEL_TRACES_SAMPLER_ARG"), "{err}");
+}
+
+/// The server span says what the sidecar did: the rate limit's outcome
+/// (allowed, then limited), a wait under the upstream quota, and an answer
+/// shared with another request (coalesced).
+#[tokio::test]
+async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
+    let mock = Mock::start_with(&["--search-latency-ms", "300"]);
+    let (collector, mut spans) = receiver().await;
+    let (_sc, addr) = exporting_sidecar_with(
+        &mock,
+        &collector,
+        &[],
+        "[[routes]]\nname = \"search\"\nrate_limit = \"3 per minute\"\n\
+         [[routes]]\nname = \"rag\"\nupstream_limit = \"300 per minute\"\nupstream_queue = \"5s\"\n",
+    );
+    let http = client();
+    let post = |path: &'static str, trace: String, query: &'static str| {
+        let http = http.clone();
+        async move {
+            http.post(format!("http://{addr}{path}"))
+                .header("traceparent", format!("00-{trace}-{CLIENT_SPAN}-01"))
+                .json(&json!({"query": query}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Two identical searches at once: one goes upstream, one shares it.
+    let (a, b) = tokio::join!(
+        post("/api/search", "a1".repeat(16), "one question"),
+        post("/api/search", "a2".repeat(16), "one question")
+    );
+    assert_eq!((a, b), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
+    // A third is allowed, the fourth is over 3 per minute.
+    assert_eq!(post("/api/search", "a3".repeat(16), "another").await, 200);
+    assert_eq!(post("/api/search", "a4".repeat(16), "a third").await, 429);
+    // Two RAG questions in a row: the second waits its turn (one per 200 ms).
+    assert_eq!(
+        post("/api/rag/query", "b1".repeat(16), "rag one").await,
+        200
+    );
+    assert_eq!(
+        post("/api/rag/query", "b2".repeat(16), "rag two").await,
+        200
+    );
+
+    let mut found = server_spans(&mut spans, &["a1", "a2", "a4", "b2"].map(|t| t.repeat(16))).await;
+    let mut take = |t: &str| found.remove(&t.repeat(16)).unwrap();
+    let (first, second) = (take("a1"), take("a2"));
+    let coalesced: Vec<bool> = [&first, &second]
+        .iter()
+        .map(|g| {
+            matches!(
+                g.attr("rag_sidecar.coalesced"),
+                Some(Value::BoolValue(true))
+            )
+        })
+        .collect();
+    assert_eq!(
+        coalesced.iter().filter(|c| **c).count(),
+        1,
+        "one of the two shares the other's answer: {coalesced:?}"
+    );
+    assert_eq!(first.text("rag_sidecar.rate_limit"), Some("allowed"));
+    let limited = take("a4");
+    assert_eq!(limited.int("http.response.status_code"), Some(429));
+    assert_eq!(limited.text("rag_sidecar.rate_limit"), Some("limited"));
+    assert_eq!(limited.text("rag_sidecar.refused"), Some("rate_limited"));
+    let waited = take("b2");
+    let wait = match waited.attr("rag_sidecar.upstream_quota.wait_seconds") {
+        Some(Value::DoubleValue(w)) => *w,
+        other => panic!("no quota wait: {other:?}"),
+    };
+    assert!(wait > 0.05, "the second RAG question waited {wait} s");
 }

@@ -73,15 +73,22 @@ where
         let incoming = TraceParent::from_headers(req.headers());
         // tracestate travels only with the traceparent it belongs to.
         let state = incoming.and_then(|_| context::tracestate(req.headers()));
-        // A new trace's id is drawn here: the sampling decision below and
-        // the SDK's span (if any) use the same one.
-        let fresh = match incoming {
-            Some(_) => None,
-            None => Some(context::new_trace_id()),
-        };
-        let sampled = match (incoming, fresh) {
-            (Some(p), _) => p.sampled(),
-            (None, id) => context::sampled_at(id.unwrap_or(1), self.tracing.ratio()),
+        // The trace the request is in: the client's, or a new one whose
+        // sampled flag the sample ratio gives (the id drawn here is the one
+        // the SDK's span, if any, gets too).
+        let (trace, fresh) = match incoming {
+            Some(p) => (p, None),
+            None => {
+                let trace_id = context::new_trace_id();
+                let sampled = context::sampled_at(trace_id, self.tracing.ratio());
+                let flags = if sampled { context::SAMPLED } else { 0 };
+                let new = TraceParent {
+                    trace_id,
+                    parent_id: 0,
+                    flags,
+                };
+                (new, Some(trace_id))
+            }
         };
         // The SDK is asked only for a span that can be kept: with export off,
         // or with the sidecar's own parent-based ratio sampler and a trace it
@@ -90,17 +97,11 @@ where
         let tracer = self
             .tracing
             .tracer()
-            .filter(|_| sampled || !self.tracing.presampled());
+            .filter(|_| trace.sampled() || !self.tracing.presampled());
         let Some(tracer) = tracer else {
-            let ours = match (incoming, fresh) {
-                (Some(p), _) => p.child(context::new_span_id()),
-                (None, id) => TraceParent {
-                    trace_id: id.unwrap_or(1),
-                    parent_id: context::new_span_id(),
-                    flags: if sampled { context::SAMPLED } else { 0 },
-                },
-            };
-            ours.write(req.headers_mut(), state);
+            trace
+                .child(context::new_span_id())
+                .write(req.headers_mut(), state);
             return OnAnswer::new(self.inner.call(req), None);
         };
         let (span, ours) = start(tracer, incoming, fresh, state.as_ref());
