@@ -32,10 +32,10 @@ fn client_traceparent() -> String {
     format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
 }
 
-/// A span as the receiver decoded it, with its resource's service name.
+/// A span as the receiver decoded it, with its resource's attributes.
 #[derive(Debug)]
 struct Got {
-    service: String,
+    resource: std::collections::HashMap<String, String>,
     span: Span,
 }
 
@@ -81,20 +81,18 @@ async fn receiver() -> (String, mpsc::UnboundedReceiver<Got>) {
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let export = ExportTraceServiceRequest::decode(body).unwrap();
                         for rs in export.resource_spans {
-                            let service = rs
+                            let resource: std::collections::HashMap<String, String> = rs
                                 .resource
                                 .iter()
                                 .flat_map(|r| &r.attributes)
-                                .find(|kv| kv.key == "service.name")
-                                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                                .map(|v| match v {
-                                    Value::StringValue(s) => s.clone(),
-                                    other => format!("{other:?}"),
+                                .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                    Value::StringValue(v) => Some((kv.key.clone(), v.clone())),
+                                    _ => None,
                                 })
-                                .unwrap_or_default();
+                                .collect();
                             for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
                                 let _ = tx.send(Got {
-                                    service: service.clone(),
+                                    resource: resource.clone(),
                                     span,
                                 });
                             }
@@ -333,7 +331,14 @@ fn exporting_sidecar_with(
 async fn a_retried_request_is_one_server_span_and_a_span_per_attempt() {
     let mock = Mock::start();
     let (collector, mut spans) = receiver().await;
-    let (_sc, addr) = exporting_sidecar(&mock, &collector, &[]);
+    let (_sc, addr) = exporting_sidecar(
+        &mock,
+        &collector,
+        &[
+            ("OTEL_SERVICE_NAME", "rag-sidecar-canary"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=rag-7"),
+        ],
+    );
     let http = client();
     // The app's next answer is a 503: the first attempt fails, the retry
     // succeeds.
@@ -353,7 +358,8 @@ async fn a_retried_request_is_one_server_span_and_a_span_per_attempt() {
         .collect();
     assert_eq!(servers.len(), 1, "{got:#?}");
     let server = servers[0];
-    assert_eq!(server.service, "rag-sidecar");
+    assert_eq!(server.resource["service.name"], "rag-sidecar-canary");
+    assert_eq!(server.resource["k8s.pod.name"], "rag-7");
     assert_eq!(hex(&server.span.parent_span_id), CLIENT_SPAN);
     assert_eq!(server.span.name, "GET default");
     assert_eq!(server.text("http.request.method"), Some("GET"));
@@ -500,6 +506,11 @@ async fn queued_spans_are_sent_at_shutdown() {
     sigterm(sc.pid());
     let got = spans_of(&mut spans, CLIENT_TRACE, 2).await;
     assert_eq!(got.len(), 2);
+    // The default service name.
+    assert!(
+        got.iter()
+            .all(|g| g.resource["service.name"] == "rag-sidecar")
+    );
     assert!(wait_exit(&mut sc, Duration::from_secs(10)).success());
 }
 
