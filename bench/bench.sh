@@ -12,9 +12,11 @@
 # app and the proxy share two cores, so CPU per request is what decides
 # throughput.
 #
-# A floor stands beside them: examples/hyper_floor.rs, a bare hyper server
+# Floors stand beside them: examples/hyper_floor.rs, a bare hyper server
 # answering the cache hit's bytes on the sidecar's runtime setup (what hyper
-# and tokio cost alone). Every row also gives wrk's own CPU (share of one
+# and tokio cost alone), and the same forwarding each request over an
+# upstream connection of its own (`--proxy`: what proxying over hyper costs
+# at the least). Every row also gives wrk's own CPU (share of one
 # core): wrk -t1 near 1.0 would make wrk the ceiling (then WRK_THREADS=2).
 #
 # Knobs: ROUNDS (5), DURATION per run (5s), CONNECTIONS (32), LIGHT (8: the
@@ -79,9 +81,17 @@ if [ -n "$BASELINE" ]; then
   baseline_cache=(rag-sidecar-baseline-cache="http://127.0.0.1:$scb/api/search")
 fi
 
+# The proxying floor: bare hyper forwarding each client connection's
+# requests over an upstream connection of its own (hyper_floor --proxy).
+floorp=$(free_port)
+"$FLOOR" "127.0.0.1:$floorp" "$WORKERS" --proxy "127.0.0.1:$up" &
+floorppid=$!; pids+=($floorppid); wait_port "$floorp"
+cpu_of[hyper-floor-proxy]=$floorppid
+
 results="$work/results.txt"
 run_rounds "$results" bench/report.lua direct="http://127.0.0.1:$up$PATH_" \
-  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_" "${baseline[@]}"
+  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_" \
+  hyper-floor-proxy="http://127.0.0.1:$floorp$PATH_" "${baseline[@]}"
 load_rss=$(rss $scpid)
 
 # Rate limiting on (a limit too high to reject) vs off, same route.
@@ -139,7 +149,8 @@ run_rounds "$cache_results" bench/post.lua direct-uncached="http://127.0.0.1:$up
 # sees, proxied and from the cache.
 light="$work/light.txt"
 CONNECTIONS=$LIGHT run_rounds "$light" bench/report.lua \
-  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_"
+  nginx="http://127.0.0.1:$ngx$PATH_" rag-sidecar="http://127.0.0.1:$sc$PATH_" \
+  hyper-floor-proxy="http://127.0.0.1:$floorp$PATH_"
 light_cache="$work/light-cache.txt"
 CONNECTIONS=$LIGHT run_rounds "$light_cache" bench/post.lua \
   nginx-proxy_cache="http://127.0.0.1:$ngxc/api/search" rag-sidecar-cache="http://127.0.0.1:$sc/api/search" \
@@ -173,10 +184,11 @@ def ab(path, on, off, what):
     print(f"- throughput with {what}: median of the per-round ratios {r:.3f}x of off ({(1 - r) * 100:+.1f} % lower; rounds ranged {lo:.3f}-{hi:.3f}); medians of the columns {m[on][0]/m[off][0]:.3f}x")
 c_full, c_light = os.environ["CONNS"].split()
 print(f"Proxying (GET /api/stats, default route, not cached; wrk -c{c_full}):\n")
-m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar") + (("rag-sidecar-baseline",) if base else ()))
-s, n, d = m["rag-sidecar"], m["nginx"], m["direct"]
+m = table(sys.argv[1], ("direct", "nginx", "rag-sidecar", "hyper-floor-proxy") + (("rag-sidecar-baseline",) if base else ()))
+s, n, d, fp = m["rag-sidecar"], m["nginx"], m["direct"], m["hyper-floor-proxy"]
 print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; sidecar/direct: {s[0]/d[0]:.2f}x")
 print(f"- p99 sidecar/nginx: {s[2]/n[2]:.2f}x; p50 sidecar/nginx: {s[1]/n[1]:.2f}x")
+print(f"- the proxying floor (bare hyper server + client): floor/nginx throughput {fp[0]/n[0]:.2f}x, p99 {fp[2]/n[2]:.2f}x; user CPU per request {s[3]:.1f} µs (sidecar) against the floor's {fp[3]:.1f} and nginx's {n[3]:.1f}")
 if base:
     b = m["rag-sidecar-baseline"]
     r, lo, hi = paired(sys.argv[1], "rag-sidecar", "rag-sidecar-baseline")
@@ -205,9 +217,9 @@ ab(sys.argv[13], "metrics-on", "metrics-off", "metrics on")
 print(f"- one GET /metrics on the loaded sidecar (HTTP round trip included, median of 200): {sys.argv[14]}")
 print()
 print(f"Lighter load (wrk -c{c_light}), proxied:\n")
-m = table(sys.argv[3], ("nginx", "rag-sidecar"))
-s, n = m["rag-sidecar"], m["nginx"]
-print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x")
+m = table(sys.argv[3], ("nginx", "rag-sidecar", "hyper-floor-proxy"))
+s, n, fp = m["rag-sidecar"], m["nginx"], m["hyper-floor-proxy"]
+print(f"- throughput sidecar/nginx: {s[0]/n[0]:.2f}x; p99 {s[2]/n[2]:.2f}x; the proxying floor: p99 {fp[2]/n[2]:.2f}x nginx's")
 print()
 print(f"Lighter load (wrk -c{c_light}), cache hits:\n")
 m = table(sys.argv[15], ("nginx-proxy_cache", "rag-sidecar-cache", "hyper-floor"))
