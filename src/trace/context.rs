@@ -24,6 +24,9 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 /// The sampled bit of `trace-flags`.
 pub const SAMPLED: u8 = 0x01;
 
+/// Lowercase hex digits, by value.
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// Longest `tracestate` passed on (the W3C's 512 bytes).
 const MAX_TRACESTATE: usize = 512;
 
@@ -131,15 +134,13 @@ impl TraceParent {
 
     /// The header value, version 00.
     pub fn to_header(self) -> HeaderValue {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 55];
         out[..3].copy_from_slice(b"00-");
         put_hex(&mut out[3..35], self.trace_id);
         out[35] = b'-';
         put_hex(&mut out[36..52], u128::from(self.parent_id));
         out[52] = b'-';
-        out[53] = DIGITS[usize::from(self.flags >> 4)];
-        out[54] = DIGITS[usize::from(self.flags & 0xf)];
+        put_hex(&mut out[53..55], u128::from(self.flags));
         // Hex digits and dashes: always a valid header value.
         HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
@@ -218,7 +219,7 @@ const NIBBLE: [u8; 256] = {
     let mut t = [NOT_HEX; 256];
     let mut i = 0;
     while i < 16 {
-        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        t[DIGITS[i] as usize] = i as u8;
         i += 1;
     }
     t
@@ -241,7 +242,6 @@ fn hex(digits: &[u8]) -> Option<u128> {
 /// `n`'s low `out.len()` hex digits (an even number), most significant
 /// first: a byte at a time.
 fn put_hex(out: &mut [u8], n: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let bytes = n.to_be_bytes();
     let from = bytes.len() - out.len() / 2;
     for (pair, b) in out.chunks_exact_mut(2).zip(&bytes[from..]) {
