@@ -400,8 +400,8 @@ async fn a_retried_request_is_one_server_span_and_a_span_per_attempt() {
         .expect("an attempt span");
     assert_eq!(hex(&attempt.span.span_id), parent);
 
-    // A cache hit and a local answer are server spans too; no query text
-    // in any attribute.
+    // A miss and a hit are server spans too (a local answer, the 429, is
+    // in the attributes test below); no query text in any attribute.
     let question = json!({"query": "a private question about invoices", "top_k": 3});
     for want in ["MISS", "HIT"] {
         let resp = http
