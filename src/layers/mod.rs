@@ -52,6 +52,7 @@ use crate::metrics::layer::MetricsLayer;
 use crate::metrics::resilience::{FailureCounts, RetryStats};
 use crate::proxy::Proxy;
 use crate::route::RouteTable;
+use crate::service::BoxResponseFuture;
 use crate::trace::Tracing;
 
 /// The assembled stack, type-erased once; never fails (errors are answers).
@@ -140,6 +141,11 @@ pub fn build_stack(
         // The one rescue: typed errors from below become JSON answers here,
         // above nothing that could fail, so the log above sees their status.
         .layer(RescueLayer)
+        // The future of everything below, boxed once: each layer above
+        // moves its inner future into its own, and without the box the
+        // whole nested future is copied at each of them (callgrind: 689
+        // instructions a proxied request, 454 a hit, less with the box).
+        .map_future(|f| -> BoxResponseFuture { Box::pin(f) })
         // In-flight cap: past `max_inflight`, answer 503 at once instead of
         // queueing work the upstream cannot absorb.
         .layer(inflight::InflightLimitLayer::new(Arc::clone(
