@@ -302,12 +302,12 @@ where
                         Remote::Served(e) => {
                             count(counters, |c| &c.coalesced_remote);
                             guard.finish(Outcome::Stored(Arc::clone(&e)));
-                            return Ok(replay(
+                            return Ok(collapsed(replay(
                                 &e,
                                 CacheOutcome::Miss,
-                                "rag-sidecar; fwd=miss; collapsed".into(),
+                                COLLAPSED.into(),
                                 0,
-                            ));
+                            )));
                         }
                         Remote::Alone => {}
                         Remote::TimedOut => {
@@ -331,12 +331,12 @@ where
                 match (outcome, &stale) {
                     (Some(Outcome::Stored(e)), _) => {
                         count(counters, |c| &c.coalesced);
-                        return Ok(replay(
+                        return Ok(collapsed(replay(
                             &e,
                             CacheOutcome::Miss,
-                            "rag-sidecar; fwd=miss; collapsed".into(),
+                            COLLAPSED.into(),
                             0,
-                        ));
+                        )));
                     }
                     // A stream under way: followed from its first event.
                     (Some(Outcome::Streaming(head)), _) => {
@@ -345,13 +345,8 @@ where
                             let mut resp = Response::new(body);
                             *resp.status_mut() = head.status;
                             *resp.headers_mut() = head.headers.clone();
-                            mark(
-                                &mut resp,
-                                CacheOutcome::Miss,
-                                "rag-sidecar; fwd=miss; collapsed".into(),
-                                None,
-                            );
-                            return Ok(resp);
+                            mark(&mut resp, CacheOutcome::Miss, COLLAPSED.into(), None);
+                            return Ok(collapsed(resp));
                         }
                         // Its first events are gone (too large to keep):
                         // go upstream alone.
@@ -597,13 +592,20 @@ fn replay(e: &Entry, outcome: CacheOutcome, status: String, age_secs: u64) -> Re
     resp
 }
 
+/// The `Cache-Status` of an answer shared with another request.
+const COLLAPSED: &str = "rag-sidecar; fwd=miss; collapsed";
+
+/// An answer shared with another request (here or on another sidecar),
+/// marked so for the layers above.
+fn collapsed(mut resp: Response<Body>) -> Response<Body> {
+    resp.extensions_mut().insert(Coalesced);
+    resp
+}
+
 /// `X-Cache`, `Cache-Status` and `Age` on the answer, and its
 /// [`CacheOutcome`] for the layers above.
 fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: Option<u64>) {
     resp.extensions_mut().insert(outcome);
-    if status.ends_with("; collapsed") {
-        resp.extensions_mut().insert(Coalesced);
-    }
     let h = resp.headers_mut();
     h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
     if let Ok(v) = HeaderValue::try_from(status) {
