@@ -30,18 +30,21 @@ pub(super) fn port(s: &str) -> Result<u16, String> {
     }
 }
 
-pub(super) fn upstream(s: &str) -> Result<Upstream, String> {
+/// `s` as an `http://` URL; `https` is refused with `why_not_https`.
+fn http_url(s: &str, why_not_https: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = s.trim().parse().map_err(|e| format!("not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https upstreams are not supported: the app runs beside the sidecar; use http://"
-                    .into(),
-            );
-        }
-        _ => return Err("expected http://HOST:PORT".into()),
+        Some("http") => Ok(uri),
+        Some("https") => Err(why_not_https.into()),
+        _ => Err("expected http://HOST:PORT".into()),
     }
+}
+
+pub(super) fn upstream(s: &str) -> Result<Upstream, String> {
+    let uri = http_url(
+        s,
+        "https upstreams are not supported: the app runs beside the sidecar; use http://",
+    )?;
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err("the upstream URL cannot have a path or query".into());
     }
@@ -62,17 +65,10 @@ pub(super) fn upstream(s: &str) -> Result<Upstream, String> {
 /// the collector runs beside the pod or on its node (no TLS stack is built).
 pub(super) fn otlp_endpoint(s: &str) -> Result<String, String> {
     let s = s.trim();
-    let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(
-                "https is not supported: send to a Collector beside the pod or on the node over http://"
-                    .into(),
-            );
-        }
-        _ => return Err("expected http://HOST:PORT".into()),
-    }
+    let uri = http_url(
+        s,
+        "https is not supported: send to a Collector beside the pod or on the node over http://",
+    )?;
     if uri.authority().is_none() {
         return Err("missing host".into());
     }
