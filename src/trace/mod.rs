@@ -115,7 +115,7 @@ impl Tracing {
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(endpoint.clone())
             .build()?;
-        let counted = Counted {
+        let counted = CountingExporter {
             inner: exporter,
             counts: Arc::clone(&counts),
             queued: Arc::clone(&queued),
@@ -285,7 +285,7 @@ impl SpanProcessor for Gate {
 
 /// The OTLP exporter, counting what it sent and releasing the gate.
 #[derive(Debug)]
-struct Counted<E> {
+struct CountingExporter<E> {
     inner: E,
     counts: Arc<SpanCounts>,
     queued: Arc<AtomicUsize>,
@@ -293,7 +293,7 @@ struct Counted<E> {
     warned: AtomicBool,
 }
 
-impl<E: SpanExporter> SpanExporter for Counted<E> {
+impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let n = batch.len();
         let result = self.inner.export(batch).await;
