@@ -598,10 +598,11 @@ fn a_bad_sampler_argument_stops_the_start() {
 }
 
 /// The server span says what the sidecar did: the rate limit's outcome
-/// (allowed, then limited), a wait under the upstream quota, and an answer
-/// shared with another request (coalesced).
+/// (allowed, then limited), a wait under the upstream quota, an answer
+/// shared with another request (coalesced); the sidecar's own 429, 503 and
+/// 504 are server spans with their status and error type.
 #[tokio::test]
-async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
+async fn server_spans_name_the_rate_limit_the_quota_wait_coalescing_and_local_answers() {
     let mock = Mock::start_with(&["--search-latency-ms", "300"]);
     let (collector, mut spans) = receiver().await;
     let (_sc, addr) = exporting_sidecar_with(
@@ -609,7 +610,9 @@ async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
         &collector,
         &[],
         "[[routes]]\nname = \"search\"\nrate_limit = \"3 per minute\"\n\
-         [[routes]]\nname = \"rag\"\nupstream_limit = \"300 per minute\"\nupstream_queue = \"5s\"\n",
+         [[routes]]\nname = \"rag\"\nupstream_limit = \"300 per minute\"\nupstream_queue = \"5s\"\n\
+         [[routes]]\nname = \"default\"\ntimeout = \"300ms\"\n\
+         upstream_limit = \"1 per minute\"\nupstream_queue = \"10ms\"\n",
     );
     let http = client();
     let post = |path: &'static str, trace: String, query: &'static str| {
@@ -633,6 +636,22 @@ async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
     // A third is allowed, the fourth is over 3 per minute.
     assert_eq!(post("/api/search", "a3".repeat(16), "another").await, 200);
     assert_eq!(post("/api/search", "a4".repeat(16), "a third").await, 429);
+    // The sidecar's own 504 (the app takes longer than the route's 300 ms)
+    // and 503 (no room under the default route's quota of 1 per minute).
+    let stats = |trace: String, delay: &'static str| {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://{addr}/api/stats"))
+                .header("traceparent", format!("00-{trace}-{CLIENT_SPAN}-01"))
+                .header("X-Mock-Delay-Ms", delay)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(stats("c1".repeat(16), "2000").await, 504);
+    assert_eq!(stats("c2".repeat(16), "0").await, 503);
     // Two RAG questions in a row: the second waits its turn (one per 200 ms).
     assert_eq!(
         post("/api/rag/query", "b1".repeat(16), "rag one").await,
@@ -643,7 +662,11 @@ async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
         200
     );
 
-    let mut found = server_spans(&mut spans, &["a1", "a2", "a4", "b2"].map(|t| t.repeat(16))).await;
+    let mut found = server_spans(
+        &mut spans,
+        &["a1", "a2", "a4", "b2", "c1", "c2"].map(|t| t.repeat(16)),
+    )
+    .await;
     let mut take = |t: &str| found.remove(&t.repeat(16)).unwrap();
     let (first, second) = (take("a1"), take("a2"));
     let coalesced: Vec<bool> = [&first, &second]
@@ -665,6 +688,11 @@ async fn server_spans_name_the_rate_limit_the_quota_wait_and_coalescing() {
     assert_eq!(limited.int("http.response.status_code"), Some(429));
     assert_eq!(limited.text("rag_sidecar.rate_limit"), Some("limited"));
     assert_eq!(limited.text("rag_sidecar.refused"), Some("rate_limited"));
+    for (trace, status, error) in [("c1", 504, "timeout"), ("c2", 503, "upstream_quota")] {
+        let local = take(trace);
+        assert_eq!(local.int("http.response.status_code"), Some(status));
+        assert_eq!(local.text("error.type"), Some(error));
+    }
     let waited = take("b2");
     let wait = match waited.attr("rag_sidecar.upstream_quota.wait_seconds") {
         Some(Value::DoubleValue(w)) => *w,
