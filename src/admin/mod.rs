@@ -91,6 +91,9 @@ impl Admin {
     /// is percent-decoded first: `/api/cache/%63lear` is `/api/cache/clear`
     /// to the app behind us, so it is to us too.
     pub fn handles(&self, path: &str) -> bool {
+        if !path.contains('%') {
+            return self.endpoints.iter().any(|e| e.path == path);
+        }
         let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
         self.endpoints.iter().any(|e| e.path == decoded)
     }

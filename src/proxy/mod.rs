@@ -27,7 +27,7 @@ use ipnet::IpNet;
 
 pub use self::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, drop_unfit_request_id,
-    set_forwarded, strip_hop_by_hop,
+    peer_value, set_forwarded, strip_hop_by_hop,
 };
 use self::pool::Pool;
 pub use self::pool::SendError;
@@ -143,25 +143,32 @@ impl Proxy {
     /// Rewrites a client request into the upstream request.
     fn prepare(&self, req: Request<Body>) -> Request<Body> {
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The app sees the Host the client asked for (as with nginx's
+        // `proxy_set_header Host $host`); HTTP/2 clients send it as
+        // :authority, and it is written as a header only then.
+        let (host, from_authority) = match parts.headers.get(header::HOST) {
+            Some(h) => (Some(h.clone()), false),
+            None => (
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+                true,
+            ),
+        };
         // Hop-by-hop headers are already gone: the server strips them before
         // the stack (so the cache never keys on them).
         if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>() {
+            let peer = peer.ip();
             set_forwarded(
                 &mut parts.headers,
-                peer.ip(),
+                peer,
+                peer_value(peer),
                 host.clone(),
                 &self.trusted_proxies,
             );
         }
-        // The app sees the Host the client asked for (as with nginx's
-        // `proxy_set_header Host $host`); HTTP/2 clients send it as :authority.
-        if let Some(h) = host {
+        if let Some(h) = host.filter(|_| from_authority) {
             parts.headers.insert(header::HOST, h);
         }
         // The target goes in origin form (UpstreamClient::send).

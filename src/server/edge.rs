@@ -79,7 +79,13 @@ pub(super) fn refused<B>(req: &Request<B>) -> Option<&'static str> {
             return Some("an HTTP/1.1 request needs exactly one Host header");
         }
     }
-    let path = percent_encoding::percent_decode_str(req.uri().path()).decode_utf8_lossy();
+    let raw = req.uri().path();
+    // No '.' and no '%': no dot segment, literal or encoded (most paths; the
+    // decoding below cost more than all the other checks here).
+    if !raw.bytes().any(|b| b == b'.' || b == b'%') {
+        return None;
+    }
+    let path = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
     path.split('/')
         .any(|s| s == "." || s == "..")
         .then_some("dot segments are not allowed in paths")
