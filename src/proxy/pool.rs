@@ -1,34 +1,39 @@
 //! The upstream connections: HTTP/1.1 to the app over
-//! `hyper::client::conn::http1`, pooled per worker thread and driven by the
-//! task of the request that uses them.
+//! `hyper::client::conn::http1`, pooled per worker thread, each connection
+//! driven by a task of its own on its worker.
 //!
 //! hyper-util's legacy `Client` (used before) boxes its send future, clones
 //! its pool and connector per request, takes a mutex over SipHash maps on
-//! checkout and return, spawns a task per HTTP/1 request to give the
-//! connection back, and drives every connection from a task of its own, so
-//! request, answer and body cross tasks through channels. Here a worker's
-//! idle connections sit in its own slot of a [`ThreadLocal`] (no lock, no
-//! hash: the sidecar's workers are one thread each). A request takes the
-//! most recently used one, polls it itself while it waits for the answer
-//! and while the answer's body is read ([`Driven`] carries the connection
-//! inside the body), and puts it back when the body has ended: the upstream
-//! hop runs in the task of the client's connection.
+//! checkout and return, and spawns a task per HTTP/1 request to give the
+//! connection back. Here a worker's idle connections sit in its own slot of
+//! a [`ThreadLocal`] (no lock, no hash: the sidecar's workers are one thread
+//! each). A request takes the most recently used one and gives it back when
+//! the answer's body has ended ([`Pooled`] carries it inside the body),
+//! with no task of its own.
 //!
-//! An idle connection has no task: one the app closed is found closed when
-//! it is next taken (its poll reads the end of the stream) or dropped by the
-//! worker's sweep, which closes connections idle for `upstream_idle_timeout`
-//! (so the sidecar, not the app, ends them: gunicorn closes after 2 s). What
-//! the legacy client did is kept: a 5 s connect timeout, `TCP_NODELAY`, TCP
-//! keep-alive, the `Host` header and origin-form target the app expects,
-//! and a request that never reached a reused connection (the app had closed
-//! it) is sent again on another.
+//! The connection itself runs in its own task, spawned when it is opened,
+//! as hyper-util's does. Driving it from the request's task instead (tried:
+//! the request polled the connection while it waited for the answer and
+//! while the body was read) saved the channel hops but re-polled the
+//! client's whole stack at every upstream read and write: more CPU per
+//! request and twice the `-c32` p99 in `bench/bench.sh` runs
+//! (docs/benchmarks.md, "The upstream connection's own task").
+//!
+//! An idle connection whose app closed it ends its task, which closes its
+//! handle: it is skipped when next taken, and the worker's sweep drops
+//! those idle for `upstream_idle_timeout` (so the sidecar, not the app,
+//! ends them: gunicorn closes after 2 s). What the legacy client did is
+//! kept: a 5 s connect timeout, `TCP_NODELAY`, TCP keep-alive, the `Host`
+//! header and origin-form target the app expects, and a request that never
+//! reached a reused connection (the app had closed it) is sent again on
+//! another.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,8 +50,6 @@ use crate::body::Body;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
-type Connection = http1::Connection<TokioIo<TcpStream>, Body>;
 
 /// Why a request got no answer from the app.
 #[derive(Debug, thiserror::Error)]
@@ -65,52 +68,22 @@ pub enum SendError {
     Http(#[from] hyper::Error),
 }
 
-/// One connection: the handle requests go in by and the state machine that
-/// reads and writes the socket, polled by whoever holds the connection.
+/// One connection's handle; the connection runs in its own task, which
+/// ends (closing the handle) when either side closes it.
 #[derive(Debug)]
 struct Conn {
     sender: http1::SendRequest<Body>,
-    /// `None` once it has ended: dropping it hands a request it never
-    /// wrote back to its sender.
-    conn: Option<Pin<Box<Connection>>>,
     idle_since: Instant,
 }
 
 impl Conn {
-    /// Polls the connection once: `true` when it has ended (closed by
-    /// either side, or failed).
-    fn poll_ended(&mut self, cx: &mut Context<'_>) -> bool {
-        let open = self
-            .conn
-            .as_mut()
-            .is_some_and(|c| c.as_mut().poll(cx).is_pending());
-        if !open {
-            self.conn = None;
-        }
-        !open
-    }
-
-    /// Sends `req` and waits for the answer's head, driving the connection.
-    /// On failure, the request comes back when it never reached the socket.
+    /// Sends `req` and waits for the answer's head. On failure, the request
+    /// comes back when it never reached the socket.
     async fn send(
         &mut self,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
-        let mut answer = pin!(self.sender.try_send_request(req));
-        let mut ended = false;
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            if !ended {
-                // A connection that ends before the answer makes the answer
-                // an error (its request returned when it was never written).
-                ended = self.poll_ended(cx);
-            }
-            answer.as_mut().poll(cx)
-        })
-        .await
-        .map_err(|mut e| {
+        self.sender.try_send_request(req).await.map_err(|mut e| {
             let req = e.take_message();
             (e.into_error(), req)
         })
@@ -159,7 +132,7 @@ impl Pool {
     pub(super) async fn send(
         self: &Arc<Self>,
         mut req: Request<Body>,
-    ) -> Result<Response<Driven>, SendError> {
+    ) -> Result<Response<Pooled>, SendError> {
         loop {
             let (mut conn, reused) = match self.checkout().await {
                 Some(c) => (c, true),
@@ -168,7 +141,7 @@ impl Pool {
             match conn.send(req).await {
                 Ok(resp) => {
                     let pool = Arc::clone(self);
-                    return Ok(resp.map(|body| Driven {
+                    return Ok(resp.map(|body| Pooled {
                         body,
                         conn: Some(conn),
                         pool,
@@ -183,17 +156,16 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still open and
-    /// ready for a request.
+    /// The most recently used idle connection that is still open, once it
+    /// is ready for a request (at once, or as soon as its task has taken in
+    /// the end of the last answer).
     async fn checkout(&self) -> Option<Conn> {
         loop {
             let mut c = self.slot().borrow_mut().conns.pop_back()?;
-            if self.expired(&c, Instant::now()) {
+            if self.expired(&c, Instant::now()) || c.sender.is_closed() {
                 continue; // dropped: closed
             }
-            // One poll: a connection the app closed reads the end of stream.
-            let ended = poll_fn(|cx| Poll::Ready(c.poll_ended(cx))).await;
-            if !ended && c.sender.is_ready() {
+            if poll_fn(|cx| c.sender.poll_ready(cx)).await.is_ok() {
                 return Some(c);
             }
         }
@@ -221,20 +193,25 @@ impl Pool {
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await?;
+        // Its own task on this worker: it ends when the app closes the
+        // connection or when its handle is dropped (idle, or an answer left
+        // half read).
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream connection: {e}");
+            }
+        });
         Ok(Conn {
             sender,
-            conn: Some(Box::pin(conn)),
             idle_since: Instant::now(),
         })
     }
 
-    /// Puts a connection whose answer has been read back in the pool, if it
-    /// is ready for another request (an answer with `Connection: close`, or
-    /// an HTTP/1.0 one, ends it).
+    /// Puts a connection whose answer has been read back in the pool, unless
+    /// it has closed (an answer with `Connection: close`, or an HTTP/1.0 one,
+    /// ends it; one that closes a moment later is skipped at checkout).
     fn release(self: &Arc<Self>, mut c: Conn) {
-        // One poll with no waker: the connection takes in the end of the
-        // answer and turns idle. Whoever takes it next polls it with theirs.
-        if c.poll_ended(&mut Context::from_waker(Waker::noop())) || !c.sender.is_ready() {
+        if c.sender.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -280,18 +257,18 @@ impl Pool {
     }
 }
 
-/// An answer's body with the connection it arrives on: reading the body
-/// drives the connection, and a body read to its end gives the connection
-/// back to the pool (one dropped before its end closes it).
+/// An answer's body with the connection it arrives on: a body read to its
+/// end gives the connection back to the pool (one dropped before its end
+/// closes it).
 #[derive(Debug)]
-pub struct Driven {
+pub struct Pooled {
     body: Incoming,
     conn: Option<Conn>,
     pool: Arc<Pool>,
     ended: bool,
 }
 
-impl Driven {
+impl Pooled {
     fn finish(&mut self) {
         self.ended = true;
         if let Some(c) = self.conn.take() {
@@ -300,7 +277,7 @@ impl Driven {
     }
 }
 
-impl http_body::Body for Driven {
+impl http_body::Body for Pooled {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -309,16 +286,7 @@ impl http_body::Body for Driven {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending() {
-            // Nothing buffered: let the connection read, then look again.
-            if let Some(c) = &mut this.conn {
-                if c.poll_ended(cx) {
-                    this.conn = None;
-                }
-                polled = Pin::new(&mut this.body).poll_frame(cx);
-            }
-        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.finish(),
@@ -337,7 +305,7 @@ impl http_body::Body for Driven {
     }
 }
 
-impl Drop for Driven {
+impl Drop for Pooled {
     fn drop(&mut self) {
         // An answer with no body (HEAD, 204, 304, length 0) is never polled.
         if !self.ended && http_body::Body::is_end_stream(&self.body) {
