@@ -93,8 +93,8 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&out[..n]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// Sets `X-Forwarded-For` (appending the peer, `peer_value` its
-/// [`peer_value`]), `-Proto` and `-Host`. The incoming `-Proto`/`-Host` are
+/// Sets `X-Forwarded-For` (appending the peer, written as [`peer_value`]
+/// writes it), `-Proto` and `-Host`. The incoming `-Proto`/`-Host` are
 /// kept only from a trusted proxy.
 pub fn set_forwarded(
     headers: &mut HeaderMap,

@@ -15,9 +15,14 @@
 //! as hyper-util's does. Driving it from the request's task instead (tried:
 //! the request polled the connection while it waited for the answer and
 //! while the body was read) saved the channel hops but re-polled the
-//! client's whole stack at every upstream read and write: more CPU per
-//! request and twice the `-c32` p99 in `bench/bench.sh` runs
-//! (docs/benchmarks.md, "The upstream connection's own task").
+//! client's whole stack at every upstream read and write: 7 % more
+//! instructions a request and a longer tail (`bench/builds.sh`, 16 rounds
+//! at `-c32`: p99 3.0 against 1.7 ms; docs/benchmarks.md, "The upstream
+//! connection's own task").
+//!
+//! A connection taken from the pool that is not ready yet (its task has
+//! not yet taken in the end of the last answer) is waited for; the wait is
+//! short, and bounded by the route's deadline above.
 //!
 //! An idle connection whose app closed it ends its task, which closes its
 //! handle: it is skipped when next taken, and the worker's sweep drops
