@@ -442,6 +442,21 @@ impl Drop for SidecarProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what each of its sidecars logged (the last
+        // lines; a test that reads the log itself has taken the pipe).
+        if std::thread::panicking() {
+            if let Some(mut err) = self.child.stderr.take() {
+                let mut log = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut log);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                eprintln!(
+                    "--- rag-sidecar (pid {}) stderr, last {} lines ---\n{tail}",
+                    self.child.id(),
+                    lines.len().min(40)
+                );
+            }
+        }
     }
 }
 
