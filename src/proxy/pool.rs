@@ -35,7 +35,6 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -170,7 +169,7 @@ impl Pool {
             if self.expired(&c, Instant::now()) || c.sender.is_closed() {
                 continue; // dropped: closed
             }
-            if poll_fn(|cx| c.sender.poll_ready(cx)).await.is_ok() {
+            if c.sender.ready().await.is_ok() {
                 return Some(c);
             }
         }

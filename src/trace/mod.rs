@@ -187,8 +187,9 @@ fn env_sampler(configured: f64) -> Result<Option<f64>, TraceError> {
     })
 }
 
-/// The sampler when `OTEL_TRACES_SAMPLER` is unset: the client's sampled
-/// flag, or `ratio` of new traces.
+/// The parent-based ratio sampler the sidecar sets (`OTEL_TRACES_SAMPLER`
+/// unset, or naming a parent-based one): the client's sampled flag, or
+/// `ratio` of new traces.
 fn own_sampler(ratio: f64) -> Sampler {
     Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
 }
