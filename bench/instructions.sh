@@ -17,7 +17,7 @@
 # same POST /api/search, as shipped) and the floor, examples/hyper_floor.rs
 # (bare hyper answering the hit's bytes) with and without hyper's
 # header-read timer: what the stack costs above hyper, and what the timer
-# costs. Valgrind's CPU has no SHA extensions, so the hit's SHA-256 runs the
+# costs; and the proxying floor (hyper_floor --proxy) on the proxied request. Valgrind's CPU has no SHA extensions, so the hit's SHA-256 runs the
 # portable code here (the real CPU's SHA-NI path is much cheaper): the hit's
 # count overstates the key's share.
 # Used by `make bench` (after the release build). Needs valgrind.
@@ -57,11 +57,14 @@ instructions() { # instructions CONFIG ENV N [KIND] → total instructions of th
   count "$!" "$port" "$3" "${4:-proxied}"
 }
 
-floor_instructions() { # floor_instructions FLAGS N → total instructions of the floor
+floor_instructions() { # floor_instructions FLAGS N [KIND] → total instructions of the floor
   local port; port=$(free_port)
+  # KIND proxied: the proxying floor (hyper_floor --proxy), GET /api/stats.
+  local what=("$hit_bytes")
+  [ "${3:-hit}" = proxied ] && what=(--proxy "127.0.0.1:$up")
   valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/cg.out" \
-    "$FLOOR" "127.0.0.1:$port" 1 "$hit_bytes" $1 2>/dev/null &
-  count "$!" "$port" "$2" hit
+    "$FLOOR" "127.0.0.1:$port" 1 "${what[@]}" $1 2>/dev/null &
+  count "$!" "$port" "$2" "${3:-hit}"
 }
 
 count() { # count PID PORT N KIND: sends N requests, stops PID, prints its main thread's total
@@ -90,9 +93,9 @@ per_request() { # per_request NAME CONFIG ENV [KIND]
   echo "$1 $(( (b - a) / 2000 ))"
 }
 
-floor_per_request() { # floor_per_request NAME FLAGS
+floor_per_request() { # floor_per_request NAME FLAGS [KIND]
   local a b
-  a=$(floor_instructions "$2" 1000); b=$(floor_instructions "$2" 3000)
+  a=$(floor_instructions "$2" 1000 "${3:-}"); b=$(floor_instructions "$2" 3000 "${3:-}")
   echo "$1 $(( (b - a) / 2000 ))"
 }
 
@@ -106,11 +109,12 @@ floor_per_request() { # floor_per_request NAME FLAGS
   per_request hit config/rag-sidecar.toml "X=1" hit
   floor_per_request floor ""
   floor_per_request floor-no-timer --no-timer
+  floor_per_request floor-proxy "" proxied
 } > "$work/figures"
 python3 - "$work/figures" <<'PY'
 import sys
 f = dict(l.split() for l in open(sys.argv[1]))
-s, r, m, l, t1, t100, h, fl, fn = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on", "traces-0.01", "traces-1.0", "hit", "floor", "floor-no-timer"))
+s, r, m, l, t1, t100, h, fl, fn, fp = (int(f[k]) for k in ("shipped", "resilience-off", "metrics-off", "rate-limit-on", "traces-0.01", "traces-1.0", "hit", "floor", "floor-no-timer", "floor-proxy"))
 print("Instructions per request in the sidecar (callgrind, 1 worker, GET default route):\n")
 print("| configuration | instructions/request | layer's share |")
 print("|---|---:|---:|")
@@ -120,6 +124,7 @@ print(f"| metrics off | {m:,} | metrics: {s - m:,} ({(s - m) / m * 100:.1f} % of
 print(f"| rate limiting on (never rejecting) | {l:,} | rate limiting: {l - s:,} ({(l - s) / s * 100:.1f} % of the rest) |")
 print(f"| spans exported, ratio 0.01 | {t1:,} | export at 0.01: {t1 - s:,} ({(t1 - s) / s * 100:.1f} %) |")
 print(f"| spans exported, ratio 1.0 | {t100:,} | export at 1.0: {t100 - s:,} ({(t100 - s) / s * 100:.1f} %) |")
+print(f"| the proxying floor (hyper_floor --proxy) | {fp:,} | the stack above it: {s - fp:,} |")
 print()
 print("A cache hit (POST /api/search, the same body) and the floor (examples/hyper_floor.rs:")
 print("bare hyper answering the hit's bytes, 1 worker), instructions per request:\n")
