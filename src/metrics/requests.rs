@@ -5,7 +5,13 @@
 //!
 //! Recording is sharded: each worker thread writes only its own [`Shard`]
 //! (plain atomics, never contended) through its [`Recorder`]; readers add the
-//! shards up. The counters are monotonic.
+//! shards up. The counters are monotonic. The two Prometheus duration
+//! histograms (one series per route) are the exception: the workers share
+//! them, as prometheus's `Histogram` is one set of atomics. On the project
+//! machine (2 workers) taking their observations out entirely changed
+//! nothing measurable (hits, 10 alternating rounds: 0.971×, rounds
+//! 0.83–1.15), so they were not sharded; with many workers on many cores
+//! they are the first place to look for contention.
 
 #![allow(
     clippy::disallowed_types,
