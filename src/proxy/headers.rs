@@ -7,8 +7,10 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-/// Headers that describe one connection, not the message.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Headers that describe one connection, not the message. A `static`, not a
+/// `const`: a `const` array is built afresh (and dropped, name by name) at
+/// every use, here once per header of every request and answer.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -101,8 +101,9 @@ pub fn response_cacheable(
 }
 
 /// Headers never replayed from the cache: per-response ones, and the ones
-/// the cache itself sets.
-const NOT_STORED: [HeaderName; 7] = [
+/// the cache itself sets. A `static`: a `const` array would be built and
+/// dropped again for every header looked at.
+static NOT_STORED: [HeaderName; 7] = [
     header::SET_COOKIE,
     header::AGE,
     header::DATE,
