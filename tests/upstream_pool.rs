@@ -1,14 +1,17 @@
 //! The upstream connection pool (src/proxy/pool.rs) over real sockets: one
 //! keep-alive connection serves a worker's sequential requests, a
 //! connection the app closed while idle is never used for a request, an
-//! answer with `Connection: close` ends its connection, and an answer whose
-//! client went away does not leave a half-read connection in the pool. The
+//! answer with `Connection: close` ends its connection, an answer whose
+//! client went away does not leave a half-read connection in the pool, and
+//! a connection still sending a request's body when its answer has ended
+//! (the app answered early) is not given to the next request. The
 //! retry layer is off here, so what passes is the pool's own doing.
 
 mod common;
 
 use common::scripted::{After, Seen, next, next_request, scripted_app, scripted_app_with_close};
 use common::{Sidecar, client};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One worker (one pool), no retries: a failed exchange would show as 502.
 const ONE_WORKER: &str = "threads = 1\n[retry]\nenabled = false\n";
@@ -29,6 +32,27 @@ async fn sequential_requests_share_one_upstream_connection() {
         assert_eq!(get(&sc).await, (200, 1024));
         assert_eq!(next_request(&mut seen).await, first);
     }
+}
+
+#[tokio::test]
+async fn sequential_requests_with_bodies_share_one_upstream_connection() {
+    // A body sent whole before the answer ends leaves the connection free
+    // for the next request (the watch on the body's end lets it go back).
+    let (app, mut seen) = scripted_app(After::KeepAlive, 2).await;
+    let sc = Sidecar::start(&app, ONE_WORKER).await;
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let r = client()
+            .post(sc.url("/api/stats"))
+            .body("0123456789")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), 2);
+        conns.push(next_request(&mut seen).await);
+    }
+    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
 }
 
 #[tokio::test]
@@ -92,4 +116,56 @@ async fn an_answer_left_half_read_closes_its_connection() {
     assert_eq!(get(&sc).await, (200, 4 << 20));
     let next_conn = next_request(&mut seen).await;
     assert_ne!(next_conn, conn);
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_the_request_body_is_not_reused() {
+    // The app answers at the request's head, before reading its body (an
+    // early 401 or 413 does that), and keeps the connection. The client
+    // sends the head and a little of a large body, then pauses.
+    let (app, mut seen) = scripted_app(After::KeepAlive, 2).await;
+    let sc = Sidecar::start(&app, ONE_WORKER).await;
+    let mut uploader = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    let head = "POST /api/stats HTTP/1.1\r\nHost: sidecar\r\nContent-Length: 100000\r\n\r\n";
+    uploader.write_all(head.as_bytes()).await.unwrap();
+    uploader.write_all(&[b'a'; 1000]).await.unwrap();
+    let busy = next_request(&mut seen).await;
+    // Its answer has come whole; the upload is far from over.
+    let answer = read_answer(&mut uploader).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The next request must not wait on that connection (its upload holds
+    // it until the client goes on, up to `client_body_timeout`): it is
+    // answered at once, on another.
+    let next_get = tokio::time::timeout(std::time::Duration::from_secs(5), get(&sc)).await;
+    assert_eq!(next_get.expect("answered within 5 s"), (200, 2));
+    let other = next_request(&mut seen).await;
+    assert_ne!(other, busy);
+
+    // The upload ends; its connection was not kept, so it is closed then.
+    uploader.write_all(&[b'a'; 99_000]).await.unwrap();
+    assert_eq!(
+        next(&mut seen).await,
+        Seen::Ended {
+            conn: busy,
+            by_app: false
+        }
+    );
+    assert_eq!(get(&sc).await, (200, 2));
+    assert_eq!(next_request(&mut seen).await, other);
+}
+
+/// An answer's head and its 2-byte body, read off a raw connection.
+async fn read_answer(sock: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"xx") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "the sidecar closed the connection");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }

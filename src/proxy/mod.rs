@@ -1,6 +1,6 @@
 //! The innermost service: forwards a request to the upstream app over a
-//! pooled keep-alive HTTP/1.1 connection ([`pool`]: per worker, driven in
-//! the request's own task) and streams both bodies through.
+//! pooled keep-alive HTTP/1.1 connection ([`pool`]: per worker, each
+//! connection driven by a task of its own) and streams both bodies through.
 //!
 //! Requests from HTTP/2 clients are rewritten to HTTP/1.1, their target in
 //! origin form and their `:authority` as `Host` (the legacy app speaks only

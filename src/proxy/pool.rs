@@ -24,6 +24,13 @@
 //! not yet taken in the end of the last answer) is waited for; the wait is
 //! short, and bounded by the route's deadline above.
 //!
+//! A connection goes back only when both halves of the exchange are over:
+//! the answer's body has ended and the request's has been taken whole. An
+//! app may answer before it reads the body (an early 401 or 413); while the
+//! client is still sending it, the connection is busy, and a request that
+//! took it from the pool would wait on the upload. Such a connection is not
+//! given back: its task sends the rest, then closes it.
+//!
 //! An idle connection whose app closed it ends its task, which closes its
 //! handle: it is skipped when next taken, and the worker's sweep drops
 //! those idle for `upstream_idle_timeout` (so the sidecar, not the app,
@@ -36,6 +43,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,7 +58,8 @@ use thread_local::ThreadLocal;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::Body;
+use crate::BoxError;
+use crate::body::{self, Body};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -137,6 +146,17 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<Response<Pooled>, SendError> {
+        // A body to send: its end is watched (a bodiless request is sent
+        // whole with its head).
+        let sent = (!http_body::Body::is_end_stream(req.body())).then(|| {
+            let sent = Arc::new(AtomicBool::new(false));
+            let b = std::mem::replace(req.body_mut(), body::empty());
+            *req.body_mut() = body::boxed(Sending {
+                body: b,
+                sent: Arc::clone(&sent),
+            });
+            sent
+        });
         loop {
             let (mut conn, reused) = match self.checkout().await {
                 Some(c) => (c, true),
@@ -149,6 +169,7 @@ impl Pool {
                         body,
                         conn: Some(conn),
                         pool,
+                        sent,
                         ended: false,
                     }));
                 }
@@ -261,21 +282,62 @@ impl Pool {
     }
 }
 
+/// A request body that records when the connection has taken it whole.
+struct Sending {
+    body: Body,
+    sent: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Sending {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || this.body.is_end_stream() {
+            this.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // hyper stops polling a body of known length once it has it all.
+        let end = self.body.is_end_stream();
+        if end {
+            self.sent.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// An answer's body with the connection it arrives on: a body read to its
-/// end gives the connection back to the pool (one dropped before its end
-/// closes it).
+/// end gives the connection back to the pool, if the request's body has
+/// been sent whole (one dropped before its end closes it).
 #[derive(Debug)]
 pub struct Pooled {
     body: Incoming,
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// The request's body taken whole; `None` for a bodiless request.
+    sent: Option<Arc<AtomicBool>>,
     ended: bool,
 }
 
 impl Pooled {
     fn finish(&mut self) {
         self.ended = true;
-        if let Some(c) = self.conn.take() {
+        let Some(c) = self.conn.take() else { return };
+        // Still sending the request: dropped here, closed by its task
+        // once the body is sent.
+        if self.sent.as_ref().is_none_or(|s| s.load(Ordering::Acquire)) {
             self.pool.release(c);
         }
     }
