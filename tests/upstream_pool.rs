@@ -1,5 +1,6 @@
 //! The upstream connection pool (src/proxy/pool.rs) over real sockets: one
-//! keep-alive connection serves a worker's sequential requests, a
+//! keep-alive connection serves a worker's sequential requests (with
+//! bodies, and answers without one), a
 //! connection the app closed while idle is never used for a request, an
 //! answer with `Connection: close` ends its connection, an answer whose
 //! client went away does not leave a half-read connection in the pool, and
@@ -30,6 +31,20 @@ async fn sequential_requests_share_one_upstream_connection() {
     let first = next_request(&mut seen).await;
     for _ in 0..20 {
         assert_eq!(get(&sc).await, (200, 1024));
+        assert_eq!(next_request(&mut seen).await, first);
+    }
+}
+
+#[tokio::test]
+async fn answers_without_a_body_give_their_connection_back() {
+    // `Content-Length: 0`: the answer's body is over before anyone polls
+    // it, so the connection goes back when the body is dropped.
+    let (app, mut seen) = scripted_app(After::KeepAlive, 0).await;
+    let sc = Sidecar::start(&app, ONE_WORKER).await;
+    assert_eq!(get(&sc).await, (200, 0));
+    let first = next_request(&mut seen).await;
+    for _ in 0..10 {
+        assert_eq!(get(&sc).await, (200, 0));
         assert_eq!(next_request(&mut seen).await, first);
     }
 }
