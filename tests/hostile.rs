@@ -687,6 +687,26 @@ async fn a_body_that_stalls_between_reads_is_cut_with_408_on_any_route() {
     assert_eq!(m["errors"]["connect_error"], 0, "{m}");
 }
 
+#[tokio::test]
+async fn a_stalled_body_on_the_sidecars_own_endpoint_is_cut_with_408() {
+    // The cache clear reads its body: a client that pauses must not hold
+    // the connection (and its slot) for as long as it likes.
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), "client_body_timeout = \"300ms\"\n").await;
+    let started = tokio::time::Instant::now();
+    let head = raw_answer(
+        &sc,
+        b"POST /api/cache/clear HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pat",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(head.contains("Request timeout"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut after the pause"
+    );
+}
+
 /// A spooled upload (upload's default) that the client abandons reaches
 /// the app not at all, and its file and share of the spool are given back;
 /// one larger than what `spool_max_bytes` leaves free is refused with 503,

@@ -2,11 +2,11 @@
 //! legacy JSON shapes.
 
 use http::StatusCode;
-use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 
 use super::Ctx;
 use crate::body::{self, Body};
+use crate::error::{ClientBodyStalled, find_cause};
 
 pub async fn stats(ctx: Ctx) -> http::Response<Body> {
     body::json(StatusCode::OK, &ctx.state.cache.stats_json())
@@ -20,9 +20,18 @@ pub async fn clear(ctx: Ctx) -> http::Response<Body> {
             &json!({"error": "Bad request", "message": m}),
         )
     };
-    let bytes = match Limited::new(ctx.req.into_body(), 64 * 1024).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => return bad("body unreadable or over 64 KiB"),
+    let bytes = match body::read_bounded(ctx.req.into_body(), 64 * 1024).await {
+        Ok(body::Buffered::Whole(bytes)) => bytes,
+        Ok(body::Buffered::Partial(_)) => return bad("body over 64 KiB"),
+        // The body paused past `client_body_timeout`: 408, as on a proxied
+        // route.
+        Err(e) if find_cause::<ClientBodyStalled>(e.as_ref()).is_some() => {
+            return body::json(
+                StatusCode::REQUEST_TIMEOUT,
+                &json!({"error": "Request timeout", "message": e.to_string()}),
+            );
+        }
+        Err(_) => return bad("body unreadable"),
     };
     let pattern = if bytes.iter().all(u8::is_ascii_whitespace) {
         None

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -33,7 +32,9 @@ use crate::system::Monitor;
 pub struct Ctx {
     pub state: Arc<AdminState>,
     pub peer: SocketAddr,
-    pub req: Request<Incoming>,
+    /// Its body is the connection's, stall-guarded (`client_body_timeout`)
+    /// as a proxied request's is.
+    pub req: Request<Body>,
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -100,7 +101,7 @@ impl Admin {
 
     /// Answers a request for one of [`Self::handles`]' paths; anything else
     /// gets a JSON 404 (on the admin port).
-    pub fn call(&self, req: Request<Incoming>, peer: SocketAddr) -> HandlerFuture {
+    pub fn call(&self, req: Request<Body>, peer: SocketAddr) -> HandlerFuture {
         let decoded = percent_encoding::percent_decode_str(req.uri().path())
             .decode_utf8_lossy()
             .into_owned();

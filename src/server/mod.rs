@@ -537,7 +537,7 @@ struct ConnService {
 
 impl ConnService {
     fn admin(&self, admin: &Admin, req: Request<Incoming>) -> Answer {
-        let fut = admin.call(req, self.peer);
+        let fut = admin.call(self.guarded(req), self.peer);
         Answer::Own(Box::pin(async move { Ok(fut.await.map(Either::Left)) }))
     }
 }
@@ -631,17 +631,22 @@ impl ConnService {
         drop_underscored(req.headers_mut());
         drop_unfit_request_id(req.headers_mut());
         req.extensions_mut().insert(ClientAddr(self.peer));
-        // Errors reading the client's body are typed as the client's,
-        // so no layer mistakes them for the upstream's.
-        // and a body that stalls longer than client_body_timeout between
-        // two reads is cut (408): a slow client must not hold an app worker.
+        stack.answer(self.guarded(req))
+    }
+
+    /// The request with its body typed and guarded: errors reading the
+    /// client's body are typed as the client's, so no layer mistakes them
+    /// for the upstream's, and a body that stalls longer than
+    /// `client_body_timeout` between two reads is cut (408): a slow client
+    /// must hold neither an app worker nor, on the sidecar's own endpoints,
+    /// its connection.
+    fn guarded(&self, req: Request<Incoming>) -> Request<Body> {
         let stall = self.body_timeout;
-        let req: Request<Body> = req.map(|b| {
+        req.map(|b| {
             let typed = http_body_util::BodyExt::map_err(b, ClientBodyError);
             body::boxed(body::Stalling::new(typed, stall, move || -> BoxError {
                 Box::new(ClientBodyStalled(stall))
             }))
-        });
-        stack.answer(req)
+        })
     }
 }
