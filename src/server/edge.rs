@@ -28,6 +28,7 @@ pub(super) async fn request_started(stream: &TcpStream, within: Duration) -> Opt
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let deadline = tokio::time::Instant::now() + within;
     let mut buf = [0u8; 24];
+    let mut pause = FIRST_PAUSE;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -42,14 +43,27 @@ pub(super) async fn request_started(stream: &TcpStream, within: Duration) -> Opt
         if n == PREFACE.len() {
             return Some(Proto::H2c);
         }
-        // Part of an h2 preface: wait briefly for the rest.
-        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(5)))
+        // Part of an h2 preface: wait for the rest. `peek` returns at once
+        // while bytes are waiting, so the pause between two looks grows: a
+        // client that sends half a preface and stalls costs a few dozen
+        // wake-ups until the deadline, not one every 5 ms.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
             .await
             .is_err()
         {
             return None;
         }
+        pause = next_pause(pause);
     }
+}
+
+/// The first pause between two looks at half a preface.
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause between two looks.
+const MAX_PAUSE: Duration = Duration::from_millis(250);
+
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(MAX_PAUSE)
 }
 
 /// Requests refused at the edge, before routing: a method not written in
@@ -126,5 +140,27 @@ pub(super) fn drop_underscored(headers: &mut http::HeaderMap) {
         .collect();
     for n in names {
         headers.remove(&n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_a_preface_is_looked_at_a_few_dozen_times_not_every_5_ms() {
+        // The looks a client that stalls mid-preface costs over the default
+        // 10 s `header_read_timeout`.
+        let (mut pause, mut waited, mut looks) = (FIRST_PAUSE, Duration::ZERO, 0);
+        while waited < Duration::from_secs(10) {
+            waited += pause;
+            looks += 1;
+            pause = next_pause(pause);
+        }
+        assert!(looks <= 50, "{looks} looks");
+        assert_eq!(pause, MAX_PAUSE);
+        // The first looks stay quick: a preface split by the network is
+        // told apart within milliseconds.
+        assert_eq!(next_pause(FIRST_PAUSE), Duration::from_millis(10));
     }
 }
