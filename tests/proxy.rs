@@ -380,33 +380,71 @@ async fn inflight_cap_sheds_with_503_json() {
 async fn slowloris_connections_are_closed() {
     let mock = Mock::start();
     let sc = Sidecar::start(&mock.url(), "header_read_timeout = \"300ms\"\n").await;
-    let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
-    s.write_all(b"GET /api/stats HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
     // The sidecar closes the connection (hyper may first write a 408).
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    assert!(
-        read.is_ok(),
-        "connection still open after the header timeout"
-    );
+    let buf = closed_after(&sc, b"GET /api/stats HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
     let text = String::from_utf8_lossy(&buf);
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     assert_eq!(mock.stats().await["requests"], 0);
     // Connections that send nothing, or half an h2c preface, are closed too.
     for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
-        let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
-        s.write_all(opening).await.unwrap();
-        let mut buf = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-        assert!(
-            read.is_ok(),
-            "idle connection still open after the header timeout"
-        );
+        closed_after(&sc, opening).await;
     }
     // The server still serves others.
     assert_eq!(sc.get_status("/api/stats").await, 200);
+}
+
+#[tokio::test]
+async fn idle_h2c_connections_are_closed_and_busy_ones_kept() {
+    let mock = Mock::start_with(&["--search-latency-ms", "1000"]);
+    let sc = Sidecar::start(&mock.url(), "header_read_timeout = \"300ms\"\n").await;
+    // A full preface and SETTINGS, then no stream: closed (a GOAWAY, then
+    // the connection), as an HTTP/1.1 connection idle that long is.
+    let buf = closed_after(&sc, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await;
+    // GOAWAY is frame type 7.
+    assert!(h2_frame_types(&buf).contains(&7), "no GOAWAY in {buf:?}");
+    // A stream that takes longer than the idle bound is not cut.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let search = |q: &str| {
+        h2.post(sc.url("/api/search"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"query": "{q}", "top_k": 1}}"#))
+            .send()
+    };
+    let resp = search("slow one").await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(search("slow two").await.unwrap().status(), 200);
+}
+
+/// What the sidecar wrote on a connection that sent `opening` and nothing
+/// more, until it closed it; fails if it is still open after 5 s.
+async fn closed_after(sc: &Sidecar, opening: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    s.write_all(opening).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "still open after 5 s, having sent {opening:?}"
+    );
+    buf
+}
+
+/// The types of the HTTP/2 frames in `bytes` (after no preface: a server's).
+fn h2_frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        types.push(bytes[at + 3]);
+        at += 9 + len;
+    }
+    types
 }
 
 #[tokio::test]

@@ -443,8 +443,16 @@ async fn serve(
     };
     let io = TokioIo::new(stream);
     let result = match proto {
-        Proto::Http1 => drive(builder.h1.serve_connection(io, svc), &handle).await,
-        Proto::H2c => drive(builder.h2.serve_connection(io, svc), &handle).await,
+        // hyper's header-read timeout also bounds the idle time between
+        // two requests of an HTTP/1.1 connection.
+        Proto::Http1 => drive(builder.h1.serve_connection(io, svc), &handle, None).await,
+        // hyper's h2 server has no such timeout (its pings close only a
+        // peer that stops answering): the same bound is kept here, or an
+        // h2c client that opens no stream would hold its slot for good.
+        Proto::H2c => {
+            let idle = Some(policy.head_timeout);
+            drive(builder.h2.serve_connection(io, svc), &handle, idle).await
+        }
     };
     if let Err(e) = result {
         tracing::debug!(client = %peer, "connection ended with an error: {e}");
@@ -454,18 +462,49 @@ async fn serve(
 
 /// Serves a connection to its end; asked to close, it finishes what it is
 /// answering first (HTTP/1.1: the request in progress; h2: a GOAWAY, then
-/// the open streams).
-async fn drive<C>(conn: C, handle: &ConnHandle) -> Result<(), hyper::Error>
+/// the open streams) and closes. With `idle`, one that has had no request in
+/// progress and none started for a whole period is closed too (a GOAWAY,
+/// then the connection): checked every `idle`, so between 1× and 2× `idle`
+/// after its last request.
+async fn drive<C>(conn: C, handle: &ConnHandle, idle: Option<Duration>) -> Result<(), hyper::Error>
 where
     C: GracefulConnection<Error = hyper::Error>,
 {
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = handle.asked_to_close() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let close = handle.asked_to_close();
+    tokio::pin!(close);
+    let mut tick = idle.map(|every| {
+        let start = tokio::time::Instant::now() + every;
+        let mut t = tokio::time::interval_at(start, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut last = handle.idle_mark();
+    let idle_out = loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            () = &mut close => break None,
+            Some(_) = async {
+                match tick.as_mut() {
+                    Some(t) => Some(t.tick().await),
+                    None => None,
+                }
+            }, if tick.is_some() => {
+                let now = handle.idle_mark();
+                if now.is_some() && now == last {
+                    break idle;
+                }
+                last = now;
+            }
         }
+    };
+    conn.as_mut().graceful_shutdown();
+    match idle_out {
+        // Idle: h2's graceful close waits for the client to answer a ping
+        // after the GOAWAY; one that does not is not waited for past
+        // another period.
+        Some(every) => tokio::time::timeout(every, conn).await.unwrap_or(Ok(())),
+        None => conn.await,
     }
 }
 

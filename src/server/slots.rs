@@ -13,7 +13,7 @@
 //! connections when its free connections run out; a busy connection is
 //! never cut. The same list tells every connection to finish on shutdown.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -93,6 +93,8 @@ pub(super) struct ConnHandle {
     fresh: AtomicBool,
     /// Asks the connection to finish what it is answering and close.
     close: Notify,
+    /// Requests of it started so far.
+    started: AtomicU64,
 }
 
 impl ConnHandle {
@@ -105,8 +107,16 @@ impl ConnHandle {
     /// Marks a request of this connection in progress until the guard (or
     /// the body it is moved into) is dropped.
     pub(super) fn busy(self: &Arc<Self>) -> Busy {
+        self.started.fetch_add(1, Ordering::AcqRel);
         self.busy.fetch_add(1, Ordering::AcqRel);
         Busy(Arc::clone(self))
+    }
+
+    /// The requests started so far when none is in progress, `None` while
+    /// one is: two equal readings a while apart mean the connection sat
+    /// idle all that while.
+    pub(super) fn idle_mark(&self) -> Option<u64> {
+        (self.busy.load(Ordering::Acquire) == 0).then(|| self.started.load(Ordering::Acquire))
     }
 
     /// Idle between two requests of a keep-alive connection.
@@ -150,6 +160,7 @@ impl Open {
             busy: AtomicUsize::new(0),
             fresh: AtomicBool::new(true),
             close: Notify::new(),
+            started: AtomicU64::new(0),
         });
         self.conns.push(Arc::downgrade(&handle));
         handle
