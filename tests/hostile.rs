@@ -707,6 +707,66 @@ async fn a_stalled_body_on_the_sidecars_own_endpoint_is_cut_with_408() {
     );
 }
 
+#[tokio::test]
+async fn a_client_that_leaves_its_answer_unread_is_cut_after_send_timeout() {
+    // 16 MiB: far more than the sockets hold, so the sidecar's writes wait
+    // on a client that reads only the first bytes.
+    let (app, _seen) =
+        common::scripted::scripted_app(common::scripted::After::KeepAlive, 16 << 20).await;
+    let toml = "send_timeout = \"300ms\"\nmax_connections = 1\nthreads = 1\n";
+    let sc = Sidecar::start(&app, toml).await;
+    let mut reader = TcpStream::connect(sc.addr).await.unwrap();
+    reader
+        .write_all(b"GET /api/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // It holds the one connection slot while it does not read; cut, it
+    // leaves the slot to others.
+    common::eventually("another client to be served", async || {
+        let r = client().get(sc.url("/api/stats")).send().await;
+        match r {
+            Ok(r) => r.status() == 200 && r.bytes().await.is_ok_and(|b| b.len() == 16 << 20),
+            Err(_) => false,
+        }
+    })
+    .await;
+    // The reader's connection was closed before its answer was whole.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the reader's connection is still open");
+    assert!(rest.len() < 16 << 20, "{} bytes", rest.len());
+}
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_reading_is_not_cut() {
+    // 16 MiB (more than the sockets hold, so the sidecar's writes wait on
+    // the reader) taken 512 KiB every 50 ms: about 1.6 s in all, far more
+    // than the 300 ms `send_timeout`, but never 300 ms without progress.
+    let (app, _seen) =
+        common::scripted::scripted_app(common::scripted::After::KeepAlive, 16 << 20).await;
+    let sc = Sidecar::start(&app, "send_timeout = \"300ms\"\n").await;
+    let mut reader = TcpStream::connect(sc.addr).await.unwrap();
+    reader
+        .write_all(b"GET /api/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 512 << 10];
+    loop {
+        let n = reader.read(&mut chunk).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - body_at, 16 << 20, "the whole answer");
+}
+
 /// A spooled upload (upload's default) that the client abandons reaches
 /// the app not at all, and its file and share of the spool are given back;
 /// one larger than what `spool_max_bytes` leaves free is refused with 503,

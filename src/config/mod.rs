@@ -196,6 +196,9 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// The longest pause between two reads of a request body (408).
     pub client_body_timeout: Duration,
+    /// The longest a client may leave an answer unread (its socket full)
+    /// before it is disconnected.
+    pub send_timeout: Duration,
     /// Request bodies above this many bytes get 413.
     pub max_request_body: u64,
     /// Bytes of request bodies spooled to disk at once, over all requests.
@@ -246,6 +249,7 @@ impl Config {
             header_read_timeout: Duration::ZERO,
             upstream_idle_timeout: Duration::ZERO,
             client_body_timeout: Duration::ZERO,
+            send_timeout: Duration::ZERO,
             max_request_body: 0,
             spool_max_bytes: 0,
             response_buffer: 0,

@@ -161,6 +161,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(client_body_timeout, Dur, Some(nonzero)),
     },
     Setting {
+        key: "send_timeout",
+        env: &[],
+        flag: None,
+        default: Str("1m"),
+        secret: false,
+        doc: "Longest a client may leave an answer unread (nothing taken off its socket); one that reads nothing for longer is disconnected and its connection slot freed.",
+        value: field!(send_timeout, Dur, Some(nonzero)),
+    },
+    Setting {
         key: "upstream_idle_timeout",
         env: &["UPSTREAM_IDLE_TIMEOUT"],
         flag: None,

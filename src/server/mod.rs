@@ -52,7 +52,7 @@ use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
 
 use self::edge::{Proto, drop_underscored, normalised, refused, request_started};
-use self::slots::{ConnHandle, ConnPolicy, ConnSlots, DRAIN_BATCH, Open, Slot, Tracked};
+use self::slots::{ConnHandle, ConnPolicy, ConnSlots, DRAIN_BATCH, Open, Slot, Tracked, Watched};
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -183,6 +183,7 @@ impl Server {
             policy: ConnPolicy {
                 head_timeout: cfg.header_read_timeout,
                 body_timeout: cfg.client_body_timeout,
+                send_timeout: cfg.send_timeout,
                 slots: Some(ConnSlots::new(cfg.max_connections)),
             },
         }
@@ -364,10 +365,24 @@ async fn accept_loop(
 ) {
     tokio::pin!(stop);
     let mut open = Open::default();
+    // The sweeps of this worker's connections: clients that leave their
+    // answer unread (`send_timeout`), idle h2c connections
+    // (`header_read_timeout`). Each connection is looked at once a period,
+    // so it goes 1× to 2× the bound after it stopped.
+    let mut writes = sweep_every(policy.send_timeout);
+    let mut idle_h2 = sweep_every(policy.head_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut stop => break,
+            _ = writes.tick() => {
+                open.sweep_writes();
+                continue;
+            }
+            _ = idle_h2.tick() => {
+                open.sweep_idle_h2();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -415,6 +430,14 @@ async fn accept_loop(
     open.close_all();
 }
 
+/// A sweep's clock: every `period`, from `period` on.
+fn sweep_every(period: Duration) -> tokio::time::Interval {
+    let period = period.max(Duration::from_millis(1));
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// One connection's life: its first request must start in time; asked to
 /// close (near the bound, or at shutdown), it finishes what it is answering
 /// and closes.
@@ -441,17 +464,17 @@ async fn serve(
         body_timeout: policy.body_timeout,
         handle: Arc::clone(&handle),
     };
-    let io = TokioIo::new(stream);
+    let io = TokioIo::new(Watched::new(stream, Arc::clone(&handle)));
     let result = match proto {
         // hyper's header-read timeout also bounds the idle time between
         // two requests of an HTTP/1.1 connection.
-        Proto::Http1 => drive(builder.h1.serve_connection(io, svc), &handle, None).await,
-        // hyper's h2 server has no such timeout (its pings close only a
-        // peer that stops answering): the same bound is kept here, or an
-        // h2c client that opens no stream would hold its slot for good.
+        Proto::Http1 => drive(builder.h1.serve_connection(io, svc), &handle).await,
+        // hyper's h2 server has none: the worker's sweep closes an idle
+        // h2c connection instead, or a client that opens no stream would
+        // hold its slot for good.
         Proto::H2c => {
-            let idle = Some(policy.head_timeout);
-            drive(builder.h2.serve_connection(io, svc), &handle, idle).await
+            handle.mark_h2();
+            drive(builder.h2.serve_connection(io, svc), &handle).await
         }
     };
     if let Err(e) = result {
@@ -460,51 +483,26 @@ async fn serve(
     drop(slot);
 }
 
-/// Serves a connection to its end; asked to close, it finishes what it is
+/// Serves a connection to its end. Asked to close, it finishes what it is
 /// answering first (HTTP/1.1: the request in progress; h2: a GOAWAY, then
-/// the open streams) and closes. With `idle`, one that has had no request in
-/// progress and none started for a whole period is closed too (a GOAWAY,
-/// then the connection): checked every `idle`, so between 1× and 2× `idle`
-/// after its last request.
-async fn drive<C>(conn: C, handle: &ConnHandle, idle: Option<Duration>) -> Result<(), hyper::Error>
+/// the open streams); asked to cut (a client that leaves its answer
+/// unread), or asked again while it finishes, it stops at once.
+async fn drive<C>(conn: C, handle: &ConnHandle) -> Result<(), hyper::Error>
 where
     C: GracefulConnection<Error = hyper::Error>,
 {
     tokio::pin!(conn);
-    let close = handle.asked_to_close();
-    tokio::pin!(close);
-    let mut tick = idle.map(|every| {
-        let start = tokio::time::Instant::now() + every;
-        let mut t = tokio::time::interval_at(start, every);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    let mut last = handle.idle_mark();
-    let idle_out = loop {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            () = &mut close => break None,
-            Some(_) = async {
-                match tick.as_mut() {
-                    Some(t) => Some(t.tick().await),
-                    None => None,
-                }
-            }, if tick.is_some() => {
-                let now = handle.idle_mark();
-                if now.is_some() && now == last {
-                    break idle;
-                }
-                last = now;
-            }
-        }
-    };
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = handle.asked_to_close() => {}
+    }
+    if handle.cut_asked() {
+        return Ok(());
+    }
     conn.as_mut().graceful_shutdown();
-    match idle_out {
-        // Idle: h2's graceful close waits for the client to answer a ping
-        // after the GOAWAY; one that does not is not waited for past
-        // another period.
-        Some(every) => tokio::time::timeout(every, conn).await.unwrap_or(Ok(())),
-        None => conn.await,
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = handle.asked_to_close() => Ok(()),
     }
 }
 

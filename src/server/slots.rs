@@ -11,7 +11,14 @@
 //! last free slots, it asks up to [`DRAIN_BATCH`] of its idle connections,
 //! the oldest first, to close, as nginx drains its reusable (keep-alive)
 //! connections when its free connections run out; a busy connection is
-//! never cut. The same list tells every connection to finish on shutdown.
+//! never cut. The same list tells every connection to finish on shutdown,
+//! and the worker sweeps it: a connection whose client has left one write
+//! waiting (its socket full: it is not reading) for a whole `send_timeout`
+//! is cut, and an h2c connection idle for a whole `header_read_timeout` is
+//! asked to close, then cut a period later (hyper's h2 server has no idle
+//! timer, and its graceful close waits for a ping the client need not
+//! answer). A sweep, not a timer per connection: nothing is polled per
+//! request.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -19,6 +26,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// Idle connections asked to close at once, per worker, when free slots
@@ -32,6 +41,8 @@ pub(super) struct ConnPolicy {
     pub(super) head_timeout: Duration,
     /// The longest pause between two reads of a request body.
     pub(super) body_timeout: Duration,
+    /// The longest a write to the client may wait (`send_timeout`).
+    pub(super) send_timeout: Duration,
     /// The bound on open connections (the proxy port's; `None` on the
     /// admin port, so probes are never refused).
     pub(super) slots: Option<Arc<ConnSlots>>,
@@ -95,9 +106,39 @@ pub(super) struct ConnHandle {
     close: Notify,
     /// Requests of it started so far.
     started: AtomicU64,
+    /// Non-zero while a write to the client waits for room in its socket:
+    /// the number of that wait (a new one for every write that has to).
+    write_wait: AtomicU64,
+    /// An h2c connection (hyper's h2 server has no idle timer of its own).
+    h2: AtomicBool,
+    /// Asked to stop at once, not to finish what it is answering.
+    cut: AtomicBool,
+    /// What the worker's last sweep saw (only the sweep touches these):
+    /// the write wait, the idle mark (`u64::MAX`: busy), and how many
+    /// sweeps in a row found it idle.
+    seen_wait: AtomicU64,
+    seen_idle: AtomicU64,
+    idle_sweeps: AtomicU64,
 }
 
 impl ConnHandle {
+    /// Marks an h2c connection: idle, it is closed by its worker's sweep.
+    pub(super) fn mark_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection was asked to stop at once (a client that
+    /// leaves its answer unread, or an idle h2c client that does not take
+    /// its GOAWAY), rather than to finish what it is answering.
+    pub(super) fn cut_asked(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
+    }
+
+    fn ask_to_cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.close.notify_one();
+    }
+
     /// Resolves when the connection is asked to close (at once if it was
     /// asked before this was awaited).
     pub(super) async fn asked_to_close(&self) {
@@ -112,11 +153,15 @@ impl ConnHandle {
         Busy(Arc::clone(self))
     }
 
-    /// The requests started so far when none is in progress, `None` while
-    /// one is: two equal readings a while apart mean the connection sat
-    /// idle all that while.
-    pub(super) fn idle_mark(&self) -> Option<u64> {
-        (self.busy.load(Ordering::Acquire) == 0).then(|| self.started.load(Ordering::Acquire))
+    /// The requests started so far when none is in progress, `u64::MAX`
+    /// while one is: two equal readings a while apart mean the connection
+    /// sat idle all that while.
+    fn idle_mark(&self) -> u64 {
+        if self.busy.load(Ordering::Acquire) == 0 {
+            self.started.load(Ordering::Acquire)
+        } else {
+            u64::MAX
+        }
     }
 
     /// Idle between two requests of a keep-alive connection.
@@ -161,6 +206,12 @@ impl Open {
             fresh: AtomicBool::new(true),
             close: Notify::new(),
             started: AtomicU64::new(0),
+            write_wait: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            seen_wait: AtomicU64::new(0),
+            seen_idle: AtomicU64::new(u64::MAX),
+            idle_sweeps: AtomicU64::new(0),
         });
         self.conns.push(Arc::downgrade(&handle));
         handle
@@ -181,6 +232,42 @@ impl Open {
             }
         }
         asked
+    }
+
+    /// Cuts the connections whose client has left the same write waiting
+    /// since the last sweep (every `send_timeout`): it is not reading.
+    pub(super) fn sweep_writes(&mut self) {
+        self.conns.retain(|w| w.strong_count() > 0);
+        for c in self.conns.iter().filter_map(Weak::upgrade) {
+            let wait = c.write_wait.load(Ordering::Acquire);
+            if wait != 0 && wait == c.seen_wait.swap(wait, Ordering::Relaxed) {
+                tracing::debug!("client left its answer unread for send_timeout: connection cut");
+                c.ask_to_cut();
+            }
+        }
+    }
+
+    /// h2c connections with no request in progress and none started since
+    /// the last sweep (every `header_read_timeout`) are asked to close (a
+    /// GOAWAY), and cut at the next sweep if still there: h2's graceful
+    /// close waits for the client to answer a ping, which one need not.
+    pub(super) fn sweep_idle_h2(&mut self) {
+        self.conns.retain(|w| w.strong_count() > 0);
+        for c in self.conns.iter().filter_map(Weak::upgrade) {
+            if !c.h2.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mark = c.idle_mark();
+            if mark != u64::MAX && mark == c.seen_idle.swap(mark, Ordering::Relaxed) {
+                match c.idle_sweeps.fetch_add(1, Ordering::Relaxed) {
+                    0 => c.ask_to_close(),
+                    _ => c.ask_to_cut(),
+                }
+            } else {
+                c.seen_idle.store(mark, Ordering::Relaxed);
+                c.idle_sweeps.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Asks every connection to finish and close (shutdown).
@@ -288,5 +375,98 @@ mod tests {
         assert_eq!(rest.len(), 2, "refused beyond the bound");
         drop((held, more, rest));
         assert!(!slots.running_low());
+    }
+}
+
+/// A client's socket that tells its connection's handle when a write has
+/// to wait for room (the client is not reading what it was sent) and when
+/// one goes through again, so that `send_timeout` can cut a client that
+/// leaves its answer unread. hyper polls no body while the socket is full:
+/// only the socket shows it. A write that goes through at once (nearly
+/// all) costs a test of a flag.
+#[derive(Debug)]
+pub(super) struct Watched {
+    stream: TcpStream,
+    handle: Arc<ConnHandle>,
+    /// The number of the last wait; the handle holds it while it lasts.
+    waits: u64,
+    waiting: bool,
+}
+
+impl Watched {
+    pub(super) fn new(stream: TcpStream, handle: Arc<ConnHandle>) -> Self {
+        Self {
+            stream,
+            handle,
+            waits: 0,
+            waiting: false,
+        }
+    }
+
+    fn note<T>(&mut self, r: &Poll<T>) {
+        match (r.is_pending(), self.waiting) {
+            (true, false) => {
+                self.waits += 1;
+                self.waiting = true;
+                self.handle.write_wait.store(self.waits, Ordering::Release);
+            }
+            (false, true) => {
+                self.waiting = false;
+                self.handle.write_wait.store(0, Ordering::Release);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.note(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.note(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
