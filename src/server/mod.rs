@@ -486,23 +486,27 @@ async fn serve(
 /// Serves a connection to its end. Asked to close, it finishes what it is
 /// answering first (HTTP/1.1: the request in progress; h2: a GOAWAY, then
 /// the open streams); asked to cut (a client that leaves its answer
-/// unread), or asked again while it finishes, it stops at once.
+/// unread, an idle h2c client that keeps the connection after its
+/// GOAWAY), it stops at once, even while it finishes.
 async fn drive<C>(conn: C, handle: &ConnHandle) -> Result<(), hyper::Error>
 where
     C: GracefulConnection<Error = hyper::Error>,
 {
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        () = handle.asked_to_close() => {}
-    }
-    if handle.cut_asked() {
-        return Ok(());
-    }
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        r = conn.as_mut() => r,
-        () = handle.asked_to_close() => Ok(()),
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            () = handle.asked_to_close() => {
+                if handle.cut_asked() {
+                    return Ok(());
+                }
+                if !finishing {
+                    finishing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
     }
 }
 
