@@ -72,7 +72,7 @@ pub fn drop_unfit_request_id(headers: &mut HeaderMap) {
 /// The peer's address as a header value. An IPv4 address is written with
 /// `itoa`, not `Display`: formatting it through `fmt` was a third of the
 /// proxy's own header work on every request (callgrind).
-pub fn peer_value(peer: IpAddr) -> HeaderValue {
+fn peer_value(peer: IpAddr) -> HeaderValue {
     let v4 = match peer {
         IpAddr::V4(v4) => v4,
         IpAddr::V6(v6) => {
@@ -101,10 +101,10 @@ pub fn peer_value(peer: IpAddr) -> HeaderValue {
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
-    peer_value: HeaderValue,
     host: Option<HeaderValue>,
     trusted: &[IpNet],
 ) {
+    let peer_value = peer_value(peer);
     // Every line the request carried, in order (HAProxy, for one, adds a
     // line of its own), then the peer.
     let mut xff = String::new();
@@ -148,8 +148,7 @@ mod tests {
     use super::*;
 
     fn forward(h: &mut HeaderMap, peer: &str, host: Option<HeaderValue>, trusted: &[IpNet]) {
-        let peer: IpAddr = peer.parse().unwrap();
-        set_forwarded(h, peer, peer_value(peer), host, trusted);
+        set_forwarded(h, peer.parse().unwrap(), host, trusted);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use ipnet::IpNet;
 
 pub use self::headers::{
     X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID, drop_unfit_request_id,
-    peer_value, set_forwarded, strip_hop_by_hop,
+    set_forwarded, strip_hop_by_hop,
 };
 use self::pool::Pool;
 pub use self::pool::SendError;
@@ -159,11 +159,9 @@ impl Proxy {
         // Hop-by-hop headers are already gone: the server strips them before
         // the stack (so the cache never keys on them).
         if let Some(ClientAddr(peer)) = parts.extensions.get::<ClientAddr>() {
-            let peer = peer.ip();
             set_forwarded(
                 &mut parts.headers,
-                peer,
-                peer_value(peer),
+                peer.ip(),
                 host.clone(),
                 &self.trusted_proxies,
             );
