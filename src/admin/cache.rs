@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use super::Ctx;
 use crate::body::{self, Body};
 use crate::error::{ClientBodyStalled, find_cause};
+use crate::layers::rescue::rescue;
 
 pub async fn stats(ctx: Ctx) -> http::Response<Body> {
     body::json(StatusCode::OK, &ctx.state.cache.stats_json())
@@ -23,14 +24,9 @@ pub async fn clear(ctx: Ctx) -> http::Response<Body> {
     let bytes = match body::read_bounded(ctx.req.into_body(), 64 * 1024).await {
         Ok(body::Buffered::Whole(bytes)) => bytes,
         Ok(body::Buffered::Partial(_)) => return bad("body over 64 KiB"),
-        // The body paused past `client_body_timeout`: 408, as on a proxied
-        // route.
-        Err(e) if find_cause::<ClientBodyStalled>(e.as_ref()).is_some() => {
-            return body::json(
-                StatusCode::REQUEST_TIMEOUT,
-                &json!({"error": "Request timeout", "message": e.to_string()}),
-            );
-        }
+        // The body paused past `client_body_timeout`: the 408 a proxied
+        // route answers (the stack's rescue makes it).
+        Err(e) if find_cause::<ClientBodyStalled>(e.as_ref()).is_some() => return rescue(&e),
         Err(_) => return bad("body unreadable"),
     };
     let pattern = if bytes.iter().all(u8::is_ascii_whitespace) {
