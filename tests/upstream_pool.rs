@@ -23,51 +23,46 @@ async fn get(sc: &Sidecar) -> (u16, usize) {
     (status, r.bytes().await.unwrap().len())
 }
 
+/// Sends `n` requests one after another (each made by `request`) through a
+/// one-worker sidecar to a keep-alive app answering `body_len` bytes:
+/// each is answered whole, and the app sees them all on one connection.
+async fn all_on_one_connection(
+    body_len: usize,
+    n: usize,
+    request: impl Fn(&Sidecar) -> reqwest::RequestBuilder,
+) {
+    let (app, mut seen) = scripted_app(After::KeepAlive, body_len).await;
+    let sc = Sidecar::start(&app, ONE_WORKER).await;
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let r = request(&sc).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), body_len);
+        conns.push(next_request(&mut seen).await);
+    }
+    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
+}
+
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
-    let (app, mut seen) = scripted_app(After::KeepAlive, 1024).await;
-    let sc = Sidecar::start(&app, ONE_WORKER).await;
-    assert_eq!(get(&sc).await, (200, 1024));
-    let first = next_request(&mut seen).await;
-    for _ in 0..20 {
-        assert_eq!(get(&sc).await, (200, 1024));
-        assert_eq!(next_request(&mut seen).await, first);
-    }
+    all_on_one_connection(1024, 21, |sc| client().get(sc.url("/api/stats"))).await;
 }
 
 #[tokio::test]
 async fn answers_without_a_body_give_their_connection_back() {
     // `Content-Length: 0`: the answer's body is over before anyone polls
     // it, so the connection goes back when the body is dropped.
-    let (app, mut seen) = scripted_app(After::KeepAlive, 0).await;
-    let sc = Sidecar::start(&app, ONE_WORKER).await;
-    assert_eq!(get(&sc).await, (200, 0));
-    let first = next_request(&mut seen).await;
-    for _ in 0..10 {
-        assert_eq!(get(&sc).await, (200, 0));
-        assert_eq!(next_request(&mut seen).await, first);
-    }
+    all_on_one_connection(0, 11, |sc| client().get(sc.url("/api/stats"))).await;
 }
 
 #[tokio::test]
 async fn sequential_requests_with_bodies_share_one_upstream_connection() {
     // A body sent whole before the answer ends leaves the connection free
     // for the next request (the watch on the body's end lets it go back).
-    let (app, mut seen) = scripted_app(After::KeepAlive, 2).await;
-    let sc = Sidecar::start(&app, ONE_WORKER).await;
-    let mut conns = Vec::new();
-    for _ in 0..10 {
-        let r = client()
-            .post(sc.url("/api/stats"))
-            .body("0123456789")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.bytes().await.unwrap().len(), 2);
-        conns.push(next_request(&mut seen).await);
-    }
-    assert!(conns.iter().all(|c| *c == conns[0]), "{conns:?}");
+    all_on_one_connection(2, 10, |sc| {
+        client().post(sc.url("/api/stats")).body("0123456789")
+    })
+    .await;
 }
 
 #[tokio::test]
