@@ -160,9 +160,36 @@ pub(super) fn env_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Formats a duration for display and for the TOML output (`1h 30m`).
+/// Formats a duration for display and for the TOML output the way people
+/// write one: a single number and unit (`1.5s`, `90m`, `250ms`), which
+/// [`duration`] reads back to the same value. humantime's own formatter
+/// splits it into parts (`1s 500ms`), which nobody writes.
 pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    const UNITS: [(&str, u128); 6] = [
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
+    if ns > 1_000_000_000 && ns % 1_000_000 == 0 {
+        // Whole milliseconds past a second: `1.5s`, not `1500ms`, unless
+        // a larger unit divides it.
+        if ns % 1_000_000_000 != 0 {
+            let ms = format!("{:03}", (ns / 1_000_000) % 1000);
+            return format!("{}.{}s", ns / 1_000_000_000, ms.trim_end_matches('0'));
+        }
+    }
+    let (unit, size) = UNITS
+        .into_iter()
+        .find(|(_, size)| ns % size == 0)
+        .unwrap_or(("ns", 1));
+    format!("{}{unit}", ns / size)
 }
 
 pub(super) fn bool(s: &str) -> Result<bool, String> {

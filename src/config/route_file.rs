@@ -55,11 +55,38 @@ pub(super) struct RouteFile {
 
 /// `cache = false` turns a route's cache off; a table sets (some of) its
 /// fields.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub(super) enum RouteCacheFile {
     Enabled(bool),
     Table(RouteCacheTable),
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum reports any
+/// mistake inside the table as "did not match any variant", where this
+/// names the field (`routes[0].cache.ttl: invalid type: integer 7200,
+/// expected a string`).
+impl<'de> Deserialize<'de> for RouteCacheFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Shape;
+        impl<'de> serde::de::Visitor<'de> for Shape {
+            type Value = RouteCacheFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("false, or a table { namespace, ttl, max_items }")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(RouteCacheFile::Enabled(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RouteCacheTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RouteCacheFile::Table)
+            }
+        }
+        d.deserialize_any(Shape)
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize, PartialEq)]

@@ -173,7 +173,7 @@ pub(super) const SETTINGS: &[Setting] = &[
         key: "upstream_idle_timeout",
         env: &["UPSTREAM_IDLE_TIMEOUT"],
         flag: None,
-        default: Str("1s 500ms"),
+        default: Str("1.5s"),
         secret: false,
         doc: "A pooled upstream connection idle this long is closed by the sidecar; keep it below the app server's keep-alive (gunicorn 2 s).",
         value: field!(upstream_idle_timeout, Dur, Some(nonzero)),

@@ -304,3 +304,49 @@ fn shipped_config_file_names_every_setting() {
         assert!(written, "config/rag-sidecar.toml does not name {}", s.key);
     }
 }
+
+/// docs/configuration.md's worked example (the `rag` route's TTL raised to
+/// two hours) does what the page says: only the TTL changes.
+#[test]
+fn the_reference_pages_ttl_example_changes_only_the_ttl() {
+    let page = include_str!("../../../docs/configuration.md");
+    let at = page
+        .find("### Example: keep RAG answers for two hours")
+        .expect("docs/configuration.md lost its TTL example");
+    let block = page[at..]
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the example has no toml block");
+    let d = Dir::new();
+    let o = Overrides {
+        config: Some(d.file(block)),
+        ..Overrides::default()
+    };
+    let c = d.load(&o, &[]).unwrap();
+    let built_in = Dir::new().load(&Overrides::default(), &[]).unwrap();
+    let (rag, before) = (c.route("rag").unwrap(), built_in.route("rag").unwrap());
+    let (cache, was) = (rag.cache.as_ref().unwrap(), before.cache.as_ref().unwrap());
+    assert_eq!(cache.ttl, Duration::from_secs(7200));
+    assert_ne!(was.ttl, cache.ttl);
+    assert_eq!(
+        (cache.namespace.as_str(), cache.max_items),
+        (was.namespace.as_str(), was.max_items)
+    );
+    assert_eq!(
+        (rag.timeout, &rag.circuit),
+        (before.timeout, &before.circuit)
+    );
+    // A bare number is refused, naming the key.
+    let bare = d.file("[[routes]]\nname = \"rag\"\ncache = { ttl = 7200 }\n");
+    let err = d
+        .load(
+            &Overrides {
+                config: Some(bare),
+                ..Overrides::default()
+            },
+            &[],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("routes[0].cache.ttl"), "{err}");
+}

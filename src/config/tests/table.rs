@@ -204,3 +204,25 @@ fn the_reference_page_shows_this_table() {
          regenerate it with `UPDATE_DOCS=1 cargo test --lib config::`"
     );
 }
+
+/// `check-config` prints a duration as one number and unit, the way a
+/// person writes it, and that text reads back to the same duration.
+#[test]
+fn durations_print_as_they_are_written() {
+    let cases = [
+        (Duration::from_millis(1500), "1.5s"),
+        (Duration::from_millis(1250), "1.25s"),
+        (Duration::from_millis(250), "250ms"),
+        (Duration::from_secs(30), "30s"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(60), "1m"),
+        (Duration::from_secs(3600), "1h"),
+        (Duration::from_secs(86_400), "24h"),
+        (Duration::from_micros(1500), "1500us"),
+        (Duration::ZERO, "0s"),
+    ];
+    for (d, text) in cases {
+        assert_eq!(fmt_duration(d), text);
+        assert_eq!(super::super::parse::duration(text), Ok(d), "{text}");
+    }
+}
