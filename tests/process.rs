@@ -271,7 +271,7 @@ async fn each_retry_is_logged_at_warning_with_its_type_and_request_id() {
         assert!(line.contains("WARN"), "{line}");
         assert!(line.contains("retry-me"), "{line}");
         let what = format!(
-            "Attempt {}/2 failed: gemini_rate_limit (HTTP 503). Retrying in 0.0",
+            "Attempt {}/3 failed: gemini_rate_limit (HTTP 503). Retrying in 0.0",
             i + 1
         );
         assert!(line.contains(&what), "{line}");

@@ -335,11 +335,14 @@ impl Policy<Request<Body>, Response<Body>, BoxError> for Attempts {
             .get(X_REQUEST_ID)
             .and_then(|id| id.to_str().ok())
             .unwrap_or("-");
+        // Counted as attempts are made: `max_retries` retries are
+        // `max_retries + 1` attempts, so the last retry logs "3/4", never
+        // "3/3 … Retrying" followed by a fourth.
         tracing::warn!(
             request_id,
             "Attempt {}/{} failed: {what}. Retrying in {:.1}s",
             self.done,
-            self.sh.max_retries,
+            self.sh.max_retries + 1,
             wait.as_secs_f64()
         );
         self.carried.put_on(req.extensions_mut());
