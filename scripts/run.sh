@@ -19,6 +19,7 @@ cat <<MSG
 
   mock legacy app : http://$MOCK_ADDR
   rag-sidecar     : http://$LISTEN   (config: config/rag-sidecar.toml)
+  Ctrl-C here stops both.
 
   Try, in another terminal:
     curl -s http://$LISTEN/healthz

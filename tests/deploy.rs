@@ -430,3 +430,23 @@ fn the_dockerfile_builds_what_make_release_builds() {
     );
     assert!(root.join("config/rag-sidecar.toml").exists());
 }
+
+/// deploy/README.md's tree names every overlay there is, so a new one is
+/// not left out of the page operators read first.
+#[test]
+fn the_deploy_readme_tree_names_every_overlay() {
+    let readme = std::fs::read_to_string(deploy().join("README.md")).unwrap();
+    let tree = readme
+        .split("```")
+        .find(|block| block.trim_start().starts_with("deploy/"))
+        .expect("deploy/README.md has no tree");
+    let overlays = std::fs::read_dir(deploy().join("kubernetes/overlays")).unwrap();
+    let mut seen = 0;
+    for entry in overlays {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let line = format!("kubernetes/overlays/{name}/");
+        assert!(tree.contains(&line), "the tree does not name {line}");
+        seen += 1;
+    }
+    assert!(seen >= 3, "only {seen} overlays found");
+}
