@@ -7,7 +7,7 @@ JOBS  ?= 2
 MOCK_ADDR ?= 127.0.0.1:5000
 LISTEN    ?= 127.0.0.1:5003
 
-.PHONY: all build release run test lint unit bench bench-workload bench-alloc profile fuzz chaos soak clean
+.PHONY: all build release run test setup lint unit bench bench-workload bench-alloc profile fuzz chaos soak clean
 
 all: build
 
@@ -20,11 +20,18 @@ release:
 	$(CARGO) build -j$(JOBS) --release --bins
 
 ## Start the mock legacy app and the sidecar in front of it (Ctrl-C stops both).
-run: build
+run:
+	@echo "make run: building the sidecar and the mock app (the first build takes a few minutes; later ones seconds)"
+	$(CARGO) build -j$(JOBS) --bins
 	MOCK_ADDR=$(MOCK_ADDR) LISTEN=$(LISTEN) scripts/run.sh target/debug
 
-## Lint, then every test (unit, integration, real processes).
-test: lint unit
+## Install what the tests need when missing (scripts/setup.sh, the list
+## .ci/run uses too), lint, then every test (unit, integration, real
+## processes), each binary run even when another fails.
+test: setup lint unit
+
+setup:
+	scripts/setup.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -33,7 +40,7 @@ lint:
 # Benches are compiled by clippy --all-targets above and run by `make bench`.
 # The tests build the mock themselves (tests/common/mod.rs, mock_bin).
 unit:
-	$(CARGO) test -j$(JOBS) --workspace --lib --bins --tests
+	CARGO=$(CARGO) JOBS=$(JOBS) scripts/test.sh
 
 ## Throughput/latency against nginx and a direct connection (installs wrk,
 ## nginx), cache-hit cost at 1 000 vs 100 000 entries, the memory of an idle
