@@ -74,7 +74,8 @@ pub(crate) struct Cli {
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
     /// Gemini's quota: at most this many /api/rag/query calls per
-    /// `--quota-window-ms` (a fixed window); beyond it the Gemini quota
+    /// `--quota-window-ms` (a sliding window, as Gemini's per-minute
+    /// quota is: never more than that many in any span of the window); beyond it the Gemini quota
     /// error (429 RESOURCE_EXHAUSTED). 0: no quota.
     #[arg(long, default_value_t = 0)]
     pub(crate) quota: u64,

@@ -62,10 +62,11 @@ pub(crate) struct State {
     /// Bumped by every upload and deletion: search and RAG answers carry
     /// it, so a test can tell an answer from before a corpus change.
     pub(crate) corpus_version: AtomicU64,
-    /// Gemini's quota on RAG calls: `(calls allowed, window)`; calls in the
-    /// current window; calls refused over it.
+    /// Gemini's quota on RAG calls: `(calls allowed, window)`, a sliding
+    /// window (at most that many calls in any window's span); the times of
+    /// the calls in it; calls refused over it.
     pub(crate) quota: Option<(u64, Duration)>,
-    pub(crate) quota_window: Mutex<(std::time::Instant, u64)>,
+    pub(crate) quota_window: Mutex<std::collections::VecDeque<std::time::Instant>>,
     pub(crate) quota_errors: AtomicU64,
     /// The RAG questions in the order they arrived (the last 1000).
     pub(crate) rag_queries: Mutex<std::collections::VecDeque<String>>,
@@ -99,7 +100,7 @@ impl State {
             corpus_version: AtomicU64::new(0),
             quota: (cli.quota > 0)
                 .then(|| (cli.quota, Duration::from_millis(cli.quota_window_ms.max(1)))),
-            quota_window: Mutex::new((std::time::Instant::now(), 0)),
+            quota_window: Mutex::new(std::collections::VecDeque::new()),
             quota_errors: AtomicU64::new(0),
             rag_queries: Mutex::new(std::collections::VecDeque::new()),
             faults_armed: AtomicBool::new(false),
@@ -114,14 +115,16 @@ impl State {
             return true;
         };
         let mut w = lock(&self.quota_window);
-        if w.0.elapsed() >= window {
-            *w = (std::time::Instant::now(), 0);
+        let now = std::time::Instant::now();
+        while w.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            w.pop_front();
         }
-        if w.1 >= limit {
+        if w.len() as u64 >= limit {
+            // A refused call does not count against the quota.
             self.quota_errors.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        w.1 += 1;
+        w.push_back(now);
         true
     }
 
