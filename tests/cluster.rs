@@ -191,7 +191,9 @@ async fn redis_failures_are_counted_by_operation() {
 async fn the_upstream_quota_is_one_for_the_fleet_on_a_cluster() {
     let mock = Mock::start();
     let cluster = RedisCluster::start(3);
-    let quota = "[rate_limit]\nenabled = false\n[[routes]]\nname = \"rag\"\nupstream_limit = \"1 per 10 seconds\"\nupstream_queue = \"1s\"\n";
+    // Two windows: the script names every key of the route (one per
+    // window, the queue's), all in the route's one hash slot.
+    let quota = "[rate_limit]\nenabled = false\n[[routes]]\nname = \"rag\"\nupstream_limit = \"1 per 10 seconds; 100 per day\"\nupstream_queue = \"1s\"\n";
     let a = sidecar(&mock, &cluster, quota).await;
     let b = sidecar(&mock, &cluster, quota).await;
     let ask = |sc: &Sidecar, q: &str| {
@@ -206,5 +208,9 @@ async fn the_upstream_quota_is_one_for_the_fleet_on_a_cluster() {
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(mock.stats().await["by_path"]["/api/rag/query"], 1);
-    assert!(!cluster.keys("rag-sidecar:rl:quota:*").is_empty());
+    // The calls of both windows (and the recent calls), on one node.
+    let by_node = cluster.keys_by_node("rag-sidecar:rl:{quota:rag}:*");
+    let holding: Vec<&Vec<String>> = by_node.iter().filter(|k| !k.is_empty()).collect();
+    assert_eq!(holding.len(), 1, "{by_node:?}");
+    assert!(holding[0].len() >= 3, "{by_node:?}");
 }

@@ -2,7 +2,10 @@
 //! enforces Gemini's quota on its RAG route (`--quota`), and bursts through
 //! one or two sidecars never trip it; requests wait their turn first come
 //! first served; a stale answer stands in when there is no room; Redis
-//! killed mid-burst fails no request.
+//! killed mid-burst fails no request; the windows are exact (a burst of N
+//! goes at once, the next when the oldest leave); the next call goes to the
+//! client with the fewest, across the fleet; a client that hangs up passes
+//! its turn on.
 
 #![allow(
     clippy::disallowed_types,
@@ -51,7 +54,19 @@ async fn ask(url: String, q: String) -> (u16, Option<String>, String, Value) {
 
 /// Two sidecars on one Redis, connected.
 async fn two_on(mock: &Mock, redis: &Redis, limit: &str, queue: &str) -> (Sidecar, Sidecar) {
-    let toml = quota_toml(
+    two_with(mock, redis, quota_toml, limit, queue).await
+}
+
+/// Two sidecars on one Redis, connected, configured by `toml(limit, queue,
+/// the [redis] section)`.
+async fn two_with(
+    mock: &Mock,
+    redis: &Redis,
+    toml: fn(&str, &str, &str) -> String,
+    limit: &str,
+    queue: &str,
+) -> (Sidecar, Sidecar) {
+    let toml = toml(
         limit,
         queue,
         &format!("[redis]\nurl = \"{}\"\n", redis.url()),
@@ -169,6 +184,19 @@ async fn with_no_room_a_stale_answer_stands_in_else_503() {
     let stale = ask(sc.url("/api/rag/query"), "kept".into()).await;
     assert_eq!((stale.0, stale.2.as_str()), (200, "STALE"), "{:?}", stale.3);
     assert_eq!(stale.3["answer"], first.3["answer"]);
+    // Marked as the quota's doing.
+    let again = client()
+        .post(sc.url("/api/rag/query"))
+        .header("host", "rag-services")
+        .json(&json!({"query": "kept", "top_k": 1}))
+        .send()
+        .await
+        .unwrap();
+    let status = again.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(status.contains("fwd=stale; detail=quota"), "{status}");
     // A question never answered: 503, at once (not after the second).
     let refused = ask(sc.url("/api/rag/query"), "never asked".into()).await;
     assert!(
@@ -202,4 +230,143 @@ async fn redis_killed_mid_burst_fails_no_request() {
     only_answers_or_quota(&first, "10 per second");
     only_answers_or_quota(&second, "10 per second");
     assert!(second.iter().filter(|a| a.0 == 200).count() >= 10);
+}
+
+/// `ask` as a client named by `X-Client` (the rate limiter's key here).
+async fn ask_as(url: String, who: &str, q: String) -> u16 {
+    client()
+        .post(url)
+        .header("X-Client", who)
+        .json(&json!({"query": q, "top_k": 1}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// The questions the app was asked, in order.
+async fn asked(mock: &Mock) -> Vec<String> {
+    mock.stats().await["rag_queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Rate limits keyed by the `X-Client` header (high enough never to bite),
+/// so that clients on one address are told apart.
+const BY_CLIENT: &str = "[rate_limit]\nkey = \"header:X-Client\"\ndefault = \"1000 per minute\"\n";
+
+fn fair_toml(limit: &str, queue: &str, extra: &str) -> String {
+    format!(
+        "{BY_CLIENT}{extra}[[routes]]\nname = \"rag\"\nupstream_limit = \"{limit}\"\nupstream_queue = \"{queue}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_burst_of_n_goes_at_once_and_the_rest_when_the_oldest_leave() {
+    // The app allows 3 calls in any 2 s (a sliding window, as Gemini's);
+    // the sidecar the same. Six at once: three now, three when the first
+    // have been 2 s (and the guard) in the window, none over the app's
+    // quota. Spaced one every 667 ms, the sixth would have gone at 3.3 s.
+    let mock = Mock::start_with(&["--quota", "3", "--quota-window-ms", "2000"]);
+    let sc = Sidecar::start(&mock.url(), &quota_toml("3 per 2 seconds", "5s", "")).await;
+    let t = std::time::Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..6).map(|i| ask(sc.url("/api/rag/query"), format!("exact {i}"))),
+    )
+    .await;
+    let took = t.elapsed();
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    let stats = mock.stats().await;
+    assert_eq!(stats["quota_errors"], 0, "{stats}");
+    assert_eq!(stats["by_path"]["/api/rag/query"], 6);
+    // The second three waited for the window (the mock answers at once).
+    assert!(took >= Duration::from_millis(2_250), "{took:?}");
+    let m = sc.get_text("/metrics").await;
+    assert!(
+        m.contains(r#"rag_sidecar_upstream_quota_calls{route="rag",state="used",window="3 per 2 seconds"} 3"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn the_next_call_goes_to_the_client_with_the_fewest_across_the_fleet() {
+    // The app allows 2 calls a second. A flooder on sidecar A sends eight
+    // distinct questions at once; a second client on sidecar B asks two
+    // once the flood is queued. B's two take the first two calls that
+    // free, ahead of A's six waiting ones.
+    let mock = Mock::start_with(&["--quota", "2", "--quota-window-ms", "1000"]);
+    let redis = Redis::start();
+    let (a, b) = two_with(&mock, &redis, fair_toml, "2 per second", "10s").await;
+    let flood = futures_util::future::join_all(
+        (0..8).map(|i| ask_as(a.url("/api/rag/query"), "flooder", format!("flood {i}"))),
+    );
+    let victim = async {
+        eventually("the flood queued", async || {
+            a.get_json("/api/metrics").await["gauges"]["upstream_queue.rag"] == 6
+        })
+        .await;
+        futures_util::future::join_all(
+            (0..2).map(|i| ask_as(b.url("/api/rag/query"), "victim", format!("victim {i}"))),
+        )
+        .await
+    };
+    let (flood, victim) = tokio::join!(flood, victim);
+    assert_eq!(victim, [200, 200]);
+    assert!(
+        flood.iter().filter(|s| **s == 200).count() >= 6,
+        "{flood:?}"
+    );
+    let order = asked(&mock).await;
+    assert!(
+        order[..2].iter().all(|q| q.starts_with("flood")),
+        "{order:?}"
+    );
+    let mut next: Vec<&str> = order[2..4].iter().map(String::as_str).collect();
+    next.sort_unstable();
+    assert_eq!(next, ["victim 0", "victim 1"], "{order:?}");
+    assert_eq!(mock.stats().await["quota_errors"], 0);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_passes_its_calls_on() {
+    // The first client asks eight questions and hangs up on each 300 ms
+    // later; the second asks one a little after. The calls the first left
+    // go to the second and to the first's later questions at once: the app
+    // is given the whole budget, not slots that pass unused.
+    let mock = Mock::start_with(&["--quota", "2", "--quota-window-ms", "2000"]);
+    let sc = Sidecar::start(&mock.url(), &fair_toml("2 per 2 seconds", "10s", "")).await;
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let leavers = futures_util::future::join_all((0..8).map(|i| {
+        let quick = quick.clone();
+        let url = sc.url("/api/rag/query");
+        async move {
+            let _ = quick
+                .post(url)
+                .header("X-Client", "leaver")
+                .json(&json!({"query": format!("left {i}")}))
+                .send()
+                .await;
+        }
+    }));
+    let stayer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = std::time::Instant::now();
+        let s = ask_as(sc.url("/api/rag/query"), "stayer", "stays".into()).await;
+        (s, t.elapsed())
+    };
+    let (_, (status, waited)) = tokio::join!(leavers, stayer);
+    assert_eq!(status, 200);
+    // It went with the first call to free (at 2.25 s from the start), not
+    // behind the six places of requests that were gone.
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    let order = asked(&mock).await;
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(order[2], "stays", "{order:?}");
+    assert_eq!(mock.stats().await["quota_errors"], 0);
 }

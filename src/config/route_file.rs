@@ -51,6 +51,8 @@ pub(super) struct RouteFile {
     pub(super) upstream_limit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) upstream_queue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) upstream_queue_stale: Option<bool>,
 }
 
 /// `cache = false` turns a route's cache off; a table sets (some of) its
@@ -262,6 +264,9 @@ fn apply_fields(
             route.upstream_queue = d;
         }
     }
+    if let Some(v) = rf.upstream_queue_stale {
+        route.upstream_queue_stale = v;
+    }
 }
 
 /// `cache = false | true | { namespace, ttl, max_items }`: fields a new
@@ -357,6 +362,7 @@ pub(super) fn render(routes: &[Route]) -> Vec<RouteFile> {
                     .map_or_else(|| "none".to_string(), ToString::to_string),
             ),
             upstream_queue: Some(fmt_duration(r.upstream_queue)),
+            upstream_queue_stale: Some(r.upstream_queue_stale),
         })
         .collect()
 }

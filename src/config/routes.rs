@@ -159,6 +159,10 @@ pub struct Route {
     /// The longest a request waits for room under `upstream_limit` (never
     /// past the route's timeout).
     pub upstream_queue: Duration,
+    /// A request that would have to wait for room under `upstream_limit`
+    /// and has a stale answer at hand is answered with it at once, leaving
+    /// the calls to questions that have none.
+    pub upstream_queue_stale: bool,
 }
 
 impl Route {
@@ -182,6 +186,7 @@ impl Route {
             request_buffering: false,
             upstream_limit: None,
             upstream_queue: Duration::from_secs(10),
+            upstream_queue_stale: true,
         }
     }
 

@@ -3,7 +3,9 @@
 //! for room now, the waits, and the requests refused. Exported as
 //! `rag_sidecar_upstream_queue_depth{route}`,
 //! `rag_sidecar_upstream_queue_wait_seconds{route}` and
-//! `rag_sidecar_upstream_quota_rejected_total{route}`; in `/api/metrics`
+//! `rag_sidecar_upstream_quota_rejected_total{route}`, with
+//! `rag_sidecar_upstream_quota_stale_total{route}` and
+//! `rag_sidecar_upstream_quota_calls{route,window,state}`; in `/api/metrics`
 //! as the gauges `upstream_queue.<route>` and the counter
 //! `upstream_quota.rejected`.
 
@@ -28,6 +30,21 @@ pub struct RouteQuotaStats {
     pub waiting: AtomicU64,
     /// Requests refused (no room within their wait).
     pub rejected: AtomicU64,
+    /// Requests that would have waited and were answered from a stale
+    /// entry instead (`upstream_queue_stale`).
+    pub stale: AtomicU64,
+    /// Each limit: its words (`15 per minute`), its count, and the calls in
+    /// its window when last looked at (the fleet's, with Redis).
+    pub windows: Vec<(String, u64, AtomicU64)>,
+}
+
+impl RouteQuotaStats {
+    /// The calls in each window, as the quota last saw them.
+    pub fn set_used(&self, used: &[u64]) {
+        for ((_, _, at), n) in self.windows.iter().zip(used) {
+            at.store(*n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Every quota route's figures, and the wait histogram they record into.
@@ -39,7 +56,7 @@ pub struct QuotaStats {
 
 impl QuotaStats {
     /// Figures for these routes (those with an `upstream_limit`).
-    pub fn new<'a>(routes: impl IntoIterator<Item = &'a str>) -> Arc<Self> {
+    pub fn new<'a>(routes: impl IntoIterator<Item = (&'a str, Vec<(String, u64)>)>) -> Arc<Self> {
         let waits = HistogramVec::new(
             HistogramOpts::from(opts(
                 "upstream_queue_wait_seconds",
@@ -56,7 +73,16 @@ impl QuotaStats {
         Arc::new(Self {
             routes: routes
                 .into_iter()
-                .map(|r| (r.to_string(), Arc::default()))
+                .map(|(r, windows)| {
+                    let stats = RouteQuotaStats {
+                        windows: windows
+                            .into_iter()
+                            .map(|(text, count)| (text, count, AtomicU64::new(0)))
+                            .collect(),
+                        ..RouteQuotaStats::default()
+                    };
+                    (r.to_string(), Arc::new(stats))
+                })
                 .collect(),
             waits,
         })
@@ -87,6 +113,8 @@ pub struct QuotaMetrics {
     source: Arc<QuotaStats>,
     depth: IntGaugeVec,
     rejected: IntCounterVec,
+    stale: IntCounterVec,
+    calls: IntGaugeVec,
 }
 
 impl QuotaMetrics {
@@ -115,6 +143,24 @@ impl QuotaMetrics {
                 ),
                 &["route"]
             ),
+            stale: series!(
+                r,
+                IntCounterVec,
+                opts(
+                    "upstream_quota_stale_total",
+                    "Requests that would have waited under the route's upstream quota and were answered from a stale entry (upstream_queue_stale)"
+                ),
+                &["route"]
+            ),
+            calls: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "upstream_quota_calls",
+                    "Calls in each window of the route's upstream quota (state used) and the room left (state left); the fleet's with Redis"
+                ),
+                &["route", "window", "state"]
+            ),
             source,
         }
     }
@@ -125,6 +171,18 @@ impl QuotaMetrics {
                 g.set(i64::try_from(s.waiting.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             }
             raise_vec(&self.rejected, &[name], s.rejected.load(Ordering::Relaxed));
+            raise_vec(&self.stale, &[name], s.stale.load(Ordering::Relaxed));
+            for (window, count, used) in &s.windows {
+                let used = used.load(Ordering::Relaxed);
+                for (state, v) in [("used", used), ("left", count.saturating_sub(used))] {
+                    if let Ok(g) = self
+                        .calls
+                        .get_metric_with_label_values(&[name, window, state])
+                    {
+                        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+                    }
+                }
+            }
         }
     }
 

@@ -67,6 +67,8 @@ pub struct RedisStore {
     origin: String,
     /// The rate limiter's script ([`scripts::GCRA_LUA`]).
     gcra: std::sync::Arc<fred::types::scripts::Script>,
+    /// The upstream quota's script ([`scripts::QUOTA_LUA`]).
+    quota: std::sync::Arc<fred::types::scripts::Script>,
     /// The fleet's scripts ([`fleet`]).
     fleet: std::sync::Arc<fleet::FleetScripts>,
     /// Failures, counted and logged.
@@ -162,6 +164,7 @@ impl RedisStore {
             timeout,
             origin: uuid::Uuid::new_v4().to_string(),
             gcra: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::GCRA_LUA)),
+            quota: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::QUOTA_LUA)),
             fleet: std::sync::Arc::new(fleet::FleetScripts::new()),
             errors,
             warnings: std::sync::Arc::new(warn::Warnings::default()),

@@ -49,7 +49,9 @@ use self::store::{CacheStore, Counters, Namespace, Standing};
 use self::stream::{End, Tee};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
-use crate::error::{ClientTimeout, Decorated, UpstreamTimeout, UpstreamUnavailable};
+use crate::error::{
+    ClientTimeout, Decorated, UpstreamQuota, UpstreamTimeout, UpstreamUnavailable, find_cause,
+};
 use crate::extensions::{CacheOutcome, Coalesced, StaleAtHand};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
@@ -389,8 +391,15 @@ where
     }
     let resp = match (result, &stale) {
         (Err(e), Some(s)) => {
-            tracing::debug!("serving stale: upstream failed: {e}");
-            return Ok(serve_stale(sh, &ns, s, "upstream-error"));
+            // The upstream quota refused the call (no room, or it leaves
+            // the calls to questions with no answer at hand): `detail=quota`.
+            let why = if find_cause::<UpstreamQuota>(e.as_ref()).is_some() {
+                "quota"
+            } else {
+                "upstream-error"
+            };
+            tracing::debug!("serving stale: {why}: {e}");
+            return Ok(serve_stale(sh, &ns, s, why));
         }
         (Err(e), None) => return Err(failed_miss(e, fwd)),
         (Ok(r), Some(s)) if r.status().is_server_error() => {

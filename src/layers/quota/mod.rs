@@ -1,96 +1,100 @@
-//! `UpstreamQuota`: protects what the app spends per call (Gemini's free
-//! tier: 15 requests a minute) on routes with an `upstream_limit`, per
-//! PRODUCT.md "Upstream quota".
+//! `UpstreamQuota`: spends what the app pays per call (Gemini's free tier:
+//! 15 requests a minute) to the last call, fairly, on routes with an
+//! `upstream_limit`, per PRODUCT.md "Upstream quota".
 //!
-//! Every request that leaves for the upstream on such a route costs one unit
+//! Every request that leaves for the upstream on such a route costs one call
 //! (the layer sits below the retry, so each attempt does; below the cache,
 //! so hits and coalesced waiters cost nothing; above the circuit breaker, so
 //! a request refused here is no failure of the app's).
 //!
-//! The budget is spread evenly: `15 per minute` lets one request go every
-//! 4 s (a GCRA schedule with a burst of one). That is what keeps every
-//! minute, however the app's own quota window is aligned, at 15: a burst of
-//! 15 followed by the steady rate would put 16 or more into some minute.
+//! - **Exact sliding windows** ([`book::Book`]): each limit allows at most N
+//!   calls in any W, as a log of call times; a call goes the moment every
+//!   window has room, so a burst of N goes at once and no idle second's
+//!   allowance is lost. A call counts for W plus [`GUARD`], so the app's
+//!   own window, which sees each call a little after it left, is never
+//!   exceeded either. (This replaced an even spacing, one call every W/N,
+//!   which threw away the burst the app allows: `docs/upstream-quota.md`.)
+//! - **Fair**: a request that cannot go at once waits in the route's queue;
+//!   when a call is free it goes to the waiting client key (the rate
+//!   limiter's) with the fewest calls in the last two spans of the shortest
+//!   window (then the one served longest ago), first come first served
+//!   within one client. Nothing is reserved ahead: the call is
+//!   given when it comes due, so a request whose client left (its future
+//!   dropped) passes its turn to the next.
+//! - **Stale first** (`upstream_queue_stale`): a request that would have to
+//!   wait while the cache holds a stale answer for it is refused at once;
+//!   the cache above answers with that answer (`detail=quota`).
+//! - **Told at once**: a request that the calls freeing within its wait
+//!   (`upstream_queue`, never past the route's deadline) cannot reach,
+//!   counting those due before it, is refused at once with the time to room
+//!   as its `Retry-After`; one that waits and still finds no turn is
+//!   refused when its wait is over.
 //!
-//! The schedule's slots are *reserved*: an arriving
-//! request takes the next free slot (the first one, if the budget has room
-//! now) and sleeps until it, then goes. Reservations are made one at a time,
-//! in arrival order (a fair, first-in-first-out lock), so a later request
-//! never overtakes an earlier one on the same route and sidecar. A request
-//! whose slot would come later than it may wait (`upstream_queue`, and never
-//! past the route's deadline) reserves nothing and is refused at once, with
-//! the wait it would have needed as its `Retry-After`: the cache above then
-//! serves a stale answer if it has one. A client that hangs up leaves the
-//! queue (its slot passes unused: the budget is never exceeded).
-//!
-//! With Redis the schedule is one for the fleet: the shared rate limiter's
-//! server-side GCRA script (`redis::scripts`), which reserves a slot up to
-//! the wait it is given. While Redis is down or slow, each sidecar keeps a
-//! schedule of its own, the same arithmetic ([`reserve`]) in memory.
+//! With Redis the windows and the queue are the fleet's: one script run a
+//! turn (`redis::scripts::QUOTA_LUA`, the same arithmetic on the server's
+//! clock), keys of one hash slot per route. Waiting requests ask again when
+//! the room is due (at most every [`POLL`]); a request on a sidecar that died
+//! drops out of the fleet's queue after 2 s. While Redis is down or slow,
+//! each sidecar keeps its own windows ([`book::Book`], which also records
+//! the calls the fleet let this sidecar make).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 
+use self::book::{Book, Client, Limit, Verdict};
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::{Config, Rate, RateLimits};
 use crate::error::UpstreamQuota;
-use crate::extensions::{Deadline, QuotaWait};
+use crate::extensions::{ClientAddr, ClientId, Deadline, QuotaWait, StaleAtHand};
 use crate::metrics::quota::{QuotaStats, RouteQuotaStats};
-use crate::metrics::redis::RedisOp;
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Counted, Inner, call_boxed, ceil_secs, take_ready};
 
-/// One rate's schedule in memory: the theoretical arrival time of the next
-/// request, in ms on the layer's clock.
-#[derive(Debug, Default, Clone, Copy)]
-struct Schedule {
-    tat_ms: u64,
-}
+pub mod book;
 
-/// GCRA with reservation, the arithmetic of the Redis script: a request at
-/// `now` for a budget of `burst` per `burst × interval` takes the next slot
-/// if it comes within `max_wait` (the quota uses a burst of one). `Ok(wait)`: reserved, go after `wait`;
-/// `Err(wait)`: refused, room only after `wait`.
-pub fn reserve(
-    tat_ms: &mut u64,
-    now_ms: u64,
-    interval_ms: u64,
-    burst: u64,
-    max_wait_ms: u64,
-) -> Result<u64, u64> {
-    let tat = (*tat_ms).max(now_ms);
-    let new_tat = tat + interval_ms;
-    let window = interval_ms.saturating_mul(burst);
-    let allow_at = new_tat.saturating_sub(window);
-    let wait = allow_at.saturating_sub(now_ms);
-    if wait > max_wait_ms {
-        return Err(wait);
-    }
-    *tat_ms = new_tat;
-    Ok(wait)
-}
+/// How long past its window a call still counts: the app's window sees a
+/// call when it arrives, a little after it left here.
+pub const GUARD: Duration = Duration::from_millis(250);
+
+/// The longest a waiting request sleeps before asking again (with Redis, so
+/// that the fleet's queue knows it is alive; in memory a wake-up comes with
+/// every change).
+const POLL: Duration = Duration::from_millis(250);
+
+/// How soon a request asks again when another is due first (that one takes
+/// its call, or leaves, within about this).
+const TURN_POLL: Duration = Duration::from_millis(20);
 
 /// One route's quota.
 #[derive(Debug)]
 struct RouteQuota {
     name: String,
-    limits: RateLimits,
+    limits: Vec<Limit>,
+    /// The index of the shortest window (the one fairness counts in).
+    fair: usize,
     queue: Duration,
+    stale_first: bool,
     /// `Upstream quota of 15 per minute reached`
     message: String,
-    /// The fleet's key of each limit, in the limiter's space (a cache clear
-    /// leaves it); one key per script run, so one slot on a cluster.
+    /// The fleet's keys: one per limit, then the waiting set, its liveness
+    /// and the recent calls fairness counts; one hash slot (`{quota:<route>}`), in the limiter's space
+    /// (a cache clear leaves it).
     keys: Vec<String>,
-    /// Reservations one at a time, in arrival order (tokio's mutex is
-    /// fair); the local schedules behind it.
-    turn: tokio::sync::Mutex<Vec<Schedule>>,
+    /// This sidecar's windows: the whole quota while Redis is away.
+    #[allow(
+        clippy::disallowed_types,
+        reason = "held for a few list operations, never across an await"
+    )]
+    book: std::sync::Mutex<Book>,
+    /// Woken when a call is taken or a waiting request leaves.
+    changed: tokio::sync::Notify,
     stats: Arc<RouteQuotaStats>,
 }
 
@@ -99,8 +103,12 @@ struct Shared {
     routes: HashMap<String, Arc<RouteQuota>>,
     redis: Option<RedisStore>,
     stats: Arc<QuotaStats>,
-    /// The local schedules' clock.
+    /// The local windows' clock.
     start: tokio::time::Instant,
+    /// This sidecar, in the fleet's queue.
+    sidecar: String,
+    /// Numbers requests in arrival order.
+    seq: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -113,8 +121,62 @@ fn describe(r: Rate) -> String {
     format!("{} per {}", r.count, r.period_text())
 }
 
-fn interval(r: Rate) -> Duration {
-    (r.period / u32::try_from(r.count.max(1)).unwrap_or(u32::MAX)).max(Duration::from_millis(1))
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RouteQuota {
+    fn new(
+        name: &str,
+        limits: &RateLimits,
+        queue: Duration,
+        stale_first: bool,
+        stats: Arc<RouteQuotaStats>,
+    ) -> Self {
+        let text: Vec<String> = limits.limits().iter().map(|l| describe(*l)).collect();
+        let limits: Vec<Limit> = limits
+            .limits()
+            .iter()
+            .map(|r| Limit {
+                count: r.count,
+                window_ms: ms(r.period).max(1),
+            })
+            .collect();
+        let fair = limits
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, l)| l.window_ms)
+            .map_or(0, |(i, _)| i);
+        let tag = format!("{RATE_LIMIT_SPACE}{{quota:{name}}}");
+        let mut keys: Vec<String> = (0..limits.len()).map(|i| format!("{tag}:{i}")).collect();
+        keys.push(format!("{tag}:waiting"));
+        keys.push(format!("{tag}:alive"));
+        keys.push(format!("{tag}:recent"));
+        #[allow(
+            clippy::disallowed_methods,
+            clippy::disallowed_types,
+            reason = "held for a few list operations, never across an await"
+        )]
+        let book = std::sync::Mutex::new(Book::new(limits.clone(), ms(GUARD)));
+        Self {
+            name: name.to_string(),
+            book,
+            limits,
+            fair,
+            queue,
+            stale_first,
+            message: format!("Upstream quota of {} reached", text.join("; ")),
+            keys,
+            changed: tokio::sync::Notify::new(),
+            stats,
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl QuotaLayer {
@@ -125,26 +187,17 @@ impl QuotaLayer {
             .routes
             .iter()
             .filter_map(|r| {
-                let limits = r.upstream_limit.clone()?;
-                let text: Vec<String> = limits.limits().iter().map(|l| describe(*l)).collect();
+                let limits = r.upstream_limit.as_ref()?;
                 let route_stats = stats.route(&r.name)?;
-                let keys = (0..limits.limits().len())
-                    .map(|i| format!("{RATE_LIMIT_SPACE}quota:{}:{i}", r.name))
-                    .collect();
                 Some((
                     r.name.clone(),
-                    Arc::new(RouteQuota {
-                        name: r.name.clone(),
-                        turn: tokio::sync::Mutex::new(vec![
-                            Schedule::default();
-                            limits.limits().len()
-                        ]),
+                    Arc::new(RouteQuota::new(
+                        &r.name,
                         limits,
-                        queue: r.upstream_queue,
-                        message: format!("Upstream quota of {} reached", text.join("; ")),
-                        keys,
-                        stats: route_stats,
-                    }),
+                        r.upstream_queue,
+                        r.upstream_queue_stale,
+                        route_stats,
+                    )),
                 ))
             })
             .collect();
@@ -154,16 +207,26 @@ impl QuotaLayer {
                 redis,
                 stats,
                 start: tokio::time::Instant::now(),
+                sidecar: uuid::Uuid::new_v4().simple().to_string(),
+                seq: AtomicU64::new(0),
             }),
         }
     }
 
-    /// The routes with a quota (for the metrics' labels).
-    pub fn routes(cfg: &Config) -> Vec<&str> {
+    /// The routes with a quota and their limits (for the metrics' labels):
+    /// `("rag", [("15 per minute", 15)])`.
+    pub fn routes(cfg: &Config) -> Vec<(&str, Vec<(String, u64)>)> {
         cfg.routes
             .iter()
-            .filter(|r| r.upstream_limit.is_some())
-            .map(|r| r.name.as_str())
+            .filter_map(|r| {
+                let limits = r.upstream_limit.as_ref()?;
+                let windows = limits
+                    .limits()
+                    .iter()
+                    .map(|l| (describe(*l), l.count))
+                    .collect();
+                Some((r.name.as_str(), windows))
+            })
             .collect()
     }
 }
@@ -183,6 +246,16 @@ impl<S> tower::Layer<S> for QuotaLayer {
 pub struct QuotaService<S> {
     inner: S,
     shared: Arc<Shared>,
+}
+
+/// The client a request counts for: the rate limiter's key (hashed), or the
+/// peer's address when rate limiting is off.
+fn client_of(ext: &http::Extensions) -> Client {
+    match (ext.get::<ClientId>(), ext.get::<ClientAddr>()) {
+        (Some(id), _) => id.0,
+        (None, Some(a)) => ClientId::of(&a.0.ip()).0,
+        (None, None) => 0,
+    }
 }
 
 impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
@@ -206,32 +279,41 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
         let mut inner = take_ready(&mut self.inner);
         let shared = Arc::clone(&self.shared);
         futures_util::future::Either::Right(Box::pin(async move {
-            let deadline = req.extensions().get::<Deadline>().copied();
-            let mut max_wait = quota.queue;
-            if let Some(d) = deadline {
-                max_wait =
-                    max_wait.min(d.at.saturating_duration_since(tokio::time::Instant::now()));
-            }
-            let waiting = Counted::new(&quota.stats.waiting);
             let asked = tokio::time::Instant::now();
-            match shared.reserve(&quota, max_wait).await {
-                Ok(wait) => {
-                    shared.stats.waited(&quota.name, wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
+            let mut max_wait = quota.queue;
+            if let Some(d) = req.extensions().get::<Deadline>() {
+                max_wait = max_wait.min(d.at.saturating_duration_since(asked));
+            }
+            let stale_at_hand = req.extensions().get::<StaleAtHand>().is_some();
+            let ticket = Ticket {
+                seq: shared.seq.fetch_add(1, Ordering::Relaxed),
+                client: client_of(req.extensions()),
+                shared: Arc::clone(&shared),
+                quota: Arc::clone(&quota),
+                done: false,
+            };
+            let waiting = Counted::new(&quota.stats.waiting);
+            match ticket.wait(asked, max_wait, stale_at_hand).await {
+                Ok(()) => {
                     drop(waiting);
-                    let waited = QuotaWait(asked.elapsed());
+                    let waited = asked.elapsed();
+                    shared.stats.waited(&quota.name, waited.as_secs_f64());
                     let mut out = call_boxed(&mut inner, req).await;
                     if let Ok(resp) = &mut out {
-                        resp.extensions_mut().insert(waited);
+                        resp.extensions_mut().insert(QuotaWait(waited));
                     }
                     out
                 }
-                Err(room_in) => {
-                    quota.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(route = %quota.name, "upstream quota: no room within {max_wait:?} (room in {room_in:?})");
+                Err(refused) => {
+                    if refused.stale {
+                        quota.stats.stale.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        quota.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(route = %quota.name, stale = refused.stale, "upstream quota: no call within {max_wait:?} (room in {:?})", refused.room_in);
                     Err(Box::new(UpstreamQuota {
                         message: quota.message.clone(),
-                        retry_after: ceil_secs(room_in).max(1),
+                        retry_after: ceil_secs(refused.room_in).max(1),
                     }) as BoxError)
                 }
             }
@@ -239,50 +321,162 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
     }
 }
 
-impl Shared {
-    /// Takes the next slot of every limit of the route, if it comes within
-    /// `max_wait`: `Ok(wait)` to sleep before going, `Err(wait)` for the room
-    /// it would have needed.
-    async fn reserve(&self, q: &RouteQuota, max_wait: Duration) -> Result<Duration, Duration> {
-        let mut local = q.turn.lock().await;
-        let mut longest = Duration::ZERO;
-        // With several limits, each is reserved in turn; one that refuses
-        // leaves the slots already taken unused (the budget is never
-        // exceeded, only under-used).
-        for (i, rate) in q.limits.limits().iter().enumerate() {
-            let interval = interval(*rate);
-            let wait = match self.reserve_shared(q, i, interval, max_wait).await {
-                Some(r) => r,
-                None => {
-                    let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-                    reserve(&mut local[i].tat_ms, now, ms(interval), 1, ms(max_wait))
-                        .map(Duration::from_millis)
-                        .map_err(Duration::from_millis)
-                }
-            }?;
-            longest = longest.max(wait);
-        }
-        Ok(longest)
+/// Why a request was not given a call.
+struct Refused {
+    room_in: Duration,
+    /// It has a stale answer at hand, which the cache serves.
+    stale: bool,
+}
+
+/// What one turn said.
+struct Turn {
+    verdict: Verdict,
+    /// Due before this request, and calls free within its wait.
+    ahead: u64,
+    slots: u64,
+}
+
+/// One request's place in the route's queue: leaves it when dropped before
+/// its call (its client went away, or it was refused).
+struct Ticket {
+    seq: u64,
+    client: Client,
+    shared: Arc<Shared>,
+    quota: Arc<RouteQuota>,
+    /// It went (its place is already given up).
+    done: bool,
+}
+
+impl Ticket {
+    /// `<client>|<sidecar>:<seq>`: the request in the fleet's queue.
+    fn member(&self) -> String {
+        // The sequence zero-padded: requests that arrive in the same ms are
+        // ordered by the member's text.
+        format!(
+            "{:016x}|{}:{:016}",
+            self.client, self.shared.sidecar, self.seq
+        )
     }
 
-    /// The fleet's reservation in Redis; `None` without Redis or when it
-    /// fails (then the local schedule decides).
-    async fn reserve_shared(
-        &self,
-        q: &RouteQuota,
-        i: usize,
-        interval: Duration,
+    fn now_ms(&self) -> u64 {
+        ms(self.shared.start.elapsed())
+    }
+
+    /// Waits for this request's call: `Ok` when it may go.
+    async fn wait(
+        mut self,
+        asked: tokio::time::Instant,
         max_wait: Duration,
-    ) -> Option<Result<Duration, Duration>> {
-        let redis = self.redis.as_ref()?;
-        match redis
-            .gcra_within(RedisOp::Quota, q.keys.get(i)?, interval, 1, max_wait)
-            .await
-        {
-            Ok(o) if o.allowed => Some(Ok(o.wait)),
-            Ok(o) => Some(Err(o.wait)),
-            Err(_) => None,
+        stale_at_hand: bool,
+    ) -> Result<(), Refused> {
+        let give_up = asked + max_wait;
+        let mut first = true;
+        loop {
+            let changed = self.quota.changed.notified();
+            let turn = self.take(max_wait).await;
+            let room_in = match turn.verdict {
+                Verdict::Go => {
+                    self.done = true;
+                    return Ok(());
+                }
+                Verdict::RoomIn(ms) => Duration::from_millis(ms),
+                Verdict::NotYourTurn => Duration::ZERO,
+            };
+            let now = tokio::time::Instant::now();
+            if first {
+                first = false;
+                if stale_at_hand && self.quota.stale_first {
+                    return Err(Refused {
+                        room_in,
+                        stale: true,
+                    });
+                }
+                if turn.ahead >= turn.slots {
+                    // Those due first take every call that frees in time.
+                    return Err(Refused {
+                        room_in: room_in.max(max_wait),
+                        stale: false,
+                    });
+                }
+            }
+            if now >= give_up {
+                return Err(Refused {
+                    room_in,
+                    stale: false,
+                });
+            }
+            let pause = if room_in.is_zero() {
+                TURN_POLL
+            } else {
+                room_in.min(POLL)
+            };
+            let until = (now + pause).min(give_up);
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = changed => {}
+            }
+        }
+    }
+
+    /// One turn: the fleet's when Redis answers, else this sidecar's.
+    async fn take(&self, max_wait: Duration) -> Turn {
+        let q = &self.quota;
+        if let Some(redis) = &self.shared.redis {
+            let limits: Vec<(u64, Duration)> = q
+                .limits
+                .iter()
+                .map(|l| (l.count, Duration::from_millis(l.window_ms)))
+                .collect();
+            if let Ok(o) = redis
+                .quota_take(&q.keys, &self.member(), GUARD, q.fair, max_wait, &limits)
+                .await
+            {
+                let verdict = match o.verdict {
+                    1 => Verdict::Go,
+                    2 => Verdict::NotYourTurn,
+                    _ => Verdict::RoomIn(o.ms.max(1)),
+                };
+                if verdict == Verdict::Go {
+                    q.book().record(self.now_ms(), self.client);
+                }
+                q.stats.set_used(&o.used);
+                return Turn {
+                    verdict,
+                    ahead: o.ahead,
+                    slots: o.slots,
+                };
+            }
+        }
+        let now = self.now_ms();
+        let mut book = q.book();
+        let verdict = book.take(now, self.client, self.seq);
+        let (ahead, slots) = book.outlook(now, self.client, self.seq, ms(max_wait));
+        q.stats.set_used(&book.used(now));
+        drop(book);
+        if verdict == Verdict::Go {
+            q.changed.notify_waiters();
+        }
+        Turn {
+            verdict,
+            ahead,
+            slots,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.quota.book().leave(self.seq);
+        self.quota.changed.notify_waiters();
+        if let (Some(redis), Ok(rt)) = (&self.shared.redis, tokio::runtime::Handle::try_current()) {
+            let (redis, keys, member) = (redis.clone(), self.quota.keys.clone(), self.member());
+            // Best effort: a place left behind drops out after 2 s anyway.
+            rt.spawn(async move {
+                let _ = redis.quota_leave(&keys, &member).await;
+            });
         }
     }
 }
