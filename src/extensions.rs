@@ -9,7 +9,9 @@
 //! - [`ClientId`]: the rate limiter (its client key, hashed) → the breaker.
 //! - [`Deadline`]: the route timeout → the retry, the breaker's permit.
 //! - [`BodySent`]: the route timeout → the breaker's permit.
-//! - [`StaleAtHand`]: the cache → the retry.
+//! - [`StaleAtHand`]: the cache → the retry, the upstream quota.
+//! - [`QuotaLearning`]: the upstream quota → the breaker.
+//! - [`ClientId`] is read by the upstream quota too (its fair queue).
 //! - `MatchedRoute` ([`crate::route`]): the route match → every layer.
 //! - [`Attempt`]: the retry, on each copy it sends → the attempt span.
 //!
@@ -136,6 +138,13 @@ pub struct Attempt(pub u32);
 /// on another sidecar of the fleet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coalesced;
+
+/// The request goes with no upstream quota in force on its route: a Gemini
+/// quota signal on it teaches the route a limit (the upstream quota's
+/// learned limit) instead of counting as a failure of the app's, so the
+/// breaker does not open on quota signals while the route is learning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLearning;
 
 /// How long the request waited for room under its route's upstream quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

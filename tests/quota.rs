@@ -370,3 +370,106 @@ async fn a_client_that_hangs_up_passes_its_calls_on() {
     assert_eq!(order[2], "stays", "{order:?}");
     assert_eq!(mock.stats().await["quota_errors"], 0);
 }
+
+/// A sidecar with no `upstream_limit`, rate limits off, and these retry
+/// and other settings.
+fn learning_toml(retry: &str, extra: &str) -> String {
+    format!("[rate_limit]\nenabled = false\n[retry]\n{retry}\n{extra}")
+}
+
+#[tokio::test]
+async fn with_no_limit_set_the_route_learns_the_apps_quota_and_the_circuit_stays_closed() {
+    // The app takes 4 RAG calls in any minute. Ten distinct questions at
+    // once: 4 answered, and the quota signals that follow give the route a
+    // limit of the 4 that succeeded, instead of opening its circuit.
+    let mock = Mock::start_with(&["--quota", "4", "--quota-window-ms", "60000"]);
+    // Quick retries; the breaker's default threshold (5).
+    let retry = "initial_wait = \"50ms\"\nmax_wait = \"100ms\"";
+    let sc = Sidecar::start(&mock.url(), &learning_toml(retry, "")).await;
+    let answers = futures_util::future::join_all(
+        (0..10).map(|i| ask(sc.url("/api/rag/query"), format!("learn {i}"))),
+    )
+    .await;
+    assert_eq!(
+        answers.iter().filter(|a| a.0 == 200).count(),
+        4,
+        "{answers:?}"
+    );
+    let learned = "Upstream quota of 4 per minute (learned) reached";
+    let refused = answers.iter().filter(|a| a.3["message"] == learned).count();
+    assert!(refused >= 4, "{answers:?}");
+    let errors_then = mock.stats().await["quota_errors"].as_u64().unwrap();
+    // Each failing question met a quota error on its first attempt, and at
+    // most on one retry before the limit was learned (then it waited its
+    // turn, and was refused).
+    assert!(errors_then <= 12, "{errors_then}");
+    // The learned limit, seen in all three places.
+    let m = sc.get_json("/api/metrics").await;
+    assert_eq!(m["gauges"]["upstream_quota_learned.rag"], 4, "{m}");
+    let h = sc.get_json("/api/health/detailed").await;
+    assert_eq!(h["upstream_quota"]["rag"]["learned_per_minute"], 4, "{h}");
+    let text = sc.get_text("/metrics").await;
+    assert!(
+        text.contains("rag_sidecar_upstream_quota_learned{route=\"rag\"} 4"),
+        "{text}"
+    );
+    // Quota signals were the only failures: the circuit stayed closed.
+    assert_eq!(h["circuit_breakers"]["gemini"]["state"], "closed", "{h}");
+    // Under the learned limit nothing more reaches the app this minute:
+    // five more questions are refused at once, with no new quota error.
+    let t = std::time::Instant::now();
+    let more = futures_util::future::join_all(
+        (0..5).map(|i| ask(sc.url("/api/rag/query"), format!("more {i}"))),
+    )
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    for (status, retry_after, _, body) in &more {
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["message"], learned, "{body}");
+        assert!(retry_after.is_some());
+    }
+    assert_eq!(mock.stats().await["quota_errors"], errors_then);
+}
+
+#[tokio::test]
+async fn the_circuit_still_opens_when_every_call_fails_with_no_limit_to_learn() {
+    // Every RAG answer is a quota error (a daily quota spent). For a minute
+    // the route tries to learn and the circuit stays closed; then, with no
+    // call having succeeded, the signals count as failures and the circuit
+    // opens.
+    let mock = Mock::start();
+    let sc = Sidecar::start(
+        &mock.url(),
+        &learning_toml("max_retries = 0", "[circuit_breaker]\nthreshold = 3\n"),
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let mut opened_after = None;
+    while t.elapsed() < Duration::from_secs(90) {
+        let r = client()
+            .post(sc.url("/api/rag/query"))
+            .header("X-Mock-Status", "429")
+            .header("X-Mock-Body", "429 RESOURCE_EXHAUSTED")
+            .json(&json!({"query": "spent"}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status == 503 && body["message"] == "Circuit breaker OPEN: Service unavailable" {
+            opened_after = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let opened_after = opened_after.expect("the circuit never opened");
+    assert!(
+        (Duration::from_secs(55)..Duration::from_secs(75)).contains(&opened_after),
+        "{opened_after:?}"
+    );
+    let m = sc.get_json("/api/metrics").await;
+    assert!(
+        m["gauges"].get("upstream_quota_learned.rag").is_none(),
+        "{m}"
+    );
+}

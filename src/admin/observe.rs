@@ -117,6 +117,7 @@ pub async fn health_detailed(ctx: Ctx) -> Response<Body> {
             "circuit_breakers": st.resilience.circuits.to_json(),
             "system": st.system.latest().map_or(Value::Null, |s| s.to_json()),
             "upstream": upstream,
+            "upstream_quota": st.metrics.quota_json(),
         }),
     )
 }

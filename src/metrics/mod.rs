@@ -194,6 +194,12 @@ impl Metrics {
     }
 
     /// The health score from the current figures.
+    /// The routes with an upstream quota in force (configured or learned),
+    /// for `/api/health/detailed`.
+    pub fn quota_json(&self) -> serde_json::Value {
+        self.quota.source().to_json()
+    }
+
     pub fn health(&self) -> Health {
         crate::health::score(&self.health_inputs())
     }

@@ -18,6 +18,10 @@ use serde_json::{Value, json};
 
 use super::{opts, raise_vec, reg};
 
+/// The window label of a route that learns its limit (the quota layer's
+/// `LEARNED`; metrics sit below the layers, so the word is kept here).
+pub const LEARNED: &str = "learned";
+
 /// Wait buckets, in seconds: from no wait to the longest `upstream_queue`.
 const WAIT_BUCKETS: [f64; 12] = [
     0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -33,9 +37,13 @@ pub struct RouteQuotaStats {
     /// Requests that would have waited and were answered from a stale
     /// entry instead (`upstream_queue_stale`).
     pub stale: AtomicU64,
-    /// Each limit: its words (`15 per minute`), its count, and the calls in
-    /// its window when last looked at (the fleet's, with Redis).
-    pub windows: Vec<(String, u64, AtomicU64)>,
+    /// Each limit: its words (`15 per minute`, or `learned`), its count,
+    /// and the calls in its window when last looked at (the fleet's, with
+    /// Redis).
+    pub windows: Vec<(String, AtomicU64, AtomicU64)>,
+    /// A route with no `upstream_limit`: the limit it learned (calls per
+    /// minute; 0: none).
+    pub learned: AtomicU64,
 }
 
 impl RouteQuotaStats {
@@ -44,6 +52,40 @@ impl RouteQuotaStats {
         for ((_, _, at), n) in self.windows.iter().zip(used) {
             at.store(*n, Ordering::Relaxed);
         }
+    }
+
+    /// Whether the route has a quota in force: an `upstream_limit`, or a
+    /// learned one.
+    pub fn limited(&self) -> bool {
+        self.learned.load(Ordering::Relaxed) > 0
+            || self.windows.iter().any(|(label, _, _)| label != LEARNED)
+    }
+
+    /// Each window's count (a learned limit's changes).
+    pub fn set_counts(&self, counts: &[u64]) {
+        for ((_, at, _), n) in self.windows.iter().zip(counts) {
+            at.store(*n, Ordering::Relaxed);
+        }
+    }
+
+    /// The route's figures for `/api/health/detailed`: its windows, the
+    /// requests waiting, and the learned limit, if any.
+    pub fn to_json(&self) -> Value {
+        let learned = self.learned.load(Ordering::Relaxed);
+        let windows: Vec<Value> = self
+            .windows
+            .iter()
+            .map(|(limit, count, used)| {
+                let (count, used) = (count.load(Ordering::Relaxed), used.load(Ordering::Relaxed));
+                json!({"limit": limit, "calls": count, "used": used, "left": count.saturating_sub(used)})
+            })
+            .collect();
+        json!({
+            "windows": windows,
+            "waiting": self.waiting.load(Ordering::Relaxed),
+            "rejected": self.rejected.load(Ordering::Relaxed),
+            "learned_per_minute": (learned > 0).then_some(learned),
+        })
     }
 }
 
@@ -77,7 +119,7 @@ impl QuotaStats {
                     let stats = RouteQuotaStats {
                         windows: windows
                             .into_iter()
-                            .map(|(text, count)| (text, count, AtomicU64::new(0)))
+                            .map(|(text, count)| (text, AtomicU64::new(count), AtomicU64::new(0)))
                             .collect(),
                         ..RouteQuotaStats::default()
                     };
@@ -99,6 +141,17 @@ impl QuotaStats {
         }
     }
 
+    /// The routes with a quota in force, for `/api/health/detailed`.
+    pub fn to_json(&self) -> Value {
+        let routes: serde_json::Map<String, Value> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.limited())
+            .map(|(name, r)| (name.clone(), r.to_json()))
+            .collect();
+        Value::Object(routes)
+    }
+
     /// `upstream_quota.rejected` over every route.
     pub fn rejected(&self) -> u64 {
         self.routes
@@ -115,6 +168,7 @@ pub struct QuotaMetrics {
     rejected: IntCounterVec,
     stale: IntCounterVec,
     calls: IntGaugeVec,
+    learned: IntGaugeVec,
 }
 
 impl QuotaMetrics {
@@ -161,8 +215,21 @@ impl QuotaMetrics {
                 ),
                 &["route", "window", "state"]
             ),
+            learned: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "upstream_quota_learned",
+                    "The upstream quota a route with no upstream_limit learned from the app's quota signals, in calls per minute (0: none)"
+                ),
+                &["route"]
+            ),
             source,
         }
+    }
+
+    pub fn source(&self) -> &QuotaStats {
+        &self.source
     }
 
     pub fn sync(&self) {
@@ -172,8 +239,12 @@ impl QuotaMetrics {
             }
             raise_vec(&self.rejected, &[name], s.rejected.load(Ordering::Relaxed));
             raise_vec(&self.stale, &[name], s.stale.load(Ordering::Relaxed));
+            let learned = s.learned.load(Ordering::Relaxed);
+            if let Ok(g) = self.learned.get_metric_with_label_values(&[name]) {
+                g.set(i64::try_from(learned).unwrap_or(i64::MAX));
+            }
             for (window, count, used) in &s.windows {
-                let used = used.load(Ordering::Relaxed);
+                let (count, used) = (count.load(Ordering::Relaxed), used.load(Ordering::Relaxed));
                 for (state, v) in [("used", used), ("left", count.saturating_sub(used))] {
                     if let Ok(g) = self
                         .calls
@@ -186,20 +257,31 @@ impl QuotaMetrics {
         }
     }
 
-    /// The legacy counter `upstream_quota.rejected`.
+    /// The legacy counter `upstream_quota.rejected`, once a route has a
+    /// quota (configured or learned).
     pub fn legacy(&self, c: &mut BTreeMap<String, u64>) {
-        if !self.source.routes.is_empty() {
+        if self.source.routes.values().any(|r| r.limited()) {
             c.insert("upstream_quota.rejected".into(), self.source.rejected());
         }
     }
 
     /// The legacy gauges `upstream_queue.<route>`.
+    /// The legacy gauges `upstream_queue.<route>` of the routes with a
+    /// quota, and `upstream_quota_learned.<route>` of those that learned
+    /// one.
     pub fn legacy_gauges(&self, g: &mut serde_json::Map<String, Value>) {
         for (name, s) in &self.source.routes {
+            if !s.limited() {
+                continue;
+            }
             g.insert(
                 format!("upstream_queue.{name}"),
                 json!(s.waiting.load(Ordering::Relaxed)),
             );
+            let learned = s.learned.load(Ordering::Relaxed);
+            if learned > 0 {
+                g.insert(format!("upstream_quota_learned.{name}"), json!(learned));
+            }
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::error::CircuitOpen;
 use crate::error::Failure;
-use crate::extensions::{BodySent, ClientAddr, ClientId, Deadline, UpstreamFailure};
+use crate::extensions::{BodySent, ClientAddr, ClientId, Deadline, QuotaLearning, UpstreamFailure};
 use crate::metrics::resilience::{CircuitFigures, CircuitReading};
 use crate::route::MatchedRoute;
 
@@ -211,10 +211,12 @@ where
                 None => Asker::Unknown,
             },
         };
+        let learning = req.extensions().get::<QuotaLearning>().is_some();
         ResponseFuture::Call {
             fut: self.inner.call(req),
             permit: Some(permit),
             client,
+            learning,
         }
     }
 }
@@ -245,7 +247,7 @@ pin_project_lite::pin_project! {
     #[project = Proj]
     pub enum ResponseFuture<F> {
         Pass { #[pin] fut: F },
-        Call { #[pin] fut: F, permit: Option<Permit>, client: Asker },
+        Call { #[pin] fut: F, permit: Option<Permit>, client: Asker, learning: bool },
         Open { err: Option<BoxError> },
     }
 }
@@ -263,6 +265,7 @@ where
                 fut,
                 permit,
                 client,
+                learning,
             } => {
                 let result = std::task::ready!(fut.poll(cx));
                 if let Some(permit) = permit.take() {
@@ -275,6 +278,10 @@ where
                         {
                             permit.plain_500(client.id())
                         }
+                        // A quota signal on a call made with no quota in
+                        // force teaches the route its limit (the upstream
+                        // quota's learned limit): no failure of the app's.
+                        (_, Some(Failure::GeminiRateLimit)) if *learning => permit.forget(),
                         (_, Some(_)) => permit.failure(),
                         (Ok(_), None) => permit.success(),
                         // Not the upstream's doing (the client's body broke

@@ -179,6 +179,25 @@ impl Book {
         self.fair.push_back((now, client));
     }
 
+    /// Limit `i` now allows `count` calls (a learned limit changes).
+    pub fn set_count(&mut self, i: usize, count: u64) {
+        if let Some(l) = self.limits.get_mut(i) {
+            l.count = count;
+        }
+    }
+
+    /// The windows start again from calls made before they were kept:
+    /// `(time, calls)` pairs, oldest first (a learned limit coming into
+    /// force, with the calls of the last minute).
+    pub fn seed(&mut self, calls: &[(u64, u64)]) {
+        for log in &mut self.calls {
+            log.clear();
+            for (t, n) in calls {
+                log.extend(std::iter::repeat_n(*t, usize::try_from(*n).unwrap_or(0)));
+            }
+        }
+    }
+
     /// A waiting request gave up (its client left, or its wait ran out).
     pub fn leave(&mut self, seq: u64) {
         self.waiting.remove(&seq);
@@ -321,6 +340,16 @@ mod tests {
         assert_eq!(b.outlook(600, 7, 4, 450), (1, 1));
         assert_eq!(b.take(600, 9, 5), Verdict::RoomIn(400));
         assert_eq!(b.outlook(600, 9, 5, 450), (0, 1));
+    }
+
+    #[test]
+    fn a_seeded_window_holds_the_calls_made_before_it() {
+        let mut b = book(&[(1, 60_000)], 0);
+        b.set_count(0, 3);
+        b.seed(&[(1_000, 2), (5_000, 1)]);
+        assert_eq!(b.take(6_000, 1, 1), Verdict::RoomIn(55_000));
+        b.set_count(0, 4);
+        assert_eq!(b.take(6_000, 1, 1), Verdict::Go);
     }
 
     #[test]

@@ -30,6 +30,16 @@
 //!   as its `Retry-After`; one that waits and still finds no turn is
 //!   refused when its wait is over.
 //!
+//! - **Learned when none is set** ([`learn::Learner`]): on a route with no
+//!   `upstream_limit`, requests pass straight through (marked
+//!   [`QuotaLearning`], so that the breaker does not count a quota signal
+//!   on them as the app's failure) while the calls that succeed are
+//!   counted. Quota signals repeating within a minute give the route a
+//!   limit of the last minute's successful calls, rising by one a minute
+//!   without a signal; from then on its requests take the same queue as a
+//!   configured limit's (this sidecar's windows: a learned limit is each
+//!   sidecar's own).
+//!
 //! With Redis the windows and the queue are the fleet's: one script run a
 //! turn (`redis::scripts::QUOTA_LUA`, the same arithmetic on the server's
 //! clock), keys of one hash slot per route. Waiting requests ask again when
@@ -47,17 +57,22 @@ use std::time::Duration;
 use http::{Request, Response};
 
 use self::book::{Book, Client, Limit, Verdict};
+use self::learn::{Learner, MINUTE_MS, Signal};
 use crate::BoxError;
 use crate::body::Body;
-use crate::config::{Config, Rate, RateLimits};
+use crate::config::{Config, Rate, Route};
+use crate::error::Failure;
 use crate::error::UpstreamQuota;
-use crate::extensions::{ClientAddr, ClientId, Deadline, QuotaWait, StaleAtHand};
-use crate::metrics::quota::{QuotaStats, RouteQuotaStats};
+use crate::extensions::{
+    ClientAddr, ClientId, Deadline, QuotaLearning, QuotaWait, StaleAtHand, UpstreamFailure,
+};
+use crate::metrics::quota::{LEARNED, QuotaStats, RouteQuotaStats};
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Counted, Inner, call_boxed, ceil_secs, take_ready};
 
 pub mod book;
+pub mod learn;
 
 /// How long past its window a call still counts: the app's window sees a
 /// call when it arrives, a little after it left here.
@@ -96,6 +111,8 @@ struct RouteQuota {
     /// Woken when a call is taken or a waiting request leaves.
     changed: tokio::sync::Notify,
     stats: Arc<RouteQuotaStats>,
+    /// A route with no `upstream_limit`: its limit, when one is learned.
+    learner: Option<Learner>,
 }
 
 #[derive(Debug)]
@@ -126,22 +143,46 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RouteQuota {
-    fn new(
-        name: &str,
-        limits: &RateLimits,
-        queue: Duration,
-        stale_first: bool,
+    /// The quota of `route`: its `upstream_limit`, or one to learn.
+    fn new(route: &Route, stats: Arc<RouteQuotaStats>) -> Self {
+        let (limits, message, learner) = match &route.upstream_limit {
+            Some(limits) => {
+                let text: Vec<String> = limits.limits().iter().map(|l| describe(*l)).collect();
+                let limits = limits
+                    .limits()
+                    .iter()
+                    .map(|r| Limit {
+                        count: r.count,
+                        window_ms: ms(r.period).max(1),
+                    })
+                    .collect();
+                (
+                    limits,
+                    format!("Upstream quota of {} reached", text.join("; ")),
+                    None,
+                )
+            }
+            // Its count is set from the learner at every turn.
+            None => (
+                vec![Limit {
+                    count: 1,
+                    window_ms: MINUTE_MS,
+                }],
+                String::new(),
+                Some(Learner::default()),
+            ),
+        };
+        Self::with(route, limits, message, learner, stats)
+    }
+
+    fn with(
+        route: &Route,
+        limits: Vec<Limit>,
+        message: String,
+        learner: Option<Learner>,
         stats: Arc<RouteQuotaStats>,
     ) -> Self {
-        let text: Vec<String> = limits.limits().iter().map(|l| describe(*l)).collect();
-        let limits: Vec<Limit> = limits
-            .limits()
-            .iter()
-            .map(|r| Limit {
-                count: r.count,
-                window_ms: ms(r.period).max(1),
-            })
-            .collect();
+        let name = route.name.as_str();
         let fair = limits
             .iter()
             .enumerate()
@@ -163,12 +204,64 @@ impl RouteQuota {
             book,
             limits,
             fair,
-            queue,
-            stale_first,
-            message: format!("Upstream quota of {} reached", text.join("; ")),
+            queue: route.upstream_queue,
+            stale_first: route.upstream_queue_stale,
+            message,
             keys,
             changed: tokio::sync::Notify::new(),
             stats,
+            learner,
+        }
+    }
+
+    /// The refusal's message: `Upstream quota of 15 per minute reached`
+    /// (`… (learned) reached` for a learned one).
+    fn message(&self, now: u64) -> String {
+        match self.learner.as_ref().and_then(|l| l.limit(now)) {
+            Some(n) => format!("Upstream quota of {n} per minute (learned) reached"),
+            None => self.message.clone(),
+        }
+    }
+
+    /// What a call's result teaches a learning route: a success counts, a
+    /// quota signal may set its limit.
+    fn observe(&self, result: &Result<Response<Body>, BoxError>, now: u64) {
+        let Some(learner) = &self.learner else {
+            return;
+        };
+        match UpstreamFailure::of(result) {
+            None if result.is_ok() => learner.success(now),
+            Some(Failure::GeminiRateLimit) => match learner.signal(now) {
+                Signal::Lone => {}
+                Signal::Spent => {
+                    self.stats.learned.store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        route = %self.name,
+                        "upstream quota signals with no call succeeding for a minute: nothing to learn, the circuit breaker counts them"
+                    );
+                }
+                Signal::Engaged(n) => {
+                    // The windows start with the calls of the last minute.
+                    let mut book = self.book();
+                    book.set_count(0, n);
+                    book.seed(&learner.recent(now));
+                    drop(book);
+                    self.stats.learned.store(n, Ordering::Relaxed);
+                    tracing::warn!(
+                        route = %self.name,
+                        "upstream quota signals repeat: the route now holds its calls to a learned limit of {n} per minute"
+                    );
+                }
+                Signal::Relearned(n) => {
+                    self.book().set_count(0, n);
+                    self.stats.learned.store(n, Ordering::Relaxed);
+                    tracing::warn!(
+                        route = %self.name,
+                        "an upstream quota signal under the learned limit: now {n} per minute"
+                    );
+                }
+            },
+            _ => {}
         }
     }
 
@@ -187,18 +280,8 @@ impl QuotaLayer {
             .routes
             .iter()
             .filter_map(|r| {
-                let limits = r.upstream_limit.as_ref()?;
                 let route_stats = stats.route(&r.name)?;
-                Some((
-                    r.name.clone(),
-                    Arc::new(RouteQuota::new(
-                        &r.name,
-                        limits,
-                        r.upstream_queue,
-                        r.upstream_queue_stale,
-                        route_stats,
-                    )),
-                ))
+                Some((r.name.clone(), Arc::new(RouteQuota::new(r, route_stats))))
             })
             .collect();
         Self {
@@ -213,19 +296,22 @@ impl QuotaLayer {
         }
     }
 
-    /// The routes with a quota and their limits (for the metrics' labels):
-    /// `("rag", [("15 per minute", 15)])`.
+    /// Every route and its limits (for the metrics' labels):
+    /// `("rag", [("15 per minute", 15)])`, or `[("learned", 0)]` for a
+    /// route with no `upstream_limit`.
     pub fn routes(cfg: &Config) -> Vec<(&str, Vec<(String, u64)>)> {
         cfg.routes
             .iter()
-            .filter_map(|r| {
-                let limits = r.upstream_limit.as_ref()?;
-                let windows = limits
-                    .limits()
-                    .iter()
-                    .map(|l| (describe(*l), l.count))
-                    .collect();
-                Some((r.name.as_str(), windows))
+            .map(|r| {
+                let windows = match &r.upstream_limit {
+                    Some(limits) => limits
+                        .limits()
+                        .iter()
+                        .map(|l| (describe(*l), l.count))
+                        .collect(),
+                    None => vec![(LEARNED.to_string(), 0)],
+                };
+                (r.name.as_str(), windows)
             })
             .collect()
     }
@@ -261,21 +347,37 @@ fn client_of(ext: &http::Extensions) -> Client {
 impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
     type Response = Response<Body>;
     type Error = BoxError;
-    type Future = futures_util::future::Either<S::Future, BoxResponseFuture>;
+    type Future = futures_util::future::Either<Observed<S::Future>, BoxResponseFuture>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let quota = req
             .extensions()
             .get::<MatchedRoute>()
             .and_then(|r| self.shared.routes.get(&r.name))
             .cloned();
         let Some(quota) = quota else {
-            return futures_util::future::Either::Left(self.inner.call(req));
+            return futures_util::future::Either::Left(Observed {
+                fut: self.inner.call(req),
+                watch: None,
+            });
         };
+        if let Some(learner) = &quota.learner {
+            if learner.limit(self.shared.now_ms()).is_none() {
+                // No limit in force: straight through, counted; a quota
+                // signal on it teaches, unless the route is spent.
+                if !learner.spent() {
+                    req.extensions_mut().insert(QuotaLearning);
+                }
+                return futures_util::future::Either::Left(Observed {
+                    fut: self.inner.call(req),
+                    watch: Some((quota, Arc::clone(&self.shared))),
+                });
+            }
+        }
         let mut inner = take_ready(&mut self.inner);
         let shared = Arc::clone(&self.shared);
         futures_util::future::Either::Right(Box::pin(async move {
@@ -299,6 +401,7 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                     let waited = asked.elapsed();
                     shared.stats.waited(&quota.name, waited.as_secs_f64());
                     let mut out = call_boxed(&mut inner, req).await;
+                    quota.observe(&out, shared.now_ms());
                     if let Ok(resp) = &mut out {
                         resp.extensions_mut().insert(QuotaWait(waited));
                     }
@@ -312,12 +415,45 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                     }
                     tracing::debug!(route = %quota.name, stale = refused.stale, "upstream quota: no call within {max_wait:?} (room in {:?})", refused.room_in);
                     Err(Box::new(UpstreamQuota {
-                        message: quota.message.clone(),
+                        message: quota.message(shared.now_ms()),
                         retry_after: ceil_secs(refused.room_in).max(1),
                     }) as BoxError)
                 }
             }
         }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call that went straight through: on a learning route its result
+    /// is counted (no boxing: most requests take this path).
+    pub struct Observed<F> {
+        #[pin]
+        fut: F,
+        watch: Option<(Arc<RouteQuota>, Arc<Shared>)>,
+    }
+}
+
+impl<F> std::future::Future for Observed<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, BoxError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.fut.poll(cx));
+        if let Some((quota, shared)) = this.watch.take() {
+            quota.observe(&result, shared.now_ms());
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Shared {
+    /// Now, in ms on the layer's clock.
+    fn now_ms(&self) -> u64 {
+        ms(self.start.elapsed())
     }
 }
 
@@ -359,7 +495,7 @@ impl Ticket {
     }
 
     fn now_ms(&self) -> u64 {
-        ms(self.shared.start.elapsed())
+        self.shared.now_ms()
     }
 
     /// Waits for this request's call: `Ok` when it may go.
@@ -421,6 +557,14 @@ impl Ticket {
     /// One turn: the fleet's when Redis answers, else this sidecar's.
     async fn take(&self, max_wait: Duration) -> Turn {
         let q = &self.quota;
+        if let Some(learner) = &q.learner {
+            // A learned limit is this sidecar's own: its windows only.
+            let limit = learner.limit(self.now_ms()).unwrap_or(1);
+            q.stats.learned.store(limit, Ordering::Relaxed);
+            q.stats.set_counts(&[limit]);
+            q.book().set_count(0, limit);
+            return self.take_here(max_wait);
+        }
         if let Some(redis) = &self.shared.redis {
             let limits: Vec<(u64, Duration)> = q
                 .limits
@@ -447,6 +591,12 @@ impl Ticket {
                 };
             }
         }
+        self.take_here(max_wait)
+    }
+
+    /// One turn on this sidecar's windows.
+    fn take_here(&self, max_wait: Duration) -> Turn {
+        let q = &self.quota;
         let now = self.now_ms();
         let mut book = q.book();
         let verdict = book.take(now, self.client, self.seq);
