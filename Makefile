@@ -66,9 +66,11 @@ bench-alloc:
 	bench/alloc.sh
 
 ## The workload benchmark alone (bench/workload.sh): the legacy app's
-## users replayed open-loop against the app alone, nginx proxy_cache, one
-## rag-sidecar and two on Redis; table in target/workload.md, chart in
-## docs/workload.svg.
+## users replayed open-loop at 10 and 2 requests/s against the app alone,
+## nginx proxy_cache, a rag-sidecar with no limit set (learned), one with
+## the limit and two on Redis with it, the RAG answers counted fresh / from
+## before an upload / none beside a greedy reference policy computed from
+## the same schedule; table in target/workload.md, chart in docs/workload.svg.
 bench-workload: release
 	bench/workload.sh
 

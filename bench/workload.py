@@ -1,34 +1,49 @@
 #!/usr/bin/env python3
 """The workload benchmark: what the legacy app's users do, replayed against
-each contender in turn, with the same requests at the same times.
+each contender in turn, with the same requests at the same times, beside
+what an ideal cache could have answered from the same schedule.
 
 The mock app runs with the legacy latencies (search 250 ms, RAG 2 s) and
-Gemini's free-tier quota enforced on RAG answers (15 a minute: beyond it the
-app answers 429 RESOURCE_EXHAUSTED, as Gemini does). Arrivals are open-loop
-at a fixed rate (a request is sent at its time whether or not the earlier
-ones have been answered): searches and RAG questions drawn from a Zipf
-distribution (a few asked often, many once), Vietnamese and English, a
-third of the repeats in NFD form or with stray whitespace; and an upload
-every UPLOAD_EVERY seconds, which changes the corpus (every answer carries
-the app's corpus version).
+Gemini's free-tier quota enforced on RAG answers (15 in any 60 s, a sliding
+window: beyond it the app answers 429 RESOURCE_EXHAUSTED, as Gemini does).
+Arrivals are open-loop at a fixed rate (a request is sent at its time
+whether or not the earlier ones have been answered): RATE requests a second,
+RAG_SHARE of them RAG questions and the rest searches, drawn from a Zipf
+distribution over QUESTIONS questions (Vietnamese and English, a third of
+the repeats in NFD form or with stray whitespace); and an upload every
+UPLOAD_EVERY seconds, which changes the corpus (every answer carries the
+app's corpus version).
 
-Contenders: the app alone; nginx with proxy_cache keyed on the body in
-front of it; rag-sidecar (one replica, RAG_UPSTREAM_LIMIT="15 per minute",
-rate limits off as in bench.sh); two rag-sidecar replicas on one Redis, the
-requests alternating between them.
+Each RAG question's answer is counted as fresh (of the corpus as it was
+when the question was sent), from before an upload (an older corpus
+version), or none (no 200). The reference is a greedy policy computed from
+the same schedule and the app's quota: answer from the cache when it holds
+an answer of the current corpus (or a call for it is under way), call
+whenever the app's window has room, else answer with an older answer if
+one exists, else none. It is what an ideal cache could answer; it never
+waits.
 
-Per contender: p50/p95/p99 latency, the app's calls per endpoint, quota
-errors that reached clients, answers from before an upload (an answer whose
-corpus version is older than the last upload answered before the request
-was sent), refusals (503) and stale answers, and the sidecars' CPU time and
-peak RSS. The table goes to the terminal (and to target/workload.md), the
-chart (latency distributions, the app's calls) to docs/workload.svg.
+Contenders (CONTENDERS, at each rate of RATES): `app` alone; `nginx` with
+proxy_cache keyed on the body; `nolimit`, one rag-sidecar with no upstream
+limit (it learns one from the app's quota errors); `limit`, one rag-sidecar
+with RAG_UPSTREAM_LIMIT="15 per minute"; `limit2`, two such replicas on one
+Redis, the requests alternating between them. Rate limits off, as in
+bench.sh.
 
-Knobs (environment): DURATION (s per contender, 120), SEARCH_RATE (per s,
-2), RAG_RATE (per s, 1), UPLOAD_EVERY (s, 30), BIN (target/release),
-CONTENDERS (app,nginx,sidecar,sidecar2), SVG (docs/workload.svg).
-`bench/workload.py --chart-only` draws the chart again from the last run's
-figures (target/workload.json).
+Per contender: the RAG answers fresh / from before an upload / none beside
+the reference's, the RAG p95 of the 200s, the app's calls, quota errors at
+the app and to clients, circuit 503s, refusals and stale answers, the
+sidecars' CPU time and peak RSS. The table goes to the terminal (and to
+target/workload.md), the chart to docs/workload.svg.
+
+Knobs (environment): QUEUES (the sidecars' rag upstream_queue, one run of
+each sidecar contender per value: `default` is the product's 10s; `make
+bench-workload` runs default,4s), DURATION (s per contender, 90), RATES (10,2), RAG_SHARE
+(0.25), QUESTIONS (200), UPLOAD_EVERY (s, 30), BIN (target/release),
+CONTENDERS (app,nginx,nolimit,limit,limit2 at the first rate; the sidecars
+at the others: CONTENDERS_LOW, nolimit,limit,limit2), SVG
+(docs/workload.svg). `bench/workload.py --chart-only` draws the chart again
+from the last run's figures (target/workload.json).
 """
 
 import http.client
@@ -47,11 +62,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, os.environ.get("BIN", "target/release"))
-DURATION = float(os.environ.get("DURATION", "120"))
-SEARCH_RATE = float(os.environ.get("SEARCH_RATE", "2"))
-RAG_RATE = float(os.environ.get("RAG_RATE", "1"))
+DURATION = float(os.environ.get("DURATION", "90"))
+RATES = [float(r) for r in os.environ.get("RATES", "10,2").split(",")]
+RAG_SHARE = float(os.environ.get("RAG_SHARE", "0.25"))
+QUESTIONS = int(os.environ.get("QUESTIONS", "200"))
 UPLOAD_EVERY = float(os.environ.get("UPLOAD_EVERY", "30"))
-CONTENDERS = os.environ.get("CONTENDERS", "app,nginx,sidecar,sidecar2").split(",")
+CONTENDERS = os.environ.get("CONTENDERS", "app,nginx,nolimit,limit,limit2").split(",")
+CONTENDERS_LOW = os.environ.get("CONTENDERS_LOW", "nolimit,limit,limit2").split(",")
+# The rag route's upstream_queue for the sidecars, one run of each sidecar
+# contender per value ("default": the product's default, 10s).
+QUEUES = os.environ.get("QUEUES", "default").split(",")
+# The app's quota: RAG calls in any window of this many seconds.
+QUOTA, QUOTA_WINDOW, RAG_LATENCY = 15, 60.0, 2.0
 SVG = os.path.join(ROOT, os.environ.get("SVG", "docs/workload.svg"))
 SEED = 20261202
 
@@ -84,23 +106,25 @@ def variant(q, rng):
     return "  " + q.replace(" ", "   ", 1) + " "
 
 
-def schedule():
-    """The requests, the same for every contender: (time, kind, question)."""
+def schedule(rate):
+    """The requests, the same for every contender at one rate:
+    (time, kind, question)."""
     rng = random.Random(SEED)
     qs = questions()
     rng.shuffle(qs)
+    qs = qs[:QUESTIONS]
     w = zipf_weights(len(qs))
     out = []
     seen = set()
-    for kind, rate in (("search", SEARCH_RATE), ("rag", RAG_RATE)):
-        n = int(DURATION * rate)
-        for i in range(n):
-            q = rng.choices(qs, w)[0]
-            repeat = (kind, q) in seen
-            seen.add((kind, q))
-            if repeat and rng.random() < 1 / 3:
-                q = variant(q, rng)
-            out.append((i / rate + rng.random() * 0.01, kind, q))
+    n = int(DURATION * rate)
+    for i in range(n):
+        kind = "rag" if rng.random() < RAG_SHARE else "search"
+        q = rng.choices(qs, w)[0]
+        repeat = (kind, q) in seen
+        seen.add((kind, q))
+        if repeat and rng.random() < 1 / 3:
+            q = variant(q, rng)
+        out.append((i / rate + rng.random() * 0.01, kind, q))
     t = UPLOAD_EVERY
     while t < DURATION:
         out.append((t, "upload", f"doc-{int(t)}.txt"))
@@ -154,19 +178,23 @@ def start_app(ps):
     port = free_port()
     ps.start([os.path.join(BIN, "mock-legacy-app"), "--listen", f"127.0.0.1:{port}",
               "--threads", "2", "--search-latency-ms", "250", "--rag-latency-ms", "2000",
-              "--quota", "15", "--quota-window-ms", "60000"])
+              "--quota", str(QUOTA), "--quota-window-ms", str(int(QUOTA_WINDOW * 1000))])
     wait_port(port)
     return port
 
 
-def start_sidecar(ps, app, redis=None):
+def start_sidecar(ps, app, redis=None, limit=True, queue="default"):
     port = free_port()
     env = {"PATH": os.environ.get("PATH", ""), "LOG_LEVEL": "warn", "NUM_THREADS": "2",
-           "ENABLE_RATE_LIMIT": "False", "RAG_UPSTREAM_LIMIT": "15 per minute"}
+           "ENABLE_RATE_LIMIT": "False"}
+    if limit:
+        env["RAG_UPSTREAM_LIMIT"] = f"{QUOTA} per minute"
     if redis:
         env["REDIS_URL"] = f"redis://127.0.0.1:{redis}/0"
     conf = os.path.join(ps.dir, f"sidecar-{port}.toml")
-    open(conf, "w").close()
+    with open(conf, "w") as f:
+        if queue != "default":
+            f.write(f'[[routes]]\nname = "rag"\nupstream_queue = "{queue}"\n')
     p = ps.start([os.path.join(BIN, "rag-sidecar"), "--config", conf,
                   "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{app}"], env=env)
     wait_port(port)
@@ -264,7 +292,8 @@ def peak_rss_kib(pid):
 
 
 def send(port, item):
-    """One request: (kind, status, latency s, corpus version, x-cache, quota error)."""
+    """One request: (kind, status, latency s, corpus version, x-cache, quota
+    error, circuit open)."""
     _, kind, q = item
     t = time.perf_counter()
     try:
@@ -281,7 +310,7 @@ def send(port, item):
         status, x_cache = r.status, r.getheader("X-Cache") or ""
         c.close()
     except OSError as e:
-        return kind, 0, time.perf_counter() - t, None, str(e), False
+        return kind, 0, time.perf_counter() - t, None, str(e), False, False
     latency = time.perf_counter() - t
     version, quota = None, False
     try:
@@ -293,11 +322,46 @@ def send(port, item):
     text = data[:400].decode("utf-8", "replace")
     if status == 429 or "RESOURCE_EXHAUSTED" in text or "Resource exhausted" in text:
         quota = True
-    return kind, status, latency, version, x_cache, quota
+    circuit = status == 503 and "Circuit breaker OPEN" in text
+    return kind, status, latency, version, x_cache, quota, circuit
 
 
-def run(name, ports, ps, pids, app):
-    plan = schedule()
+def normalize(q):
+    """The question as the cache keys it: NFC, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFC", q).split())
+
+
+def reference(plan):
+    """The greedy reference policy's RAG answers on `plan`: (fresh, from
+    before an upload, none, calls)."""
+    uploads = [t for t, kind, _ in plan if kind == "upload"]
+    calls = []          # when each call to the app left
+    answers = {}        # question -> (corpus version, ready at)
+    fresh = old = none = 0
+    for t, kind, q in plan:
+        if kind != "rag":
+            continue
+        key = normalize(q)
+        version = sum(1 for u in uploads if u < t)
+        have = answers.get(key)
+        if have and have[0] == version:
+            # A hit, or a call for it under way (coalesced): fresh.
+            fresh += 1
+            continue
+        calls = [c for c in calls if c > t - QUOTA_WINDOW]
+        if len(calls) < QUOTA:
+            calls.append(t)
+            answers[key] = (version, t + RAG_LATENCY)
+            fresh += 1
+        elif have and have[1] <= t:
+            old += 1
+        else:
+            none += 1
+    used = sum(1 for t, kind, _ in plan if kind == "rag")
+    return {"fresh": fresh, "old": old, "none": none, "rag": used}
+
+
+def run(name, ports, ps, pids, app, plan):
     records = [None] * len(plan)
     uploads = []  # (time answered, corpus version after it)
     lock = threading.Lock()
@@ -330,6 +394,9 @@ def run(name, ports, ps, pids, app):
     def owed(sent):
         return sum(1 for u in uploads if u < sent)
     old = [r for r in answered if r[4] is not None and r[2] == 200 and r[4] < owed(r[0])]
+    rag = [r for r in answered if r[1] == "rag"]
+    rag_fresh = sum(1 for r in rag if r[2] == 200 and r[4] is not None and r[4] >= owed(r[0]))
+    rag_old = sum(1 for r in rag if r[2] == 200 and r[4] is not None and r[4] < owed(r[0]))
     old_stale = sum(1 for r in old if r[5] == "STALE")
     lat = sorted(r[3] for r in answered if r[2] == 200)
     def pct(p):
@@ -350,6 +417,9 @@ def run(name, ports, ps, pids, app):
         "old_stale": old_stale,
         "rag_p95": (lambda l: l[min(len(l) - 1, int(0.95 * len(l)))] * 1000 if l else float("nan"))(by_kind["rag"]),
         "errors": sum(1 for r in answered if r[2] == 0 or (r[2] >= 500 and r[2] != 503)),
+        "rag": len(rag), "rag_fresh": rag_fresh, "rag_old": rag_old,
+        "rag_none": len(rag) - rag_fresh - rag_old,
+        "circuit_503": sum(1 for r in answered if r[7]),
         "cpu": cpu if pids else None,
         "rss": max(rss) / 1024 if rss else None,
         "latencies": by_kind,
@@ -360,19 +430,24 @@ def run(name, ports, ps, pids, app):
 SHORT = {
     "the app alone": "app alone",
     "nginx proxy_cache": "nginx cache",
-    "rag-sidecar, 1 replica": "sidecar x1",
-    "rag-sidecar, 2 replicas on Redis": "sidecar x2, Redis",
+    "rag-sidecar, no limit set (learned)": "sidecar, learned",
+    "rag-sidecar, 15 per minute": "sidecar, 15/min",
+    "rag-sidecar x2 on Redis, 15 per minute": "sidecar x2, 15/min",
+    "reference": "reference",
 }
+
 
 CONTENDER_NAMES = {
     "app": "the app alone",
     "nginx": "nginx proxy_cache",
-    "sidecar": "rag-sidecar, 1 replica",
-    "sidecar2": "rag-sidecar, 2 replicas on Redis",
+    "nolimit": "rag-sidecar, no limit set (learned)",
+    "limit": "rag-sidecar, 15 per minute",
+    "limit2": "rag-sidecar x2 on Redis, 15 per minute",
 }
 
 
-def contender(which):
+def contender(which, rate, queue="default"):
+    plan = schedule(rate)
     ps = Procs()
     try:
         app = start_app(ps)
@@ -381,36 +456,54 @@ def contender(which):
             ports = [app]
         elif which == "nginx":
             ports = [start_nginx(ps, app)]
-        elif which == "sidecar":
-            port, pid = start_sidecar(ps, app)
+        elif which in ("limit", "nolimit"):
+            port, pid = start_sidecar(ps, app, limit=which == "limit", queue=queue)
             ports, pids = [port], [pid]
         else:
             redis = start_redis(ps)
-            a, pa = start_sidecar(ps, app, redis)
-            b, pb = start_sidecar(ps, app, redis)
+            a, pa = start_sidecar(ps, app, redis, queue=queue)
+            b, pb = start_sidecar(ps, app, redis, queue=queue)
             ports, pids = [a, b], [pa, pb]
-        return run(CONTENDER_NAMES[which], ports, ps, pids, app)
+        r = run(CONTENDER_NAMES[which], ports, ps, pids, app, plan)
+        r["rate"] = rate
+        r["key"] = which
+        if queue != "default":
+            r["queue"] = queue
+        return r
     finally:
         ps.cleanup()
 
 
 def table(results):
+    rates = sorted({r["rate"] for r in results}, reverse=True)
     lines = [
-        f"{DURATION:.0f} s of open-loop arrivals per contender: {SEARCH_RATE:g} searches/s, {RAG_RATE:g} RAG questions/s "
-        f"(Zipf over {len(questions())} questions, a third of the repeats in NFD or with stray whitespace), "
-        f"an upload every {UPLOAD_EVERY:g} s; the app: search 250 ms, RAG 2 s, Gemini quota 15 RAG calls a minute.",
-        "",
-        "| contender | answered 200 | p50 ms | p95 ms | p99 ms | RAG p95 ms | app calls: search | app calls: RAG | quota errors at the app | quota errors to clients | refused (503) | stale answers | answers from before an upload, as fresh | … marked STALE | other errors | sidecar CPU s | sidecar peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{DURATION:.0f} s of open-loop arrivals per contender, {RAG_SHARE:.0%} of them RAG questions and the rest "
+        f"searches (Zipf over {QUESTIONS} questions, a third of the repeats in NFD or with stray whitespace), "
+        f"an upload every {UPLOAD_EVERY:g} s; the app: search 250 ms, RAG 2 s, Gemini quota {QUOTA} RAG calls "
+        f"in any {QUOTA_WINDOW:.0f} s. RAG answers: fresh / from before an upload / none, beside the greedy "
+        f"reference computed from the same schedule.",
     ]
-    for r in results:
-        cpu = f"{r['cpu']:.1f}" if r["cpu"] is not None else "–"
-        rss = f"{r['rss']:.1f}" if r["rss"] is not None else "–"
-        lines.append(
-            f"| {r['name']} | {r['ok']} of {r['requests']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-            f"{r['rag_p95']:.1f} | {r['search_calls']} | {r['rag_calls']} | {r['quota_at_app']} | {r['quota_to_clients']} | "
-            f"{r['refused']} | {r['stale']} | {r['old_fresh']} | {r['old_stale']} | {r['errors']} | {cpu} | {rss} |"
-        )
+    for rate in rates:
+        ref = reference(schedule(rate))
+        lines += [
+            "",
+            f"At {rate:g} requests/s ({ref['rag']} RAG questions):",
+            "",
+            "| contender | RAG fresh | from before an upload | none | fresh / reference | RAG p95 ms (200s) | app calls: RAG | app calls: search | quota errors at the app | quota errors to clients | circuit 503s | refused (503) | stale answers | p50 ms (all) | sidecar CPU s | sidecar peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| reference (greedy, ideal cache) | {ref['fresh']} | {ref['old']} | {ref['none']} | 1.00 | – | – | – | 0 | 0 | 0 | – | – | – | – | – |",
+        ]
+        for r in (r for r in results if r["rate"] == rate):
+            cpu = f"{r['cpu']:.1f}" if r["cpu"] is not None else "–"
+            rss = f"{r['rss']:.1f}" if r["rss"] is not None else "–"
+            share = r["rag_fresh"] / ref["fresh"] if ref["fresh"] else float("nan")
+            name = r["name"] + (f", queue {r['queue']}" if r.get("queue") else "")
+            lines.append(
+                f"| {name} | {r['rag_fresh']} | {r['rag_old']} | {r['rag_none']} | {share:.2f} | "
+                f"{r['rag_p95']:.0f} | {r['rag_calls']} | {r['search_calls']} | {r['quota_at_app']} | "
+                f"{r['quota_to_clients']} | {r['circuit_503']} | {r['refused']} | {r['stale']} | {r['p50']:.1f} | "
+                f"{cpu} | {rss} |"
+            )
     return "\n".join(lines)
 
 
@@ -419,41 +512,34 @@ def chart(results, work):
     if not gnuplot:
         print("gnuplot missing: no chart", file=sys.stderr)
         return
-    files = []
-    for i, r in enumerate(results):
-        lat = sorted(r["latencies"]["search"] + r["latencies"]["rag"])
-        path = os.path.join(work, f"cdf{i}.dat")
+    rates = sorted({r["rate"] for r in results}, reverse=True)
+    panels = []
+    for i, rate in enumerate(rates):
+        ref = reference(schedule(rate))
+        path = os.path.join(work, f"answers{i}.dat")
         with open(path, "w") as f:
-            for j, v in enumerate(lat):
-                f.write(f"{max(v * 1000, 0.05):.3f} {(j + 1) / len(lat):.5f}\n")
-        files.append((path, r["name"]))
-    bars = os.path.join(work, "calls.dat")
-    with open(bars, "w") as f:
-        for r in results:
-            f.write(f"\"{SHORT.get(r['name'], r['name'])}\" {r['search_calls']} {r['rag_calls']} {r['quota_at_app']}\n")
-    plots = ", ".join(f"'{p}' using 1:2 with lines lw 2 title '{n}'" for p, n in files)
+            f.write(f"\"reference\" {ref['fresh']} {ref['old']} {ref['none']}\n")
+            for r in (r for r in results if r["rate"] == rate):
+                label = SHORT.get(r["name"], r["name"]) + (f", q {r['queue']}" if r.get("queue") else "")
+                f.write(f"\"{label}\" {r['rag_fresh']} {r['rag_old']} {r['rag_none']}\n")
+        panels.append(f"""
+set title 'RAG answers at {rate:g} requests/s ({ref['rag']} questions)'
+plot '{path}' using 2:xtic(1) title 'fresh' lc rgb '#2a9d8f', '' using 3 title 'from before an upload' lc rgb '#e9c46a', '' using 4 title 'none' lc rgb '#e76f51'
+""")
     script = f"""
-set terminal svg size 1100,480 dynamic noenhanced font 'sans,11' background '#ffffff'
+set terminal svg size {620 * len(rates) + 40},520 dynamic noenhanced font 'sans,11' background '#ffffff'
 set output '{SVG}'
-set multiplot layout 1,2 title 'Workload: {DURATION:.0f} s per contender, open-loop, Zipf questions, Gemini quota 15/min'
-set title 'Latency of the answered requests (CDF)'
-set logscale x
-set xlabel 'latency, ms (log)'
-set ylabel 'share of requests'
-set key top left
-set grid
-plot {plots}
-unset logscale x
-set title 'Calls that reached the app'
+set multiplot layout 1,{len(rates)} title 'Workload: {DURATION:.0f} s per contender, open-loop, Zipf questions, Gemini quota {QUOTA} in any {QUOTA_WINDOW:.0f} s'
 set style data histograms
-set style histogram clustered gap 1
-set style fill solid 0.8 border -1
-set xtics scale 0
-set ylabel 'calls'
-set xlabel ''
+set style histogram rowstacked
+set style fill solid 0.85 border -1
+set boxwidth 0.7
+set xtics scale 0 rotate by -25
+set ylabel 'RAG questions'
 set key top right
 set yrange [0:*]
-plot '{bars}' using 2:xtic(1) title 'search', '' using 3 title 'RAG', '' using 4 title 'RAG over the quota (429)'
+set grid ytics
+{"".join(panels)}
 unset multiplot
 """
     subprocess.run([gnuplot], input=script.encode(), check=True)
@@ -468,9 +554,14 @@ def main():
             results = json.load(f)
     else:
         results = []
-        for which in CONTENDERS:
-            print(f"running: {CONTENDER_NAMES[which]} ({DURATION:.0f} s)...", file=sys.stderr, flush=True)
-            results.append(contender(which))
+        for i, rate in enumerate(RATES):
+            for queue in QUEUES:
+                for which in CONTENDERS if i == 0 else CONTENDERS_LOW:
+                    if which in ("app", "nginx") and queue != QUEUES[0]:
+                        continue
+                    print(f"running: {CONTENDER_NAMES[which]} at {rate:g}/s, queue {queue} "
+                          f"({DURATION:.0f} s)...", file=sys.stderr, flush=True)
+                    results.append(contender(which, rate, queue))
         os.makedirs(os.path.dirname(saved), exist_ok=True)
         with open(saved, "w") as f:
             json.dump(results, f)

@@ -11,4 +11,4 @@ BIN=${BIN:-target/release}
 nginx_bin >/dev/null
 need gnuplot gnuplot-nox
 need redis-server redis-server
-BIN=$BIN python3 bench/workload.py
+BIN=$BIN QUEUES=${QUEUES:-default,4s} python3 bench/workload.py

@@ -43,7 +43,9 @@ return {1, math.max(0, math.floor((window - (new_tat - now)) / interval)), math.
 /// ARGV: `take` or `leave`, the member, the guard (ms a call counts past its
 /// window), the index of the shortest window (1-based), the request's
 /// longest wait (ms), the number of limits, then each limit's count and
-/// window (ms).
+/// window (ms), then `1` on the request's first turn and `1` when it has a
+/// stale answer at hand (either: on its first turn, a request that will
+/// not wait leaves the queue in the same run).
 /// Returns {verdict, ms, ahead, slots, used…}: verdict 1 go (counted in
 /// every window), 0 every window has room only in `ms`, 2 another waiting
 /// request is due first; the waiting requests due before this one and the
@@ -55,6 +57,7 @@ pub const QUOTA_LUA: &str = r#"
 local mode, member = ARGV[1], ARGV[2]
 local guard, fair, max_wait = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+local first, stale = ARGV[7 + 2 * n] == '1', ARGV[8 + 2 * n] == '1'
 local waitk, alivek, recentk = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 if mode == 'leave' then
   redis.call('ZREM', waitk, member)
@@ -142,8 +145,17 @@ for pos, w in ipairs(queue) do
   if best_rank == nil or before(r, best_rank) then best, best_rank = w, r end
   if mine and w ~= member and before(r, mine) then ahead = ahead + 1 end
 end
-if room > 0 then return {0, room, ahead, slots or 0, unpack(used)} end
-if best ~= member then return {2, 0, ahead, slots or 0, unpack(used)} end
+if room > 0 or best ~= member then
+  -- On its first turn a request that will not wait (a stale answer at
+  -- hand, or those due first take every call in time) leaves the queue
+  -- here, so that no other request counts it as ahead meanwhile.
+  if first and (stale or ahead >= (slots or 0)) then
+    redis.call('ZREM', waitk, member)
+    redis.call('ZREM', alivek, member)
+  end
+  if room > 0 then return {0, room, ahead, slots or 0, unpack(used)} end
+  return {2, 0, ahead, slots or 0, unpack(used)}
+end
 redis.call('ZREM', waitk, member)
 redis.call('ZREM', alivek, member)
 for i = 1, n do
@@ -165,6 +177,28 @@ pub struct QuotaOutcome {
     pub ahead: u64,
     pub slots: u64,
     pub used: Vec<u64>,
+}
+
+/// One request's turn at the fleet's upstream quota.
+#[derive(Debug)]
+pub struct QuotaTurn<'a> {
+    /// The route's keys: one per limit, then the waiting set, its liveness
+    /// and the recent calls.
+    pub keys: &'a [String],
+    /// The request: `<client>|<sidecar>:<seq>`.
+    pub member: &'a str,
+    /// How long past its window a call still counts.
+    pub guard: Duration,
+    /// The index of the shortest window.
+    pub fair: usize,
+    /// The request's longest wait.
+    pub max_wait: Duration,
+    /// Each limit's (count, window).
+    pub limits: &'a [(u64, Duration)],
+    /// The request's first turn.
+    pub first: bool,
+    /// It has a stale answer at hand.
+    pub stale: bool,
 }
 
 /// What the shared limiter said.
@@ -225,28 +259,24 @@ impl RedisStore {
         })
     }
 
-    /// One turn of the fleet's upstream quota ([`QUOTA_LUA`]): `keys` are
-    /// the route's (one per limit, then the waiting set, its liveness and
-    /// the clients' last calls),
-    /// `limits` each limit's (count, window), `fair` the index of the
-    /// shortest window, `max_wait` the request's longest wait.
-    pub async fn quota_take(
-        &self,
-        keys: &[String],
-        member: &str,
-        guard: Duration,
-        fair: usize,
-        max_wait: Duration,
-        limits: &[(u64, Duration)],
-    ) -> Result<QuotaOutcome, RedisError> {
-        self.quota_script("take", keys, member, (guard, fair, max_wait), limits)
-            .await
+    /// One turn of the fleet's upstream quota ([`QUOTA_LUA`]).
+    pub async fn quota_take(&self, turn: &QuotaTurn<'_>) -> Result<QuotaOutcome, RedisError> {
+        let t = turn;
+        self.quota_script(
+            "take",
+            t.keys,
+            t.member,
+            (t.guard, t.fair, t.max_wait),
+            t.limits,
+            (t.first, t.stale),
+        )
+        .await
     }
 
     /// A waiting request gives up its place in the fleet's queue.
     pub async fn quota_leave(&self, keys: &[String], member: &str) -> Result<(), RedisError> {
         let none = (Duration::ZERO, 0, Duration::ZERO);
-        self.quota_script("leave", keys, member, none, &[])
+        self.quota_script("leave", keys, member, none, &[], (false, false))
             .await
             .map(|_| ())
     }
@@ -258,6 +288,7 @@ impl RedisStore {
         member: &str,
         (guard, fair, max_wait): (Duration, usize, Duration),
         limits: &[(u64, Duration)],
+        (first, stale): (bool, bool),
     ) -> Result<QuotaOutcome, RedisError> {
         self.check(RedisOp::Quota)?;
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -276,6 +307,8 @@ impl RedisStore {
             args.push(count.to_string());
             args.push(ms(*window).to_string());
         }
+        args.push(u8::from(first).to_string());
+        args.push(u8::from(stale).to_string());
         let v: Vec<i64> = self
             .bounded(
                 RedisOp::Quota,

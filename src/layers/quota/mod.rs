@@ -67,6 +67,7 @@ use crate::extensions::{
     ClientAddr, ClientId, Deadline, QuotaLearning, QuotaWait, StaleAtHand, UpstreamFailure,
 };
 use crate::metrics::quota::{LEARNED, QuotaStats, RouteQuotaStats};
+use crate::redis::scripts::QuotaTurn;
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Counted, Inner, call_boxed, ceil_secs, take_ready};
@@ -509,7 +510,8 @@ impl Ticket {
         let mut first = true;
         loop {
             let changed = self.quota.changed.notified();
-            let turn = self.take(max_wait).await;
+            let stale = stale_at_hand && self.quota.stale_first;
+            let turn = self.take(max_wait, (first, stale)).await;
             let room_in = match turn.verdict {
                 Verdict::Go => {
                     self.done = true;
@@ -521,7 +523,7 @@ impl Ticket {
             let now = tokio::time::Instant::now();
             if first {
                 first = false;
-                if stale_at_hand && self.quota.stale_first {
+                if stale {
                     return Err(Refused {
                         room_in,
                         stale: true,
@@ -555,7 +557,7 @@ impl Ticket {
     }
 
     /// One turn: the fleet's when Redis answers, else this sidecar's.
-    async fn take(&self, max_wait: Duration) -> Turn {
+    async fn take(&self, max_wait: Duration, first_stale: (bool, bool)) -> Turn {
         let q = &self.quota;
         if let Some(learner) = &q.learner {
             // A learned limit is this sidecar's own: its windows only.
@@ -572,7 +574,16 @@ impl Ticket {
                 .map(|l| (l.count, Duration::from_millis(l.window_ms)))
                 .collect();
             if let Ok(o) = redis
-                .quota_take(&q.keys, &self.member(), GUARD, q.fair, max_wait, &limits)
+                .quota_take(&QuotaTurn {
+                    keys: &q.keys,
+                    member: &self.member(),
+                    guard: GUARD,
+                    fair: q.fair,
+                    max_wait,
+                    limits: &limits,
+                    first: first_stale.0,
+                    stale: first_stale.1,
+                })
                 .await
             {
                 let verdict = match o.verdict {
