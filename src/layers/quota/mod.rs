@@ -375,7 +375,7 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                 }
                 return futures_util::future::Either::Left(Observed {
                     fut: self.inner.call(req),
-                    watch: Some((quota, Arc::clone(&self.shared))),
+                    watch: Some((quota, self.shared.start)),
                 });
             }
         }
@@ -431,7 +431,8 @@ pin_project_lite::pin_project! {
     pub struct Observed<F> {
         #[pin]
         fut: F,
-        watch: Option<(Arc<RouteQuota>, Arc<Shared>)>,
+        // The route, and the layer's clock (its start).
+        watch: Option<(Arc<RouteQuota>, tokio::time::Instant)>,
     }
 }
 
@@ -444,8 +445,8 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.fut.poll(cx));
-        if let Some((quota, shared)) = this.watch.take() {
-            quota.observe(&result, shared.now_ms());
+        if let Some((quota, start)) = this.watch.take() {
+            quota.observe(&result, ms(start.elapsed()));
         }
         Poll::Ready(result)
     }
