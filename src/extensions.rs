@@ -11,6 +11,8 @@
 //! - [`BodySent`]: the route timeout → the breaker's permit.
 //! - [`StaleAtHand`]: the cache → the retry, the upstream quota.
 //! - [`QuotaLearning`]: the upstream quota → the breaker.
+//! - [`Departure`]: the cache → the upstream quota, which marks when the
+//!   call leaves after its wait.
 //! - [`ClientId`] is read by the upstream quota too (its fair queue).
 //! - `MatchedRoute` ([`crate::route`]): the route match → every layer.
 //! - [`Attempt`]: the retry, on each copy it sends → the attempt span.
@@ -30,7 +32,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Extensions, Response};
@@ -146,6 +148,42 @@ pub struct Coalesced;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaLearning;
 
+/// The corpus generation and clear epoch of the cache's namespace as they
+/// were when the request's call left for the upstream. The cache sets them
+/// when it forwards a miss; the upstream quota marks them again when it
+/// gives the call after a wait ([`Departure::mark`]), so that an upload
+/// during the wait does not make the cache throw away (or stamp as old) an
+/// answer the app gave for the corpus as it is now: a call that was paid
+/// for is kept.
+#[derive(Clone)]
+pub struct Departure(
+    pub Arc<dyn Fn() -> (u64, u64) + Send + Sync>,
+    pub Arc<[AtomicU64; 2]>,
+);
+
+impl Departure {
+    /// The generation and epoch now, kept as the call's.
+    pub fn mark(&self) {
+        let (generation, epoch) = (self.0)();
+        self.1[0].store(generation, Ordering::Release);
+        self.1[1].store(epoch, Ordering::Release);
+    }
+
+    /// The generation and epoch the call left under.
+    pub fn read(&self) -> (u64, u64) {
+        (
+            self.1[0].load(Ordering::Acquire),
+            self.1[1].load(Ordering::Acquire),
+        )
+    }
+}
+
+impl std::fmt::Debug for Departure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Departure").field(&self.read()).finish()
+    }
+}
+
 /// How long the request waited for room under its route's upstream quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaWait(pub Duration);
@@ -160,6 +198,7 @@ pub struct Carried {
     route: Option<MatchedRoute>,
     client: Option<ClientAddr>,
     id: Option<ClientId>,
+    departure: Option<Departure>,
 }
 
 impl Carried {
@@ -169,6 +208,7 @@ impl Carried {
             route: ext.get::<MatchedRoute>().cloned(),
             client: ext.get::<ClientAddr>().copied(),
             id: ext.get::<ClientId>().copied(),
+            departure: ext.get::<Departure>().cloned(),
         }
     }
 
@@ -184,6 +224,9 @@ impl Carried {
         }
         if let Some(i) = self.id {
             ext.insert(i);
+        }
+        if let Some(d) = &self.departure {
+            ext.insert(d.clone());
         }
     }
 

@@ -476,3 +476,34 @@ async fn the_circuit_still_opens_when_every_call_fails_with_no_limit_to_learn() 
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_that_waited_through_an_upload_is_kept() {
+    // The question waits its turn; an upload (a corpus change) lands during
+    // the wait. The call leaves after it, so its answer is of the corpus as
+    // it now is: stored and a hit for the next asker, not thrown away as
+    // "changed during the call" (which spent a call of the quota for
+    // nothing).
+    let mock = Mock::start();
+    let sc = Sidecar::start(&mock.url(), &quota_toml("1 per 2 seconds", "5s", "")).await;
+    assert_eq!(ask(sc.url("/api/rag/query"), "first".into()).await.0, 200);
+    let waiting = tokio::spawn(ask(sc.url("/api/rag/query"), "kept".into()));
+    eventually("queued", async || {
+        sc.get_json("/api/metrics").await["gauges"]["upstream_queue.rag"] == 1
+    })
+    .await;
+    let up = client()
+        .post(sc.url("/api/upload?filename=new.txt"))
+        .header("content-type", "application/octet-stream")
+        .body(vec![b'x'; 100])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status(), 200);
+    let kept = waiting.await.unwrap();
+    assert_eq!((kept.0, kept.2.as_str()), (200, "MISS"), "{:?}", kept.3);
+    let again = ask(sc.url("/api/rag/query"), "kept".into()).await;
+    assert_eq!((again.0, again.2.as_str()), (200, "HIT"), "{:?}", again.3);
+    assert_eq!(again.3["corpus_version"], kept.3["corpus_version"]);
+    assert_eq!(mock.stats().await["by_path"]["/api/rag/query"], 2);
+}

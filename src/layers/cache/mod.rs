@@ -35,6 +35,7 @@ pub mod store;
 pub mod stream;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -52,7 +53,7 @@ use crate::body::{self, Body, Buffered, read_bounded};
 use crate::error::{
     ClientTimeout, Decorated, UpstreamQuota, UpstreamTimeout, UpstreamUnavailable, find_cause,
 };
-use crate::extensions::{CacheOutcome, Coalesced, StaleAtHand};
+use crate::extensions::{CacheOutcome, Coalesced, Departure, StaleAtHand};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
@@ -379,7 +380,19 @@ where
         // than keep the client waiting through the retries' backoff.
         parts.extensions.insert(StaleAtHand);
     }
+    // The generation and epoch the call leaves under: as now, and marked
+    // again by the upstream quota when the call is given after a wait, so
+    // that an upload during the wait does not throw the answer away.
+    let departure = {
+        let now = Arc::clone(&ns);
+        Departure(
+            Arc::new(move || (now.generation(), now.epoch())),
+            Arc::new([AtomicU64::new(generation), AtomicU64::new(epoch)]),
+        )
+    };
+    parts.extensions.insert(departure.clone());
     let result = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
+    let (generation, epoch) = departure.read();
     let failed = match &result {
         Err(_) => true,
         Ok(r) => r.status().is_server_error(),

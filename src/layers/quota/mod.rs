@@ -64,7 +64,8 @@ use crate::config::{Config, Rate, Route};
 use crate::error::Failure;
 use crate::error::UpstreamQuota;
 use crate::extensions::{
-    ClientAddr, ClientId, Deadline, QuotaLearning, QuotaWait, StaleAtHand, UpstreamFailure,
+    ClientAddr, ClientId, Deadline, Departure, QuotaLearning, QuotaWait, StaleAtHand,
+    UpstreamFailure,
 };
 use crate::metrics::quota::{LEARNED, QuotaStats, RouteQuotaStats};
 use crate::redis::scripts::QuotaTurn;
@@ -400,6 +401,13 @@ impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {
                 Ok(()) => {
                     drop(waiting);
                     let waited = asked.elapsed();
+                    if !waited.is_zero() {
+                        // The call leaves now: what the cache stamps on
+                        // its answer is the corpus as it is now.
+                        if let Some(d) = req.extensions().get::<Departure>() {
+                            d.mark();
+                        }
+                    }
                     shared.stats.waited(&quota.name, waited.as_secs_f64());
                     let mut out = call_boxed(&mut inner, req).await;
                     quota.observe(&out, shared.now_ms());
