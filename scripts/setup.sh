@@ -34,29 +34,29 @@ PIP_TOOLS=(
 )
 
 missing_apt=()  # packages
+missing_pip=()
 missing_what=() # lines for the message
 
-for row in "${APT_TOOLS[@]}"; do
-  read -r cmd pkg why <<<"$row"
-  if ! command -v "$cmd" >/dev/null 2>&1; then
-    missing_apt+=("$pkg")
-    missing_what+=("$cmd (Debian package $pkg): $why")
-  fi
-done
+# missing ROWS_ARRAY MISSING_ARRAY SOURCE: the rows whose command is absent,
+# their packages added to MISSING_ARRAY and their lines to the message.
+missing() {
+  local -n rows=$1 packages=$2
+  local row cmd pkg why
+  for row in "${rows[@]}"; do
+    read -r cmd pkg why <<<"$row"
+    command -v "$cmd" >/dev/null 2>&1 && continue
+    packages+=("$pkg")
+    missing_what+=("$cmd ($3 package $pkg): $why")
+  done
+}
+missing APT_TOOLS missing_apt Debian
 # tests/app_server.rs makes a virtualenv and pip-installs gunicorn into it.
 venv_ok() { python3 -c 'import venv, ensurepip' >/dev/null 2>&1; }
 if command -v python3 >/dev/null 2>&1 && ! venv_ok; then
   missing_apt+=(python3-venv)
   missing_what+=("python3's venv and ensurepip (Debian package python3-venv): tests/app_server.rs installs gunicorn into a virtualenv")
 fi
-missing_pip=()
-for row in "${PIP_TOOLS[@]}"; do
-  read -r cmd pkg why <<<"$row"
-  if ! command -v "$cmd" >/dev/null 2>&1; then
-    missing_pip+=("$pkg")
-    missing_what+=("$cmd (PyPI package $pkg): $why")
-  fi
-done
+missing PIP_TOOLS missing_pip PyPI
 need_components=()
 if command -v cargo >/dev/null 2>&1; then
   cargo fmt --version >/dev/null 2>&1 || need_components+=(rustfmt)
