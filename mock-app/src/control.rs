@@ -1,6 +1,8 @@
 //! The `/__mock/` endpoints, never faulted and never counted: `fast`, `echo`
 //! (with hop-by-hop headers for the proxy to strip), `stats` and
-//! `stats/reset`, the global fault (`faults`), `sse` and `gate/{name}`.
+//! `stats/reset`, the global fault (`faults`), `sse` (`?events=N&pad=B`),
+//! `blob` (`?bytes=N`, sent in 64 KiB chunks as the reader takes them) and
+//! `gate/{name}`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +22,21 @@ use crate::state::{GlobalFault, State, lock};
 
 /// Upper bound for `/__mock/sse?events=`.
 const MAX_SSE_EVENTS: u64 = 100_000;
+
+/// Upper bounds for `/__mock/sse?pad=` and `/__mock/blob?bytes=`.
+const MAX_SSE_PAD: usize = 64 * 1024;
+const MAX_BLOB_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A numeric query parameter, `default` when absent, capped at `max`.
+fn number(req: &Request<Incoming>, name: &str, default: u64, max: u64) -> Result<u64, String> {
+    match query_param(req, name) {
+        None => Ok(default),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| n.min(max))
+            .map_err(|_| format!("'{name}' must be a non-negative integer")),
+    }
+}
 
 pub(crate) async fn control(req: Request<Incoming>, state: &Arc<State>) -> Resp {
     let method = req.method().clone();
@@ -42,6 +59,7 @@ pub(crate) async fn control(req: Request<Incoming>, state: &Arc<State>) -> Resp 
                     "upload_bytes_total": state.upload_bytes_total.load(Ordering::Relaxed),
                     "quota_errors": state.quota_errors.load(Ordering::Relaxed),
                     "rag_queries": lock(&state.rag_queries).iter().cloned().collect::<Vec<_>>(),
+                    "bytes_sent": state.bytes_sent.load(Ordering::Relaxed),
                 }),
             )
         }
@@ -61,6 +79,7 @@ pub(crate) async fn control(req: Request<Incoming>, state: &Arc<State>) -> Resp 
             static_json(StatusCode::OK, r#"{"cleared":true}"#)
         }
         (&Method::GET, "/__mock/sse") => sse(&req, state),
+        (&Method::GET, "/__mock/blob") => blob(&req, state),
         (&Method::POST, p) if p.starts_with("/__mock/gate/") => {
             let name = percent_decode(&p["/__mock/gate/".len()..]);
             state.open_gate(&name);
@@ -160,18 +179,28 @@ async fn echo(req: Request<Incoming>) -> Resp {
 }
 
 fn sse(req: &Request<Incoming>, state: &Arc<State>) -> Resp {
-    let events = match query_param(req, "events") {
-        None => 3,
-        Some(s) => match s.parse::<u64>() {
-            Ok(n) => n.min(MAX_SSE_EVENTS),
-            Err(_) => return bad_request("'events' must be a non-negative integer"),
-        },
+    let events = match number(req, "events", 3, MAX_SSE_EVENTS) {
+        Ok(n) => n,
+        Err(msg) => return bad_request(msg),
+    };
+    // Each event padded to about `pad` bytes (large streams for the tests
+    // of memory held for slow readers).
+    let pad = match number(req, "pad", 0, MAX_SSE_PAD as u64) {
+        Ok(n) => usize::try_from(n).unwrap_or(MAX_SSE_PAD),
+        Err(msg) => return bad_request(msg),
     };
     let gate = query_param(req, "gate").filter(|g| !g.is_empty());
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let state = Arc::clone(state);
     tokio::spawn(async move {
-        let event = |i: u64| Ok(Bytes::from(format!("data: event {i}\n\n")));
+        let filler = "x".repeat(pad);
+        let event = |i: u64| {
+            let e = Bytes::from(format!("data: event {i}{filler}\n\n"));
+            state
+                .bytes_sent
+                .fetch_add(e.len() as u64, Ordering::Relaxed);
+            Ok(e)
+        };
         if events == 0 || tx.send(event(1)).await.is_err() {
             return;
         }
@@ -194,5 +223,36 @@ fn sse(req: &Request<Incoming>, state: &Arc<State>) -> Resp {
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// `bytes` bytes of `application/octet-stream`, fed in 64 KiB chunks by a
+/// task as the server takes them (no `Content-Length`: chunked), counted in
+/// `bytes_sent`.
+fn blob(req: &Request<Incoming>, state: &Arc<State>) -> Resp {
+    let total = match number(req, "bytes", 0, MAX_BLOB_BYTES) {
+        Ok(n) => n,
+        Err(msg) => return bad_request(msg),
+    };
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        const CHUNK: u64 = 64 * 1024;
+        let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            if tx.send(Ok(chunk.slice(..n as usize))).await.is_err() {
+                return;
+            }
+            state.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            left -= n;
+        }
+    });
+    let mut resp = Response::new(MockBody::Channel(rx));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     resp
 }

@@ -70,6 +70,10 @@ pub(crate) struct State {
     pub(crate) quota_errors: AtomicU64,
     /// The RAG questions in the order they arrived (the last 1000).
     pub(crate) rag_queries: Mutex<std::collections::VecDeque<String>>,
+    /// Bytes of `/__mock/blob` and `/__mock/sse` bodies handed to the
+    /// server so far: it stops growing when the reader (the proxy) stops
+    /// reading.
+    pub(crate) bytes_sent: AtomicU64,
     faults_armed: AtomicBool,
     pub(crate) fault: Mutex<Option<GlobalFault>>,
     gates: Mutex<HashMap<String, Gate>>,
@@ -103,6 +107,7 @@ impl State {
             quota_window: Mutex::new(std::collections::VecDeque::new()),
             quota_errors: AtomicU64::new(0),
             rag_queries: Mutex::new(std::collections::VecDeque::new()),
+            bytes_sent: AtomicU64::new(0),
             faults_armed: AtomicBool::new(false),
             fault: Mutex::new(None),
             gates: Mutex::new(HashMap::new()),
