@@ -46,6 +46,7 @@ fn setup() -> (tokio::runtime::Runtime, Arc<Metrics>) {
         system: Arc::new(Monitor::default()),
         probe: Arc::new(Readiness::new(UpstreamClient::new(&cfg), "/api/health")),
         spool: SpoolBudget::new(cfg.spool_max_bytes),
+        memory: rag_sidecar::memory::MemoryBudget::new(cfg.memory_budget),
         redis_errors: Default::default(),
         quota: rag_sidecar::metrics::quota::QuotaStats::new([]),
         spans: std::sync::Arc::default(),

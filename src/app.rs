@@ -20,6 +20,7 @@ use crate::layers::cache::store::CacheStore;
 use crate::layers::quota::QuotaLayer;
 use crate::layers::rate_limit::RateLimitLayer;
 use crate::layers::{Resilience, Shared, build_stack};
+use crate::memory::MemoryBudget;
 use crate::metrics::quota::QuotaStats;
 use crate::metrics::redis::RedisErrors;
 use crate::metrics::{Metrics, Sources};
@@ -87,7 +88,8 @@ impl App {
             .chain(&cfg.cache.vary_headers)
             .cloned()
             .collect();
-        let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed);
+        let memory = MemoryBudget::new(cfg.memory_budget);
+        let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed, Arc::clone(&memory));
         let quota_stats = QuotaStats::new(QuotaLayer::routes(&cfg));
         let quota = QuotaLayer::new(&cfg, redis.clone(), Arc::clone(&quota_stats));
         let rate_limit = RateLimitLayer::new(&cfg, redis);
@@ -123,6 +125,7 @@ impl App {
                 system: Arc::clone(&monitor),
                 probe: Arc::clone(&readiness) as _,
                 spool: Arc::clone(&spool) as _,
+                memory: Arc::clone(&memory),
                 redis_errors,
                 quota: quota_stats,
                 spans,
@@ -137,6 +140,7 @@ impl App {
             resilience,
             metrics: Arc::clone(&metrics),
             spool,
+            memory,
             tracing,
         };
         // One stack per worker, each over its own upstream pool.

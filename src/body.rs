@@ -103,19 +103,25 @@ pub async fn read_bounded(mut b: Body, limit: u64) -> Result<Buffered, BoxError>
 /// was read followed by the rest, still streaming, or by the error that
 /// broke it off. Unlike [`read_bounded`] nothing is lost and nothing fails
 /// here: the caller only moves the reading earlier.
-pub async fn read_ahead(mut b: Body, limit: u64) -> Body {
+///
+/// `keep` sees each chunk read (and may replace it, e.g. with a copy that
+/// carries a charge); when it says `false` the reading ahead stops there,
+/// and the rest streams as it comes.
+pub async fn read_ahead(mut b: Body, limit: u64, mut keep: impl FnMut(&mut Bytes) -> bool) -> Body {
     let mut frames: Vec<Frame<Bytes>> = Vec::new();
     let mut total = 0u64;
     let tail: Option<Result<Body, BoxError>> = loop {
         match b.frame().await {
             None => break None,
             Some(Err(e)) => break Some(Err(e)),
-            Some(Ok(frame)) => {
-                if let Some(d) = frame.data_ref() {
+            Some(Ok(mut frame)) => {
+                let mut kept = true;
+                if let Some(d) = frame.data_mut() {
                     total += d.len() as u64;
+                    kept = keep(d);
                 }
                 frames.push(frame);
-                if total > limit {
+                if total > limit || !kept {
                     break Some(Ok(b));
                 }
             }
@@ -139,29 +145,51 @@ pub async fn read_ahead(mut b: Body, limit: u64) -> Body {
     }
 }
 
+/// Why a [`Stalling`] body was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Nothing arrived for its pause.
+    Stalled,
+    /// Its whole time, from its first read, was up.
+    Late,
+}
+
 pin_project_lite::pin_project! {
-    /// A body cut with `on_stall()` when no frame arrives for `pause`
-    /// (restarted at every frame). tower-http's `TimeoutBody` does the same
-    /// but does not pass on `is_end_stream` or `size_hint`, so behind it a
-    /// bodiless GET would look like a body of unknown length and be sent to
-    /// the app chunked; this one passes both on, so framing is unchanged.
+    /// A body cut with `on_cut(Cut::Stalled)` when no frame arrives for
+    /// `pause` (restarted at every frame), and with `on_cut(Cut::Late)` when
+    /// it is still arriving `whole` after its first read. One timer serves
+    /// both (armed for whichever comes first). tower-http's `TimeoutBody`
+    /// does the first but does not pass on `is_end_stream` or `size_hint`,
+    /// so behind it a bodiless GET would look like a body of unknown length
+    /// and be sent to the app chunked; this one passes both on, so framing
+    /// is unchanged.
     pub struct Stalling<B, F> {
         #[pin]
         inner: B,
         #[pin]
         sleep: Option<tokio::time::Sleep>,
         pause: std::time::Duration,
-        on_stall: F,
+        whole: std::time::Duration,
+        // When the whole time is up, set at the first read.
+        end: Option<tokio::time::Instant>,
+        on_cut: F,
     }
 }
 
 impl<B, F> Stalling<B, F> {
-    pub fn new(inner: B, pause: std::time::Duration, on_stall: F) -> Self {
+    pub fn new(
+        inner: B,
+        pause: std::time::Duration,
+        whole: std::time::Duration,
+        on_cut: F,
+    ) -> Self {
         Self {
             inner,
             sleep: None,
             pause,
-            on_stall,
+            whole,
+            end: None,
+            on_cut,
         }
     }
 }
@@ -170,6 +198,7 @@ impl<B, F> std::fmt::Debug for Stalling<B, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Stalling")
             .field("pause", &self.pause)
+            .field("whole", &self.whole)
             .finish()
     }
 }
@@ -178,7 +207,7 @@ impl<B, F> http_body::Body for Stalling<B, F>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
-    F: Fn() -> BoxError,
+    F: Fn(Cut) -> BoxError,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -188,16 +217,28 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        let now = || tokio::time::Instant::now();
+        let end = *this.end.get_or_insert_with(|| now() + *this.whole);
         if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
             this.sleep.set(None);
+            // A frame that arrives after the whole time is up is not taken.
+            if frame.is_some() && now() >= end {
+                return std::task::Poll::Ready(Some(Err((this.on_cut)(Cut::Late))));
+            }
             return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if this.sleep.as_ref().as_pin_ref().is_none() {
-            this.sleep.set(Some(tokio::time::sleep(*this.pause)));
+            let at = (now() + *this.pause).min(end);
+            this.sleep.set(Some(tokio::time::sleep_until(at)));
         }
         if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
             if sleep.poll(cx).is_ready() {
-                return std::task::Poll::Ready(Some(Err((this.on_stall)())));
+                let cut = if now() >= end {
+                    Cut::Late
+                } else {
+                    Cut::Stalled
+                };
+                return std::task::Poll::Ready(Some(Err((this.on_cut)(cut))));
             }
         }
         std::task::Poll::Pending

@@ -64,13 +64,21 @@ pub struct ClientTimeout(pub Duration);
 #[error("request body broke off: {0}")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
-/// The client stopped sending its request body: nothing arrived for
-/// `client_body_timeout` between two reads. The client's doing (408), never
-/// the upstream's: a slow client must not hold an app worker, nor count
-/// against a circuit.
+/// The client's request body was cut: nothing arrived for
+/// `client_body_timeout` between two reads, or it was still arriving
+/// `client_body_deadline` after it began, however steadily it dripped. The
+/// client's doing (408), never the upstream's: a slow client must not hold
+/// an app worker, nor the spool, nor count against a circuit.
 #[derive(Debug, thiserror::Error)]
-#[error("request body stalled: nothing received for {}", crate::config::fmt_duration(*.0))]
-pub struct ClientBodyStalled(pub Duration);
+pub enum ClientBodyStalled {
+    #[error("request body stalled: nothing received for {}", crate::config::fmt_duration(*.0))]
+    Pause(Duration),
+    #[error(
+        "request body not complete within client_body_deadline ({})",
+        crate::config::fmt_duration(*.0)
+    )]
+    Deadline(Duration),
+}
 
 /// The request body is larger than allowed.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +92,14 @@ pub struct BodyTooLarge(pub u64);
     "request bodies waiting on disk would exceed spool_max_bytes ({0} bytes); try again shortly"
 )]
 pub struct SpoolFull(pub u64);
+
+/// One client key's request bodies on disk would exceed its share (a
+/// quarter of `spool_max_bytes`): 503 with `Retry-After`, as a full spool.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this client's request bodies waiting on disk would exceed its share of the spool ({0} bytes, a quarter of spool_max_bytes); try again shortly"
+)]
+pub struct SpoolShare(pub u64);
 
 /// A request body could not be written to (or read back from) its
 /// temporary file: the disk is full or failing. 503, as for a full spool.
@@ -212,7 +228,10 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
         || find_cause::<http_body_util::LengthLimitError>(err).is_some()
     {
         ErrorKind::BodyTooLarge
-    } else if find_cause::<SpoolFull>(err).is_some() || find_cause::<SpoolIo>(err).is_some() {
+    } else if find_cause::<SpoolFull>(err).is_some()
+        || find_cause::<SpoolShare>(err).is_some()
+        || find_cause::<SpoolIo>(err).is_some()
+    {
         ErrorKind::SpoolFull
     } else if find_cause::<ClientBodyError>(err).is_some() {
         // Before the upstream kinds: the hyper client error that reports a

@@ -60,6 +60,17 @@ impl ClientId {
     }
 }
 
+/// The client a request counts for: the rate limiter's key (hashed), or the
+/// peer's address when rate limiting is off (0 when neither is known). The
+/// upstream quota's fair shares and the spool's per-client share use it.
+pub fn client_of(ext: &Extensions) -> u64 {
+    match (ext.get::<ClientId>(), ext.get::<ClientAddr>()) {
+        (Some(id), _) => id.0,
+        (None, Some(a)) => ClientId::of(&a.0.ip()).0,
+        (None, None) => 0,
+    }
+}
+
 /// When the route's overall time is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {

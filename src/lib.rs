@@ -30,7 +30,7 @@
 //!                  └ extensions   what layers pass each other on a request
 //!                    └ service    the shared tower plumbing (OnAnswer, …)
 //!                      └ error    every typed error of the request path
-//!                        └ logging · route · config · body
+//!                        └ logging · route · config · body · memory
 //! ```
 //!
 //! Two answers are made before the stack, in [`server`], on purpose: 400 for
@@ -58,6 +58,7 @@ pub mod extensions;
 pub mod health;
 pub mod layers;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod redis;

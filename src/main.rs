@@ -21,6 +21,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read at its start: freed pages go back to the
+/// system within a second (its default keeps them ten), so a burst of
+/// memory held for clients (at most `memory_budget`) does not stay in the
+/// pod's RSS, which is what its memory limit kills on.
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[allow(non_upper_case_globals, reason = "the symbol jemalloc reads")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 40] = b"dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+
 /// Exit status for a bad configuration (BSD `EX_USAGE`, as linkerd does).
 const EXIT_CONFIG: u8 = 64;
 

@@ -24,6 +24,7 @@ const BASE: &[&str] = &[
     "config",
     "route",
     "body",
+    "memory",
 ];
 
 /// Each unit and the units it may use, top of the stack first. `layers::*`
@@ -78,6 +79,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("logging", &["config"]),
     ("route", &["config"]),
     ("body", &[]),
+    ("memory", &[]),
     ("config", &[]),
 ];
 

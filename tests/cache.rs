@@ -214,7 +214,7 @@ async fn fifty_identical_concurrent_misses_make_one_upstream_call() {
 }
 
 #[tokio::test]
-async fn waiters_are_not_left_hanging_when_the_shared_call_fails() {
+async fn waiters_take_turns_when_the_shared_call_fails_and_are_not_left_hanging() {
     let mock = Mock::start();
     let sc = Sidecar::start(
         &mock.url(),
@@ -240,18 +240,26 @@ async fn waiters_are_not_left_hanging_when_the_shared_call_fails() {
             })
         })
         .collect();
+    let mut statuses = Vec::new();
     for t in tasks {
-        // Each gets the app's own answer, not a 504: after the first call
-        // failed, the waiters went upstream together, not one by one
-        // (10 x 500 ms in a row would pass the 3 s route timeout).
-        assert_eq!(t.await.unwrap(), 503);
+        statuses.push(t.await.unwrap().as_u16());
     }
+    // Each gets the app's 503, the open circuit's (five failures open it),
+    // or, once its route timeout is spent waiting its turn, 504: after the
+    // first call failed, one waiter led the next attempt and the others
+    // waited on it (500 ms each), instead of all ten calling the failing
+    // app at once.
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        statuses.iter().all(|s| [503, 504].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(upstream_searches(&mock).await, 10);
+    let calls = upstream_searches(&mock).await;
+    assert!((2..10).contains(&calls), "{calls} calls, {statuses:?}");
 }
 
 #[tokio::test]

@@ -19,18 +19,7 @@ async fn raw(sc: &Sidecar, bytes: &[u8]) -> Option<u16> {
     let mut s = TcpStream::connect(sc.addr).await.unwrap();
     // The peer may close before all is written (that is an answer too).
     let _ = s.write_all(bytes).await;
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
-    let text = String::from_utf8_lossy(&buf);
+    let text = common::read_head(&mut s, Duration::from_secs(5)).await;
     text.strip_prefix("HTTP/1.1 ")
         .and_then(|t| t.get(..3))
         .and_then(|c| c.parse().ok())
@@ -769,12 +758,13 @@ async fn a_slow_reader_that_keeps_reading_is_not_cut() {
 
 /// A spooled upload (upload's default) that the client abandons reaches
 /// the app not at all, and its file and share of the spool are given back;
-/// one larger than what `spool_max_bytes` leaves free is refused with 503,
+/// one larger than the room left (here, the client's quarter of
+/// `spool_max_bytes`) is refused with 503,
 /// Retry-After and the contract's JSON before a byte is read.
 #[tokio::test]
 async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
     let mock = Mock::start();
-    let toml = "spool_max_bytes = 100000\n[rate_limit]\nenabled = false\n";
+    let toml = "spool_max_bytes = 400000\n[rate_limit]\nenabled = false\n";
     let sc = Sidecar::start(&mock.url(), toml).await;
     // Abandoned part way: the app is never called.
     let mut s = TcpStream::connect(sc.addr).await.unwrap();
@@ -783,14 +773,16 @@ async fn spooled_uploads_reach_the_app_whole_or_not_at_all() {
     )
     .await
     .unwrap();
+    // Charged as written: 11 bytes, not the 90 000 declared.
     common::eventually("the upload to be spooled", async || {
-        sc.spooled().await == 90000
+        sc.spooled().await == 11
     })
     .await;
-    // A second one does not fit beside it.
+    // One that declares more than this client's share (a quarter) is
+    // refused before a byte is read.
     let head = raw_answer(
         &sc,
-        b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\nConnection: close\r\n\r\n",
+        b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 99995\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");

@@ -196,6 +196,8 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// The longest pause between two reads of a request body (408).
     pub client_body_timeout: Duration,
+    /// The longest a whole request body may take, from its first read (408).
+    pub client_body_deadline: Duration,
     /// The longest a client may leave an answer unread (its socket full)
     /// before it is disconnected.
     pub send_timeout: Duration,
@@ -205,6 +207,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Answers up to this size are read from the app at once (0: off).
     pub response_buffer: u64,
+    /// Bytes held for clients at once: answers read ahead, stream backlogs.
+    pub memory_budget: u64,
     /// Tokio worker threads (`NUM_THREADS`).
     pub threads: usize,
     /// The cheap upstream request behind `/readyz`.
@@ -249,10 +253,12 @@ impl Config {
             header_read_timeout: Duration::ZERO,
             upstream_idle_timeout: Duration::ZERO,
             client_body_timeout: Duration::ZERO,
+            client_body_deadline: Duration::ZERO,
             send_timeout: Duration::ZERO,
             max_request_body: 0,
             spool_max_bytes: 0,
             response_buffer: 0,
+            memory_budget: 0,
             threads: 0,
             readiness_path: String::new(),
             log: LogConfig::default(),

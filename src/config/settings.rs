@@ -161,6 +161,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         value: field!(client_body_timeout, Dur, Some(nonzero)),
     },
     Setting {
+        key: "client_body_deadline",
+        env: &[],
+        flag: None,
+        default: Str("10m"),
+        secret: false,
+        doc: "Longest a whole request body may take from its first read, however steadily it drips; a body still arriving then gets 408.",
+        value: field!(client_body_deadline, Dur, Some(nonzero)),
+    },
+    Setting {
         key: "send_timeout",
         env: &[],
         flag: None,
@@ -204,6 +213,15 @@ pub(super) const SETTINGS: &[Setting] = &[
         secret: false,
         doc: "Answers up to this many bytes are read from the app at once (never `text/event-stream`), so a slow reader does not hold an app worker; 0 turns it off.",
         value: field!(response_buffer, U64),
+    },
+    Setting {
+        key: "memory_budget",
+        env: &[],
+        flag: None,
+        default: Int(64 * 1024 * 1024),
+        secret: false,
+        doc: "Bytes held for clients at once, over all requests: answers read ahead (`response_buffer`) and the backlog slow readers leave on shared streams. Beyond it an answer streams unbuffered and a stream reader further behind than its share is cut.",
+        value: field!(memory_budget, U64, Some(positive)),
     },
     Setting {
         key: "threads",

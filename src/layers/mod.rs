@@ -96,6 +96,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The bytes of request bodies on disk (`spool_max_bytes`).
     pub spool: Arc<SpoolBudget>,
+    /// The bytes held for clients: answers read ahead, stream backlogs
+    /// (`memory_budget`).
+    pub memory: Arc<crate::memory::MemoryBudget>,
     /// The trace context and, when spans are exported, the tracer.
     pub tracing: Tracing,
 }
@@ -165,7 +168,10 @@ pub fn build_stack(
         // client that reads slowly holds no app worker. Below the cache
         // (which reads what it stores itself), above the deadline: the
         // route's timeout still means the app's answer up to its head.
-        .layer(ResponseBufferLayer::new(cfg.response_buffer))
+        .layer(ResponseBufferLayer::new(
+            cfg.response_buffer,
+            Arc::clone(&shared.memory),
+        ))
         // On `request_buffering` routes the body is spooled to disk and
         // sent on only when complete: the app never waits on a slow
         // client. Below the rate limit and the cache (a refused request or

@@ -122,6 +122,8 @@ pub struct Sources {
     pub system: Arc<Monitor>,
     pub probe: Arc<dyn system::ProbeFigures>,
     pub spool: Arc<dyn requests::SpoolFigures>,
+    /// The bytes held for clients (`memory_budget`).
+    pub memory: Arc<crate::memory::MemoryBudget>,
     /// Redis command failures, which the Redis client records.
     pub redis_errors: Arc<redis::RedisErrors>,
     /// The upstream quota's figures, which the quota layer records.
@@ -156,7 +158,13 @@ impl Metrics {
         let r = Registry::new();
         Arc::new(Self {
             enabled: cfg.metrics_enabled,
-            requests: requests::RequestMetrics::new(&r, route_names, cfg.threads, sources.spool),
+            requests: requests::RequestMetrics::new(
+                &r,
+                route_names,
+                cfg.threads,
+                sources.spool,
+                sources.memory,
+            ),
             cache: cache::CacheMetrics::new(&r, sources.cache, sources.redis_configured),
             redis: redis::RedisMetrics::new(&r, sources.redis_errors),
             quota: quota::QuotaMetrics::new(&r, sources.quota),

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -32,6 +34,7 @@ use super::window::{ErrorRate, Window, summary};
 use super::{load, lock, opts, raise_vec, reg};
 use crate::error::{ErrorKind, Failure};
 use crate::extensions::CacheOutcome;
+use crate::memory::{MemoryBudget, Use};
 
 /// Methods as labels: a bounded set, anything else is `OTHER`.
 pub const METHODS: [&str; 8] = [
@@ -231,6 +234,9 @@ pub struct RequestMetrics {
     own_errors: IntCounterVec,
     spool: Arc<dyn SpoolFigures>,
     spooled: IntGauge,
+    memory: Arc<MemoryBudget>,
+    memory_used: IntGaugeVec,
+    memory_limit: IntGauge,
 }
 
 /// What the request spool (`request_buffering`) reports: the bytes of
@@ -245,6 +251,7 @@ impl RequestMetrics {
         route_names: Arc<[String]>,
         workers: usize,
         spool: Arc<dyn SpoolFigures>,
+        memory: Arc<MemoryBudget>,
     ) -> Self {
         let hist = |name: &str, help: &str| {
             HistogramOpts::from(opts(name, help)).buckets(BUCKETS.to_vec())
@@ -297,6 +304,21 @@ impl RequestMetrics {
                     "Bytes of request bodies spooled to disk now (request_buffering), against spool_max_bytes"
                 )
             ),
+            memory_used: series!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "memory_budget_bytes",
+                    "Bytes held for clients now, against memory_budget: answers read ahead, streams' copies for the cache, stream backlogs"
+                ),
+                &["use"]
+            ),
+            memory_limit: series!(
+                r,
+                IntGauge,
+                opts("memory_budget_limit_bytes", "The memory_budget")
+            ),
+            memory,
             own_errors: series!(
                 r,
                 IntCounterVec,
@@ -388,9 +410,18 @@ impl RequestMetrics {
         }
     }
 
-    /// The legacy gauge of requests in flight.
+    /// The legacy gauges: requests in flight, and the memory held for
+    /// clients against `memory_budget`.
     pub fn legacy_gauges(&self, g: &mut serde_json::Map<String, Value>) {
         g.insert("active_requests".into(), json!(self.active()));
+        let m = &self.memory;
+        for what in Use::ALL {
+            g.insert(
+                format!("memory_budget.{}", what.as_str()),
+                json!(m.used(what)),
+            );
+        }
+        g.insert("memory_budget.limit".into(), json!(m.max()));
     }
 
     /// The legacy timers: `request_duration` and `upstream.<route>`.
@@ -451,6 +482,13 @@ impl RequestMetrics {
         self.active.set(self.active());
         self.spooled
             .set(i64::try_from(self.spool.spooled_bytes()).unwrap_or(i64::MAX));
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for what in Use::ALL {
+            self.memory_used
+                .with_label_values(&[what.as_str()])
+                .set(gauge(self.memory.used(what)));
+        }
+        self.memory_limit.set(gauge(self.memory.max()));
         for (i, k) in OWN_ERRORS.iter().enumerate() {
             raise_vec(
                 &self.own_errors,

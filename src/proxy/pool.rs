@@ -61,6 +61,10 @@ use tokio::time::Instant;
 use crate::BoxError;
 use crate::body::{self, Body};
 
+/// The most one upstream connection buffers (its read buffer: an answer's
+/// head and the body chunks not yet taken).
+const UPSTREAM_BUF_BYTES: usize = 16 * 1024;
+
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -215,7 +219,13 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+        // hyper reads an answer into a buffer that grows to 400 KiB by
+        // default; an answer streamed to a client that does not read holds
+        // that buffer for as long as the client lets it (800 such clients:
+        // 320 MB). 64 KiB bounds it, as the proxy port's own buffers, and
+        // still holds any answer head an app sends.
         let (sender, conn) = http1::Builder::new()
+            .max_buf_size(UPSTREAM_BUF_BYTES)
             .handshake(TokioIo::new(stream))
             .await?;
         // Its own task on this worker: it ends when the app closes the

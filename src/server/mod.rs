@@ -183,6 +183,7 @@ impl Server {
             policy: ConnPolicy {
                 head_timeout: cfg.header_read_timeout,
                 body_timeout: cfg.client_body_timeout,
+                body_deadline: cfg.client_body_deadline,
                 send_timeout: cfg.send_timeout,
                 slots: Some(ConnSlots::new(cfg.max_connections)),
             },
@@ -462,6 +463,7 @@ async fn serve(
         svc,
         peer,
         body_timeout: policy.body_timeout,
+        body_deadline: policy.body_deadline,
         handle: Arc::clone(&handle),
     };
     let io = TokioIo::new(Watched::new(stream, Arc::clone(&handle)));
@@ -571,6 +573,8 @@ struct ConnService {
     peer: SocketAddr,
     /// The longest pause between two reads of a request body.
     body_timeout: Duration,
+    /// The longest a whole request body may take.
+    body_deadline: Duration,
     /// The connection's handle: each request marks it busy until its
     /// answer is written.
     handle: Arc<ConnHandle>,
@@ -678,16 +682,25 @@ impl ConnService {
     /// The request with its body typed and guarded: errors reading the
     /// client's body are typed as the client's, so no layer mistakes them
     /// for the upstream's, and a body that stalls longer than
-    /// `client_body_timeout` between two reads is cut (408): a slow client
-    /// must hold neither an app worker nor, on the sidecar's own endpoints,
-    /// its connection.
+    /// `client_body_timeout` between two reads, or is not complete within
+    /// `client_body_deadline`, is cut (408): a slow client must hold
+    /// neither an app worker, nor the spool, nor, on the sidecar's own
+    /// endpoints, its connection.
     fn guarded(&self, req: Request<Incoming>) -> Request<Body> {
-        let stall = self.body_timeout;
+        let (pause, whole) = (self.body_timeout, self.body_deadline);
         req.map(|b| {
             let typed = http_body_util::BodyExt::map_err(b, ClientBodyError);
-            body::boxed(body::Stalling::new(typed, stall, move || -> BoxError {
-                Box::new(ClientBodyStalled(stall))
-            }))
+            body::boxed(body::Stalling::new(
+                typed,
+                pause,
+                whole,
+                move |cut| -> BoxError {
+                    Box::new(match cut {
+                        body::Cut::Stalled => ClientBodyStalled::Pause(pause),
+                        body::Cut::Late => ClientBodyStalled::Deadline(whole),
+                    })
+                },
+            ))
         })
     }
 }

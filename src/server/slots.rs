@@ -41,6 +41,8 @@ pub(super) struct ConnPolicy {
     pub(super) head_timeout: Duration,
     /// The longest pause between two reads of a request body.
     pub(super) body_timeout: Duration,
+    /// The longest a whole request body may take (`client_body_deadline`).
+    pub(super) body_deadline: Duration,
     /// The longest a write to the client may wait (`send_timeout`).
     pub(super) send_timeout: Duration,
     /// The bound on open connections (the proxy port's; `None` on the

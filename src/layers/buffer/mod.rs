@@ -8,7 +8,12 @@
 //!   and its connection are free whatever pace the client reads at. A
 //!   larger answer streams on after its first `response_buffer` bytes; a
 //!   `text/event-stream` answer is never held back (its events must reach
-//!   the client as they come).
+//!   the client as they come). What is read ahead is charged to the
+//!   process's `memory_budget` ([`crate::memory`]) until it has been
+//!   written to the client; when the budget has no room, the answer
+//!   streams unbuffered (the app's worker then waits on that one client,
+//!   as without buffering), so clients that never read cannot take the
+//!   process's memory.
 //! - [`spool::RequestSpoolLayer`]: on routes with `request_buffering`, the
 //!   request body is written to a temporary file as it arrives and sent to
 //!   the app only once complete, at disk speed.
@@ -26,19 +31,24 @@ use std::task::{Context, Poll};
 use http::{Request, Response, header};
 use http_body::Body as _;
 
+use std::sync::Arc;
+
 use crate::BoxError;
 use crate::body::{Body, read_ahead};
+use crate::memory::{self, MemoryBudget};
 
-/// Reads answers of up to `limit` bytes from the app before passing them on.
-#[derive(Debug, Clone, Copy)]
+/// Reads answers of up to `limit` bytes from the app before passing them
+/// on, while `budget` has room for them.
+#[derive(Debug, Clone)]
 pub struct ResponseBufferLayer {
     limit: u64,
+    budget: Arc<MemoryBudget>,
 }
 
 impl ResponseBufferLayer {
     /// `limit` 0 turns buffering off.
-    pub fn new(limit: u64) -> Self {
-        Self { limit }
+    pub fn new(limit: u64, budget: Arc<MemoryBudget>) -> Self {
+        Self { limit, budget }
     }
 }
 
@@ -49,6 +59,7 @@ impl<S> tower::Layer<S> for ResponseBufferLayer {
         ResponseBuffer {
             inner,
             limit: self.limit,
+            budget: Arc::clone(&self.budget),
         }
     }
 }
@@ -57,6 +68,7 @@ impl<S> tower::Layer<S> for ResponseBufferLayer {
 pub struct ResponseBuffer<S> {
     inner: S,
     limit: u64,
+    budget: Arc<MemoryBudget>,
 }
 
 impl<S> tower::Service<Request<Body>> for ResponseBuffer<S>
@@ -75,6 +87,7 @@ where
         ReadingAhead {
             answer: self.inner.call(req),
             limit: self.limit,
+            budget: Arc::clone(&self.budget),
             reading: None,
         }
     }
@@ -89,6 +102,7 @@ pin_project_lite::pin_project! {
         #[pin]
         answer: F,
         limit: u64,
+        budget: Arc<MemoryBudget>,
         reading: Option<Reading>,
     }
 }
@@ -110,8 +124,18 @@ where
             return Poll::Ready(Ok(resp));
         }
         let (parts, body) = resp.into_parts();
+        let budget = Arc::clone(this.budget);
+        // Each chunk carries its charge until hyper has written it; no room
+        // left: the reading ahead stops and the rest streams.
+        let keep = move |chunk: &mut bytes::Bytes| match budget.try_answer(chunk.len() as u64) {
+            Some(charge) => {
+                *chunk = memory::charged(std::mem::take(chunk), charge);
+                true
+            }
+            None => false,
+        };
         let reading = this.reading.insert(Box::pin(async move {
-            Response::from_parts(parts, read_ahead(body, limit).await)
+            Response::from_parts(parts, read_ahead(body, limit, keep).await)
         }));
         reading.as_mut().poll(cx).map(Ok)
     }

@@ -7,13 +7,19 @@
 //!
 //! Nothing is held whole in memory: the body passes through in its own
 //! chunks. The bytes on disk are bounded over every request and worker by
-//! `spool_max_bytes` ([`SpoolBudget`]): a body that would take more is
-//! refused with 503 and `Retry-After` ([`SpoolFull`]), at once when its
-//! declared length says so. Reading the client's body keeps its own errors
-//! (a body that stalls is cut by `client_body_timeout` with 408, one over
-//! the route's limit is 413), so they are answered as before, and nothing
-//! reaches the app.
+//! `spool_max_bytes` ([`SpoolBudget`]), and one client key (the rate
+//! limiter's, else the peer's address) holds at most a quarter of it. Bytes
+//! are charged as they are written, never as declared: twenty uploads that
+//! declare 50 MiB and send a byte a minute hold twenty bytes, not the
+//! spool. A declared length is only checked against the room left (the
+//! spool's and the client's), so that a body that could never fit is
+//! refused before a byte is read. A body that would take more is refused
+//! with 503 and `Retry-After` ([`SpoolFull`], [`SpoolShare`]). Reading the
+//! client's body keeps its own errors (one that stalls or outlasts
+//! `client_body_deadline` is cut with 408, one over the route's limit is
+//! 413), so they are answered as before, and nothing reaches the app.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -28,16 +34,24 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::BoxError;
 use crate::body::{self, Body};
-use crate::error::{SpoolFull, SpoolIo};
+use crate::error::{SpoolFull, SpoolIo, SpoolShare};
+use crate::extensions::client_of;
 use crate::metrics::requests::SpoolFigures;
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
-/// The bytes spooled at once, over every request and worker.
+/// The bytes spooled at once, over every request and worker, and by client.
 #[derive(Debug)]
+#[allow(
+    clippy::disallowed_types,
+    reason = "held for one charge or refund, never across an await"
+)]
 pub struct SpoolBudget {
+    /// Over all clients (read without the lock, for the metrics).
     used: AtomicU64,
     max: u64,
+    /// By client; a client with nothing on disk has no entry.
+    by_client: std::sync::Mutex<HashMap<u64, u64>>,
 }
 
 impl SpoolBudget {
@@ -45,6 +59,12 @@ impl SpoolBudget {
         Arc::new(Self {
             used: AtomicU64::new(0),
             max,
+            #[allow(
+                clippy::disallowed_types,
+                clippy::disallowed_methods,
+                reason = "see the field"
+            )]
+            by_client: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -53,25 +73,53 @@ impl SpoolBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// One client's share: a quarter of the whole.
+    fn share(&self) -> u64 {
+        self.max / 4
+    }
+
+    #[allow(clippy::disallowed_types, reason = "see the field")]
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        self.by_client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `n` more bytes for `client` would fit now, taking nothing
+    /// (a declared length, checked before a byte is read).
+    fn room(&self, client: u64, n: u64) -> Result<(), BoxError> {
+        let mine = self.clients().get(&client).copied().unwrap_or(0);
+        self.check(mine, n)
+    }
+
+    fn check(&self, mine: u64, n: u64) -> Result<(), BoxError> {
+        if mine.saturating_add(n) > self.share() {
+            return Err(Box::new(SpoolShare(self.share())));
+        }
+        if self.used().saturating_add(n) > self.max {
+            return Err(Box::new(SpoolFull(self.max)));
+        }
+        Ok(())
+    }
+
     /// Takes `n` more bytes for `held`, or refuses without taking any.
-    fn take(&self, held: &mut Held, n: u64) -> Result<(), SpoolFull> {
-        let mut cur = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = cur.saturating_add(n);
-            if next > self.max {
-                return Err(SpoolFull(self.max));
-            }
-            match self
-                .used
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    held.bytes += n;
-                    return Ok(());
-                }
-                Err(now) => cur = now,
+    fn take(&self, held: &mut Held, n: u64) -> Result<(), BoxError> {
+        let mut clients = self.clients();
+        let mine = clients.entry(held.client).or_insert(0);
+        self.check(*mine, n)?;
+        *mine += n;
+        self.used.fetch_add(n, Ordering::AcqRel);
+        held.bytes += n;
+        Ok(())
+    }
+
+    fn give_back(&self, client: u64, n: u64) {
+        let mut clients = self.clients();
+        if let Some(mine) = clients.get_mut(&client) {
+            *mine = mine.saturating_sub(n);
+            if *mine == 0 {
+                clients.remove(&client);
             }
         }
+        self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -86,12 +134,15 @@ impl SpoolFigures for SpoolBudget {
 #[derive(Debug)]
 struct Held {
     budget: Arc<SpoolBudget>,
+    client: u64,
     bytes: u64,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.bytes > 0 {
+            self.budget.give_back(self.client, self.bytes);
+        }
     }
 }
 
@@ -150,7 +201,8 @@ impl<S: Inner> tower::Service<Request<Body>> for RequestSpool<S> {
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let (len, body) = spool(body, budget, declared).await?;
+            let client = client_of(&parts.extensions);
+            let (len, body) = spool(body, budget, client, declared).await?;
             parts
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -164,15 +216,18 @@ impl<S: Inner> tower::Service<Request<Body>> for RequestSpool<S> {
 async fn spool(
     mut body: Body,
     budget: Arc<SpoolBudget>,
+    client: u64,
     declared: Option<u64>,
 ) -> Result<(u64, Body), BoxError> {
     let mut held = Held {
         budget: Arc::clone(&budget),
+        client,
         bytes: 0,
     };
-    // A declared length is known now: refuse before reading a byte.
+    // A declared length that could not fit now is refused before a byte is
+    // read; one that fits takes nothing until its bytes are written.
     if let Some(n) = declared {
-        budget.take(&mut held, n)?;
+        budget.room(client, n)?;
     }
     let file = tokio::task::spawn_blocking(tempfile::tempfile)
         .await
@@ -184,11 +239,9 @@ async fn spool(
         let Ok(data) = frame?.into_data() else {
             continue; // trailers are not forwarded by a spooled request
         };
+        // Charged as written, before the write.
+        budget.take(&mut held, data.len() as u64)?;
         len += data.len() as u64;
-        let more = len.saturating_sub(held.bytes);
-        if more > 0 {
-            budget.take(&mut held, more)?;
-        }
         file.write_all(&data).await.map_err(SpoolIo)?;
     }
     file.flush().await.map_err(SpoolIo)?;

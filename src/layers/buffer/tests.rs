@@ -74,7 +74,8 @@ const PARTS: &[&str] = &["{\"results\": ", "[1, 2, 3]", "}"];
 
 async fn through(limit: u64, content_type: &'static str, declared: Option<u64>) -> (usize, Bytes) {
     let taken = Arc::new(AtomicUsize::new(0));
-    let svc = ResponseBufferLayer::new(limit).layer(app(PARTS, content_type, declared, &taken));
+    let svc = ResponseBufferLayer::new(limit, crate::memory::MemoryBudget::new(u64::MAX))
+        .layer(app(PARTS, content_type, declared, &taken));
     let resp = svc.oneshot(Request::new(body::empty())).await.unwrap();
     // How far the app's body was read before the answer was passed on.
     let before = taken.load(Ordering::SeqCst);
@@ -115,7 +116,7 @@ async fn event_streams_declared_large_answers_and_a_zero_buffer_are_not_held_bac
 #[tokio::test]
 async fn read_ahead_keeps_trailers_errors_and_exact_lengths() {
     // One chunk: a full body of exact length.
-    let b = read_ahead(body::full("whole"), 100).await;
+    let b = read_ahead(body::full("whole"), 100, |_| true).await;
     assert_eq!(b.size_hint().exact(), Some(5));
     assert_eq!(b.collect().await.unwrap().to_bytes(), Bytes::from("whole"));
 
@@ -126,7 +127,7 @@ async fn read_ahead_keeps_trailers_errors_and_exact_lengths() {
         Ok::<_, BoxError>(Frame::data(Bytes::from("a"))),
         Ok(Frame::trailers(trailers)),
     ]);
-    let b = read_ahead(body::boxed(StreamBody::new(frames)), 100).await;
+    let b = read_ahead(body::boxed(StreamBody::new(frames)), 100, |_| true).await;
     let got = b.collect().await.unwrap();
     assert_eq!(
         got.trailers().and_then(|t| t.get("x-checksum")).unwrap(),
@@ -140,13 +141,13 @@ async fn read_ahead_keeps_trailers_errors_and_exact_lengths() {
         Ok::<_, BoxError>(Frame::data(Bytes::from("part"))),
         Err("upstream went away".into()),
     ]);
-    let mut b = read_ahead(body::boxed(StreamBody::new(frames)), 100).await;
+    let mut b = read_ahead(body::boxed(StreamBody::new(frames)), 100, |_| true).await;
     let first = b.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, Bytes::from("part"));
     let err = b.frame().await.unwrap().unwrap_err();
     assert!(err.to_string().contains("went away"));
 
     // Empty stays empty.
-    let b = read_ahead(body::empty(), 100).await;
+    let b = read_ahead(body::empty(), 100, |_| true).await;
     assert!(b.is_end_stream());
 }

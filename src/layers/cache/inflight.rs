@@ -1,7 +1,8 @@
 //! Coalescing inside one sidecar: misses under way by key. The first
 //! identical miss leads (goes upstream); the others wait on its
 //! [`Outcome`]: the stored entry, a stream to follow from its first event,
-//! or word that nothing was shared (each then goes alone, at once).
+//! word that it failed (one waiter then leads the next attempt), or word
+//! that nothing was shared (each then goes alone, at once).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,11 +48,12 @@ impl Inflight {
             return Join::Waiter(rx.clone());
         }
         let (tx, rx) = watch::channel(Outcome::Pending);
-        map.insert(key.to_string(), rx);
+        map.insert(key.to_string(), rx.clone());
         Join::Leader(LeaderGuard {
             inflight: Arc::clone(self),
             key: key.to_string(),
             tx,
+            rx,
         })
     }
 }
@@ -62,11 +64,27 @@ pub(super) struct LeaderGuard {
     inflight: Arc<Inflight>,
     key: String,
     tx: watch::Sender<Outcome>,
+    /// Its own channel, to tell its entry in the map from a later lead's.
+    rx: watch::Receiver<Outcome>,
 }
 
 impl LeaderGuard {
+    /// Ends the lead: the key is no longer under way (a request joining
+    /// from now on leads), then the waiters are told.
     pub(super) fn finish(self, outcome: Outcome) {
+        self.leave();
         self.tx.send_replace(outcome);
+    }
+
+    /// Removes this lead from the map, unless a later one has taken the key.
+    fn leave(&self) {
+        let mut map = self.inflight.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            map.remove(&self.key);
+        }
     }
 
     /// Tells the waiters without ending the lead: the key stays under way
@@ -86,11 +104,7 @@ pub(super) struct StreamHead {
 
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
-        self.inflight
-            .map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        self.leave();
         if matches!(*self.tx.borrow(), Outcome::Pending) {
             self.tx.send_replace(Outcome::NotShared);
         }

@@ -28,6 +28,7 @@
 pub mod directives;
 pub mod entry;
 pub mod fleet;
+mod forward;
 mod inflight;
 pub mod key;
 pub mod policy;
@@ -38,22 +39,19 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, header};
 
 use self::directives::Use;
 use self::entry::Entry;
 use self::fleet::{LeaseGuard, Remote};
-use self::inflight::{Inflight, Join, LeaderGuard, Outcome, StreamHead};
+use self::inflight::{Inflight, Join, LeaderGuard, Outcome};
 use self::policy::{Freshness, RequestMode};
 use self::store::{CacheStore, Counters, Namespace, Standing};
-use self::stream::{End, Tee};
 use crate::BoxError;
 use crate::body::{self, Body, Buffered, read_bounded};
-use crate::error::{
-    ClientTimeout, Decorated, UpstreamQuota, UpstreamTimeout, UpstreamUnavailable, find_cause,
-};
+use crate::error::{ClientTimeout, Decorated, UpstreamTimeout};
 use crate::extensions::{CacheOutcome, Coalesced, Departure, StaleAtHand};
+use crate::memory::MemoryBudget;
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Inner, call_boxed, take_ready};
 
@@ -77,12 +75,18 @@ struct Shared {
     store: Arc<CacheStore>,
     identity: Vec<HeaderName>,
     inflight: Arc<Inflight>,
+    /// What shared streams' backlogs are charged to.
+    memory: Arc<MemoryBudget>,
 }
 
 impl CacheLayer {
     /// `keyed_headers`: the identity headers, then the vary headers, all in
-    /// the key.
-    pub fn new(store: Arc<CacheStore>, keyed_headers: &[String]) -> Self {
+    /// the key. Shared streams' backlogs are charged to `memory`.
+    pub fn new(
+        store: Arc<CacheStore>,
+        keyed_headers: &[String],
+        memory: Arc<MemoryBudget>,
+    ) -> Self {
         let mut identity: Vec<HeaderName> = Vec::new();
         for h in keyed_headers {
             if let Ok(name) = HeaderName::try_from(h.as_str()) {
@@ -96,6 +100,7 @@ impl CacheLayer {
                 store,
                 identity,
                 inflight: Arc::new(Inflight::default()),
+                memory,
             }),
         }
     }
@@ -165,7 +170,7 @@ impl<S: Inner> tower::Service<Request<Body>> for CacheService<S> {
 }
 
 async fn handle<S>(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     mut inner: S,
     req: Request<Body>,
     route: Option<&MatchedRoute>,
@@ -294,75 +299,20 @@ where
     // during the call would change (its answer is then not stored).
     let generation = ns.generation();
     let epoch = ns.epoch();
-    let mut leader = None;
-    let mut lease = None;
+    let (mut leader, mut lease) = (None, None);
     if mode == RequestMode::Normal {
-        match sh.inflight.join(&key) {
-            Join::Leader(guard) => {
-                if let Some(fleet) = sh.store.fleet() {
-                    match fleet.lease(&sh.store, &ns, &key, generation, limit).await {
-                        Remote::Holder(l) => lease = Some(l),
-                        Remote::Served(e) => {
-                            count(counters, |c| &c.coalesced_remote);
-                            guard.finish(Outcome::Stored(Arc::clone(&e)));
-                            return Ok(collapsed(replay(
-                                &e,
-                                CacheOutcome::Miss,
-                                COLLAPSED.into(),
-                                0,
-                            )));
-                        }
-                        Remote::Alone => {}
-                        Remote::TimedOut => {
-                            guard.finish(Outcome::Failed);
-                            if let Some(s) = &stale {
-                                return Ok(serve_stale(sh, &ns, s, "timeout"));
-                            }
-                            return Err(failed_miss(UpstreamTimeout(limit), "miss"));
-                        }
-                    }
-                }
-                leader = Some(guard);
-            }
-            Join::Waiter(mut rx) => {
-                let outcome =
-                    tokio::time::timeout(limit, rx.wait_for(|o| !matches!(o, Outcome::Pending)))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .map(|o| o.clone());
-                match (outcome, &stale) {
-                    (Some(Outcome::Stored(e)), _) => {
-                        count(counters, |c| &c.coalesced);
-                        return Ok(collapsed(replay(
-                            &e,
-                            CacheOutcome::Miss,
-                            COLLAPSED.into(),
-                            0,
-                        )));
-                    }
-                    // A stream under way: followed from its first event.
-                    (Some(Outcome::Streaming(head)), _) => {
-                        if let Some(body) = head.tee.reader() {
-                            count(counters, |c| &c.coalesced);
-                            let mut resp = Response::new(body);
-                            *resp.status_mut() = head.status;
-                            *resp.headers_mut() = head.headers.clone();
-                            mark(&mut resp, CacheOutcome::Miss, COLLAPSED.into(), None);
-                            return Ok(collapsed(resp));
-                        }
-                        // Its first events are gone (too large to keep):
-                        // go upstream alone.
-                    }
-                    // The shared call failed (or never answered) and an old
-                    // answer is at hand: serve it now rather than try again.
-                    (Some(Outcome::Failed) | None, Some(s)) => {
-                        return Ok(serve_stale(sh, &ns, s, "upstream-error"));
-                    }
-                    // It stored nothing: go upstream alone.
-                    _ => {}
-                }
-            }
+        let miss = Miss {
+            sh,
+            ns: &ns,
+            key: &key,
+            generation,
+            limit,
+            stale: stale.as_ref(),
+        };
+        match coalesce(miss).await {
+            Coalescing::Lead(guard, l) => (leader, lease) = (Some(guard), l),
+            Coalescing::Alone => {}
+            Coalescing::Answered(answer) => return answer,
         }
     }
 
@@ -391,139 +341,145 @@ where
         )
     };
     parts.extensions.insert(departure.clone());
-    let result = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body))).await;
-    let (generation, epoch) = departure.read();
-    let failed = match &result {
-        Err(_) => true,
-        Ok(r) => r.status().is_server_error(),
+    let answer = call_boxed(&mut inner, Request::from_parts(parts, body::full(req_body)));
+    let call = forward::Call {
+        sh: Arc::clone(sh),
+        ns,
+        key,
+        stale,
+        leader,
+        lease,
+        fwd,
+        fwd_why,
+        limit,
+        departure,
     };
-    if failed {
-        if let Some(guard) = leader.take() {
-            guard.finish(Outcome::Failed);
-        }
+    call.detached(answer).await
+}
+
+/// A miss about to join the identical ones under way.
+#[derive(Clone, Copy)]
+struct Miss<'a> {
+    sh: &'a Shared,
+    ns: &'a Arc<Namespace>,
+    key: &'a str,
+    /// The corpus generation it is asked under (for the fleet's lease).
+    generation: u64,
+    limit: std::time::Duration,
+    /// An answer at hand if the shared call fails.
+    stale: Option<&'a Stale>,
+}
+
+/// Where an identical miss under way leaves this one.
+enum Coalescing {
+    /// It goes upstream for the others (and, with a lease, for the fleet).
+    Lead(LeaderGuard, Option<LeaseGuard>),
+    /// It goes upstream alone (the shared answer could not be shared).
+    Alone,
+    /// It is answered: shared, stale, or refused.
+    Answered(Result<Response<Body>, BoxError>),
+}
+
+impl Coalescing {
+    /// Answered with the entry another request's call stored.
+    fn shared(e: &Entry) -> Self {
+        let resp = replay(e, CacheOutcome::Miss, COLLAPSED.into(), 0);
+        Self::Answered(Ok(collapsed(resp)))
     }
-    let resp = match (result, &stale) {
-        (Err(e), Some(s)) => {
-            // The upstream quota refused the call (no room, or it leaves
-            // the calls to questions with no answer at hand): `detail=quota`.
-            let why = if find_cause::<UpstreamQuota>(e.as_ref()).is_some() {
-                "quota"
-            } else {
-                "upstream-error"
-            };
-            tracing::debug!("serving stale: {why}: {e}");
-            return Ok(serve_stale(sh, &ns, s, why));
-        }
-        (Err(e), None) => return Err(failed_miss(e, fwd)),
-        (Ok(r), Some(s)) if r.status().is_server_error() => {
-            return Ok(serve_stale(sh, &ns, s, r.status().as_str()));
-        }
-        (Ok(r), _) => r,
-    };
-    let declared = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    if let Err(why) = policy::response_cacheable(
-        resp.status(),
-        resp.headers(),
-        declared,
-        ns.max_body,
-        &sh.identity,
-    ) {
-        let mut resp = resp;
-        mark(
-            &mut resp,
-            CacheOutcome::Miss,
-            format!("rag-sidecar; fwd={fwd}; detail={}", why.as_str()),
-            None,
-        );
-        return Ok(resp);
-    }
-    if policy::is_event_stream(resp.headers()) {
-        let tee = Tee::new(ns.max_body);
-        let to_store = Stream {
-            store: Arc::clone(&sh.store),
-            ns: Arc::clone(&ns),
-            key,
-            generation,
-            epoch,
-            leader,
-            lease,
+}
+
+/// Joins the identical misses under way: the first leads; the others wait
+/// (the route's timeout in all, then 504) for its answer. When the shared
+/// call fails and no stale answer is at hand, one waiter leads the next
+/// attempt and the rest wait on it, instead of each calling on its own.
+async fn coalesce(miss: Miss<'_>) -> Coalescing {
+    let Miss {
+        sh,
+        ns,
+        key,
+        limit,
+        stale,
+        ..
+    } = miss;
+    let counters = (&sh.store.counters, &ns.counters);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut rx = match sh.inflight.join(key) {
+            Join::Leader(guard) => return lead(miss, guard).await,
+            Join::Waiter(rx) => rx,
         };
-        let mut resp = to_store.start(resp, tee, limit);
-        mark(
-            &mut resp,
-            CacheOutcome::Miss,
-            format!("rag-sidecar; fwd={fwd}{fwd_why}; detail=stream"),
-            None,
-        );
-        return Ok(resp);
-    }
-    let (rparts, rbody) = resp.into_parts();
-    let read = tokio::time::timeout(limit, read_bounded(rbody, ns.max_body)).await;
-    let Ok(read) = read else {
-        return Err(failed_miss(UpstreamTimeout(limit), fwd));
-    };
-    let bytes = match read {
-        Ok(Buffered::Whole(b)) => b,
-        Ok(Buffered::Partial(rest)) => {
-            let mut resp = Response::from_parts(rparts, rest);
-            mark(
-                &mut resp,
-                CacheOutcome::Miss,
-                format!("rag-sidecar; fwd={fwd}; detail=too-large"),
-                None,
-            );
-            return Ok(resp);
+        let outcome =
+            tokio::time::timeout_at(deadline, rx.wait_for(|o| !matches!(o, Outcome::Pending)))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|o| o.clone());
+        match (outcome, stale) {
+            (Some(Outcome::Stored(e)), _) => {
+                count(counters, |c| &c.coalesced);
+                return Coalescing::shared(&e);
+            }
+            // A stream under way: followed from its first event.
+            (Some(Outcome::Streaming(head)), _) => {
+                // Its first events are gone (too large to keep): alone.
+                let Some(body) = head.tee.reader() else {
+                    return Coalescing::Alone;
+                };
+                count(counters, |c| &c.coalesced);
+                let mut resp = Response::new(body);
+                *resp.status_mut() = head.status;
+                *resp.headers_mut() = head.headers.clone();
+                mark(&mut resp, CacheOutcome::Miss, COLLAPSED.into(), None);
+                return Coalescing::Answered(Ok(collapsed(resp)));
+            }
+            // The shared call failed (or never answered) and an old answer
+            // is at hand: serve it now rather than try again.
+            (Some(Outcome::Failed) | None, Some(s)) => {
+                return Coalescing::Answered(Ok(serve_stale(sh, ns, s, "upstream-error")));
+            }
+            // It failed: the next attempt is led by whoever joins first.
+            (Some(Outcome::Failed), None) => {}
+            // The route's time is spent waiting: 504, as for the leader.
+            (None, None) => {
+                let late = failed_miss(UpstreamTimeout(limit), "miss");
+                return Coalescing::Answered(Err(late));
+            }
+            // It stored nothing (an answer not to share): upstream alone.
+            _ => return Coalescing::Alone,
         }
-        Err(e) => return Err(failed_miss(UpstreamUnavailable(e), fwd)),
+    }
+}
+
+/// The leader of a miss, which with Redis first takes the fleet's lease:
+/// another sidecar holding it means waiting for that one's entry instead.
+async fn lead(miss: Miss<'_>, guard: LeaderGuard) -> Coalescing {
+    let Miss {
+        sh,
+        ns,
+        key,
+        generation,
+        limit,
+        stale,
+    } = miss;
+    let Some(fleet) = sh.store.fleet() else {
+        return Coalescing::Lead(guard, None);
     };
-    let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
-    // An exact-size copy: the body read from the upstream may be a slice of a
-    // larger connection buffer that the entry would otherwise pin.
-    let entry = Arc::new(
-        Entry::new(
-            rparts.status,
-            policy::stored_headers(&rparts.headers),
-            Bytes::copy_from_slice(&bytes),
-            sh.store.clock.now_ms(),
-            ttl_ms,
-        )
-        .with_generation(generation),
-    );
-    let mut resp = Response::from_parts(rparts, body::full(entry.body.clone()));
-    // A corpus change during the call makes its answer unfit to store.
-    if ns.epoch() != epoch {
-        mark(
-            &mut resp,
-            CacheOutcome::Miss,
-            format!("rag-sidecar; fwd={fwd}; detail=invalidated"),
-            None,
-        );
-        return Ok(resp);
+    match fleet.lease(&sh.store, ns, key, generation, limit).await {
+        Remote::Holder(l) => Coalescing::Lead(guard, Some(l)),
+        Remote::Alone => Coalescing::Lead(guard, None),
+        Remote::Served(e) => {
+            count((&sh.store.counters, &ns.counters), |c| &c.coalesced_remote);
+            guard.finish(Outcome::Stored(Arc::clone(&e)));
+            Coalescing::shared(&e)
+        }
+        Remote::TimedOut => {
+            guard.finish(Outcome::Failed);
+            Coalescing::Answered(match stale {
+                Some(s) => Ok(serve_stale(sh, ns, s, "timeout")),
+                None => Err(failed_miss(UpstreamTimeout(limit), "miss")),
+            })
+        }
     }
-    // Memory first and the waiters released; then Redis (bounded by its timeout).
-    sh.store.put_memory(&ns, key.clone(), Arc::clone(&entry));
-    if let Some(guard) = leader {
-        guard.finish(Outcome::Stored(Arc::clone(&entry)));
-    }
-    let in_redis = sh.store.put_redis(&key, &entry).await;
-    if let Some(lease) = lease {
-        // The waiting sidecars read the entry now.
-        lease.release(in_redis.then_some(entry.generation)).await;
-    }
-    mark(
-        &mut resp,
-        CacheOutcome::Miss,
-        format!(
-            "rag-sidecar; fwd={fwd}{fwd_why}; stored; ttl={}",
-            ns.ttl.as_secs()
-        ),
-        None,
-    );
-    Ok(resp)
 }
 
 /// A miss whose forwarding failed, with no stale answer at hand: the error,
@@ -635,81 +591,5 @@ fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: O
     }
     if let Some(age) = age {
         h.insert(header::AGE, HeaderValue::from(age));
-    }
-}
-
-/// A streamed answer on its way to its clients and, if it ends cleanly
-/// within the limit, to the cache.
-struct Stream {
-    store: Arc<CacheStore>,
-    ns: Arc<Namespace>,
-    key: String,
-    generation: u64,
-    epoch: u64,
-    leader: Option<LeaderGuard>,
-    lease: Option<LeaseGuard>,
-}
-
-impl Stream {
-    /// The leader's answer, reading the stream from the tee; the upstream
-    /// body is read by a task of its own (bounded by `idle` between
-    /// events), which stores the copy when the stream ends cleanly. The
-    /// identical requests waiting here join at once; the lead (and a lease)
-    /// is held until the stream ends.
-    fn start(
-        self,
-        resp: Response<Body>,
-        tee: Arc<Tee>,
-        idle: std::time::Duration,
-    ) -> Response<Body> {
-        let (parts, upstream) = resp.into_parts();
-        let head = Arc::new(StreamHead {
-            status: parts.status,
-            headers: policy::stored_headers(&parts.headers),
-            tee: Arc::clone(&tee),
-        });
-        let body = tee.reader().unwrap_or_else(body::empty);
-        if let Some(l) = &self.leader {
-            l.publish(Outcome::Streaming(Arc::clone(&head)));
-        }
-        tokio::spawn(async move {
-            let end = stream::pump(Arc::clone(&tee), upstream, idle).await;
-            self.finish(end, &head).await;
-        });
-        Response::from_parts(parts, body)
-    }
-
-    async fn finish(self, end: End, head: &StreamHead) {
-        let copy = if end == End::Clean && self.ns.epoch() == self.epoch {
-            head.tee.copy()
-        } else {
-            None
-        };
-        let Some(bytes) = copy else {
-            // Broken, silent, oversized or overtaken by an invalidation:
-            // nothing stored; dropping the lead and the lease lets the
-            // others go upstream.
-            return;
-        };
-        let ttl_ms = u64::try_from(self.ns.ttl.as_millis()).unwrap_or(u64::MAX);
-        let entry = Arc::new(
-            Entry::new(
-                head.status,
-                head.headers.clone(),
-                bytes,
-                self.store.clock.now_ms(),
-                ttl_ms,
-            )
-            .with_generation(self.generation),
-        );
-        self.store
-            .put_memory(&self.ns, self.key.clone(), Arc::clone(&entry));
-        if let Some(l) = self.leader {
-            l.finish(Outcome::Stored(Arc::clone(&entry)));
-        }
-        let in_redis = self.store.put_redis(&self.key, &entry).await;
-        if let Some(l) = self.lease {
-            l.release(in_redis.then_some(self.generation)).await;
-        }
     }
 }

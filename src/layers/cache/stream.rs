@@ -12,8 +12,11 @@
 //! request that joins late start from the first event. Once the stream
 //! outgrows the limit the copy is dropped at once: events every reader has
 //! passed are freed, a request can no longer join, and a reader that falls
-//! more than [`MAX_LAG`] bytes behind the newest event is cut off (its
-//! answer ends in an error) rather than hold the stream's memory.
+//! further behind the newest event than the stream's share of
+//! `memory_budget` ([`MemoryBudget::stream_share`], at most [`MAX_LAG`]) is
+//! cut off (its answer ends in an error) rather than hold the stream's
+//! memory; the stream goes on for the others, and for the cache. What the
+//! buffer holds is charged to the budget (`streams`) as it changes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -26,9 +29,10 @@ use tokio::sync::watch;
 
 use crate::BoxError;
 use crate::body::Body;
+use crate::memory::{Backlog, Charge, MemoryBudget, Use};
 
 /// How far (in bytes) a reader may trail the newest event once the copy is
-/// dropped.
+/// dropped, when the memory budget has room.
 pub const MAX_LAG: usize = 8 * 1024 * 1024;
 
 /// How a stream ended.
@@ -60,9 +64,10 @@ pub struct Tee {
     /// Bumped at every change, for the readers to wait on.
     changed: watch::Sender<u64>,
     max_copy: usize,
+    budget: Arc<MemoryBudget>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// The absolute index of `chunks[0]`.
     base: usize,
@@ -77,16 +82,23 @@ struct State {
     /// Each reader's next absolute index.
     readers: HashMap<u64, usize>,
     next_id: u64,
+    /// `held`, charged to the memory budget (as a copy, then as a backlog).
+    charge: Charge,
+    /// Counted as a stream keeping a backlog once the copy is dropped.
+    backlog: Option<Backlog>,
 }
 
 impl State {
     /// Frees what every reader has passed (only once the copy is dropped),
-    /// cutting off readers that trail by more than `MAX_LAG`.
-    fn trim(&mut self) {
+    /// cutting off readers that trail by more than the stream's share of
+    /// the budget; charges what is left.
+    fn trim(&mut self, budget: &MemoryBudget) {
         if self.copy {
+            self.charge.set(self.held as u64);
             return;
         }
-        while self.held > MAX_LAG {
+        let lag = budget.stream_share(MAX_LAG);
+        while self.held > lag {
             let Some(front) = self.chunks.pop_front() else {
                 break;
             };
@@ -101,11 +113,12 @@ impl State {
             self.held -= front.len();
             self.base += 1;
         }
+        self.charge.set(self.held as u64);
     }
 }
 
 impl Tee {
-    pub fn new(max_copy: u64) -> Arc<Self> {
+    pub fn new(max_copy: u64, budget: Arc<MemoryBudget>) -> Arc<Self> {
         let (changed, _) = watch::channel(0);
         Arc::new(Self {
             #[allow(
@@ -114,11 +127,20 @@ impl Tee {
                 reason = "held to append, read or trim one chunk, never across an await"
             )]
             state: std::sync::Mutex::new(State {
+                base: 0,
+                chunks: VecDeque::new(),
+                held: 0,
+                total: 0,
                 copy: true,
-                ..State::default()
+                end: None,
+                readers: HashMap::new(),
+                next_id: 0,
+                charge: budget.charge(Use::Copies),
+                backlog: None,
             }),
             changed,
             max_copy: usize::try_from(max_copy).unwrap_or(usize::MAX),
+            budget,
         })
     }
 
@@ -140,11 +162,14 @@ impl Tee {
             s.total += chunk.len();
             s.held += chunk.len();
             s.chunks.push_back(chunk);
-            if s.copy && s.total > self.max_copy {
-                // Too large to store: the copy goes, its memory with it.
+            // Too large to store, or the memory budget is spent: the copy
+            // goes, its memory with it (the stream goes on, unstored).
+            if s.copy && (s.total > self.max_copy || self.budget.spent()) {
                 s.copy = false;
+                s.charge.move_to(Use::Streams);
+                s.backlog = Some(self.budget.backlog());
             }
-            s.trim();
+            s.trim(&self.budget);
         }
         self.bump();
     }
@@ -234,7 +259,7 @@ impl Reader {
                 }
                 if let Some(chunk) = s.chunks.get(pos - s.base).cloned() {
                     s.readers.insert(self.id, pos + 1);
-                    s.trim();
+                    s.trim(&self.tee.budget);
                     return Ok(Some(chunk));
                 }
                 match s.end {
@@ -254,7 +279,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         let mut s = self.tee.state();
         s.readers.remove(&self.id);
-        s.trim();
+        s.trim(&self.tee.budget);
     }
 }
 
@@ -304,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn readers_get_every_event_and_the_copy_is_whole() {
-        let tee = Tee::new(1 << 20);
+        let tee = Tee::new(1 << 20, MemoryBudget::new(u64::MAX));
         let a = tee.reader().unwrap();
         for c in chunks(3) {
             tee.push(c);
@@ -320,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_stream_is_no_copy_and_an_error_for_its_readers() {
-        let tee = Tee::new(1 << 20);
+        let tee = Tee::new(1 << 20, MemoryBudget::new(u64::MAX));
         let a = tee.reader().unwrap();
         tee.push(Bytes::from_static(b"data: 0\n\n"));
         tee.finish(End::Failed);
@@ -330,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_stream_drops_its_copy_and_frees_what_was_read() {
-        let tee = Tee::new(25);
+        let tee = Tee::new(25, MemoryBudget::new(u64::MAX));
         let mut a = tee.reader().unwrap();
         for c in chunks(3) {
             tee.push(c); // 9 bytes each: over 25 at the third
@@ -349,7 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_too_far_behind_is_cut_off_and_the_others_go_on() {
-        let tee = Tee::new(0);
+        let tee = Tee::new(0, MemoryBudget::new(u64::MAX));
         let slow = tee.reader().unwrap();
         let mut fast = tee.reader().unwrap();
         let big = Bytes::from(vec![b'x'; 1 << 20]);
@@ -375,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn the_pump_ends_on_silence() {
         tokio::time::pause();
-        let tee = Tee::new(1 << 20);
+        let tee = Tee::new(1 << 20, MemoryBudget::new(u64::MAX));
         let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let body = StreamBody::new(tokio_stream_from(rx)).boxed_unsync();
         let end = pump(Arc::clone(&tee), body, Duration::from_secs(5)).await;

@@ -59,14 +59,11 @@ use std::time::Duration;
 
 use http::{Request, Response};
 
-use self::book::Client;
 use crate::BoxError;
 use crate::body::Body;
 use crate::config::{Config, Rate};
 use crate::error::UpstreamQuota;
-use crate::extensions::{
-    ClientAddr, ClientId, Deadline, Departure, QuotaLearning, QuotaWait, StaleAtHand,
-};
+use crate::extensions::{Deadline, Departure, QuotaLearning, QuotaWait, StaleAtHand, client_of};
 use crate::metrics::quota::{LEARNED, QuotaStats};
 use crate::redis::RedisStore;
 use crate::route::MatchedRoute;
@@ -171,16 +168,6 @@ impl<S> tower::Layer<S> for QuotaLayer {
 pub struct QuotaService<S> {
     inner: S,
     shared: Arc<Shared>,
-}
-
-/// The client a request counts for: the rate limiter's key (hashed), or the
-/// peer's address when rate limiting is off.
-fn client_of(ext: &http::Extensions) -> Client {
-    match (ext.get::<ClientId>(), ext.get::<ClientAddr>()) {
-        (Some(id), _) => id.0,
-        (None, Some(a)) => ClientId::of(&a.0.ip()).0,
-        (None, None) => 0,
-    }
 }
 
 impl<S: Inner> tower::Service<Request<Body>> for QuotaService<S> {

@@ -11,6 +11,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::*;
 use crate::body;
 use crate::config::rate;
+use crate::extensions::ClientId;
 
 #[test]
 fn messages_name_the_limit() {

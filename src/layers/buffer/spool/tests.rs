@@ -13,6 +13,7 @@ use tower::{Layer, Service, ServiceExt};
 use super::*;
 use crate::config::Config;
 use crate::error::{ErrorKind, classify};
+use crate::extensions::ClientId;
 use crate::route::RouteTable;
 
 /// What the app received: the request's `Content-Length` and its body.
@@ -50,8 +51,19 @@ impl tower::Service<Request<Body>> for App {
     }
 }
 
-/// A request to `path`, with a body fed chunk by chunk through the sender.
+/// A request to `path`, with a body fed chunk by chunk through the sender,
+/// from a client of its own.
 fn request(path: &str, declared: Option<u64>) -> (mpsc::Sender<Bytes>, Request<Body>) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    request_from(path, declared, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A request to `path` from `client`.
+fn request_from(
+    path: &str,
+    declared: Option<u64>,
+    client: u64,
+) -> (mpsc::Sender<Bytes>, Request<Body>) {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let stream = tokio_stream_of(rx);
     let mut req = Request::new(body::boxed(StreamBody::new(stream)));
@@ -63,6 +75,7 @@ fn request(path: &str, declared: Option<u64>) -> (mpsc::Sender<Bytes>, Request<B
     let table = RouteTable::new(&Config::default());
     req.extensions_mut()
         .insert(table.matched(&Method::POST, path));
+    req.extensions_mut().insert(ClientId(client));
     (tx, req)
 }
 
@@ -154,23 +167,69 @@ async fn a_declared_length_over_the_budget_is_refused_before_a_byte_is_read() {
 }
 
 #[tokio::test]
-async fn a_chunked_body_that_outgrows_the_budget_is_refused_and_its_share_given_back() {
-    let (budget, svc, mut watch) = spooling(10);
-    // Another request holds part of the budget.
-    let (tx_other, req_other) = request("/api/upload", Some(4));
-    let (other_svc, _other_watch) = spooling_with(&budget);
-    let other = tokio::spawn(other_svc.oneshot(req_other));
+async fn a_chunked_body_that_outgrows_the_budget_is_refused_and_its_bytes_given_back() {
+    // A share of a quarter (10) for each client; four others hold 34.
+    let (budget, svc, mut watch) = spooling(40);
+    let mut holders = Vec::new();
+    for part in ["1234567890", "1234567890", "1234567890", "abcd"] {
+        let (tx, req) = request("/api/upload", None);
+        let (holder, _watch) = spooling_with(&budget);
+        let call = tokio::spawn(holder.oneshot(req));
+        tx.send(Bytes::from(part)).await.unwrap();
+        holders.push((tx, call));
+    }
+    while budget.used() < 34 {
+        tokio::task::yield_now().await;
+    }
     let (tx, req) = request("/api/upload", None);
     let call = tokio::spawn(svc.oneshot(req));
     tx.send(Bytes::from("12345")).await.unwrap();
     tx.send(Bytes::from("6789")).await.unwrap();
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(classify(err.as_ref()), ErrorKind::SpoolFull);
+    assert!(err.to_string().contains("spool_max_bytes"), "{err}");
     assert!(watch.called.try_recv().is_err(), "the app was not called");
-    assert_eq!(budget.used(), 4, "only the other request's share is held");
-    tx_other.send(Bytes::from("abcd")).await.unwrap();
-    drop(tx_other);
-    other.await.unwrap().unwrap();
+    assert_eq!(budget.used(), 34, "only the others' bytes are held");
+    for (tx, call) in holders {
+        drop(tx);
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(budget.used(), 0);
+}
+
+/// Bytes are charged as written: a declared length takes nothing until its
+/// bytes arrive; one client's bytes stop at a quarter of the budget, and
+/// another client's still fit.
+#[tokio::test]
+async fn one_client_holds_at_most_a_quarter_charged_as_written() {
+    let (budget, svc, mut watch) = spooling(400);
+    let (tx, req) = request_from("/api/upload", Some(90), 7);
+    let call = tokio::spawn(svc.oneshot(req));
+    tx.send(Bytes::from(vec![b'a'; 10])).await.unwrap();
+    while budget.used() < 10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(budget.used(), 10, "declared 90, written 10");
+    // The same client, chunked, past its 100: refused as it outgrows it.
+    let (svc2, mut watch2) = spooling_with(&budget);
+    let (tx2, req2) = request_from("/api/upload", None, 7);
+    let second = tokio::spawn(svc2.oneshot(req2));
+    tx2.send(Bytes::from(vec![b'b'; 80])).await.unwrap();
+    tx2.send(Bytes::from(vec![b'b'; 20])).await.unwrap();
+    let err = second.await.unwrap().unwrap_err();
+    assert_eq!(classify(err.as_ref()), ErrorKind::SpoolFull);
+    assert!(err.to_string().contains("quarter"), "{err}");
+    assert!(watch2.called.try_recv().is_err());
+    // Another client fits beside it.
+    let (svc3, _watch3) = spooling_with(&budget);
+    let (tx3, req3) = request_from("/api/upload", Some(100), 8);
+    let third = tokio::spawn(svc3.oneshot(req3));
+    tx3.send(Bytes::from(vec![b'c'; 100])).await.unwrap();
+    drop(tx3);
+    third.await.unwrap().unwrap();
+    drop(tx);
+    call.await.unwrap().unwrap();
+    watch.received.recv().await.unwrap();
     assert_eq!(budget.used(), 0);
 }
 
