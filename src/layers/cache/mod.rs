@@ -437,8 +437,15 @@ async fn coalesce(miss: Miss<'_>) -> Coalescing {
             (Some(Outcome::Failed) | None, Some(s)) => {
                 return Coalescing::Answered(Ok(serve_stale(sh, ns, s, "upstream-error")));
             }
-            // It failed: the next attempt is led by whoever joins first.
-            (Some(Outcome::Failed), None) => {}
+            // It failed: the next attempt is led by whoever joins first,
+            // unless one already led it and stored its answer while this
+            // waiter was not yet scheduled.
+            (Some(Outcome::Failed), None) => {
+                if let Some(e) = ns.current(key) {
+                    count(counters, |c| &c.coalesced);
+                    return Coalescing::shared(&e);
+                }
+            }
             // The route's time is spent waiting: 504, as for the leader.
             (None, None) => {
                 let late = failed_miss(UpstreamTimeout(limit), "miss");

@@ -212,6 +212,12 @@ impl Namespace {
         self.epoch.load(Ordering::Acquire)
     }
 
+    /// The entry in memory under `key`, if it is of the current generation
+    /// (one just stored by another request's call, say).
+    pub(super) fn current(&self, key: &str) -> Option<Arc<Entry>> {
+        self.cache.get(key).filter(|e| self.is_current(e))
+    }
+
     /// The hit path's check: one load and a compare.
     #[inline]
     pub fn is_current(&self, e: &Entry) -> bool {
