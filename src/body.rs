@@ -150,14 +150,14 @@ pub async fn read_ahead(mut b: Body, limit: u64, mut keep: impl FnMut(&mut Bytes
 pub enum Cut {
     /// Nothing arrived for its pause.
     Stalled,
-    /// Its whole time, from its first read, was up.
+    /// Its whole time, from its first wait for a frame, was up.
     Late,
 }
 
 pin_project_lite::pin_project! {
     /// A body cut with `on_cut(Cut::Stalled)` when no frame arrives for
     /// `pause` (restarted at every frame), and with `on_cut(Cut::Late)` when
-    /// it is still arriving `whole` after its first read. One timer serves
+    /// it is still arriving `whole` after it first had to wait for one. One timer serves
     /// both (armed for whichever comes first). tower-http's `TimeoutBody`
     /// does the first but does not pass on `is_end_stream` or `size_hint`,
     /// so behind it a bodiless GET would look like a body of unknown length
@@ -170,7 +170,7 @@ pin_project_lite::pin_project! {
         sleep: Option<tokio::time::Sleep>,
         pause: std::time::Duration,
         whole: std::time::Duration,
-        // When the whole time is up, set at the first read.
+        // When the whole time is up, set at the first wait.
         end: Option<tokio::time::Instant>,
         on_cut: F,
     }
@@ -217,27 +217,25 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        let now = || tokio::time::Instant::now();
-        let end = *this.end.get_or_insert_with(|| now() + *this.whole);
         if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
             this.sleep.set(None);
-            // A frame that arrives after the whole time is up is not taken.
-            if frame.is_some() && now() >= end {
-                return std::task::Poll::Ready(Some(Err((this.on_cut)(Cut::Late))));
-            }
             return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
+        // The clock is read once per wait, to arm the one timer (as a plain
+        // pause timer would); the whole time starts at the first wait.
         if this.sleep.as_ref().as_pin_ref().is_none() {
-            let at = (now() + *this.pause).min(end);
-            this.sleep.set(Some(tokio::time::sleep_until(at)));
+            let now = tokio::time::Instant::now();
+            let end = *this.end.get_or_insert(now + *this.whole);
+            if now >= end {
+                return std::task::Poll::Ready(Some(Err((this.on_cut)(Cut::Late))));
+            }
+            this.sleep
+                .set(Some(tokio::time::sleep_until((now + *this.pause).min(end))));
         }
         if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+            let late = this.end.is_some_and(|end| sleep.deadline() >= end);
             if sleep.poll(cx).is_ready() {
-                let cut = if now() >= end {
-                    Cut::Late
-                } else {
-                    Cut::Stalled
-                };
+                let cut = if late { Cut::Late } else { Cut::Stalled };
                 return std::task::Poll::Ready(Some(Err((this.on_cut)(cut))));
             }
         }
