@@ -309,7 +309,9 @@ where
             limit,
             stale: stale.as_ref(),
         };
-        match coalesce(miss).await {
+        // Boxed, here and for the call below: a miss's futures are large,
+        // and inline they would make every hit's future as large.
+        match Box::pin(coalesce(miss)).await {
             Coalescing::Lead(guard, l) => (leader, lease) = (Some(guard), l),
             Coalescing::Alone => {}
             Coalescing::Answered(answer) => return answer,
@@ -354,7 +356,7 @@ where
         limit,
         departure,
     };
-    call.detached(answer).await
+    Box::pin(call.detached(answer)).await
 }
 
 /// A miss about to join the identical ones under way.
