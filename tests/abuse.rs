@@ -391,3 +391,51 @@ async fn admin_paths_are_matched_as_the_app_reads_paths() {
         "the cache was not cleared"
     );
 }
+
+/// A gauge of `/metrics` (the first series whose line starts with `series`).
+fn gauge(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// An answer read ahead for a client that does not read is charged to
+/// `memory_budget` (`/metrics` and the legacy JSON) until its bytes are
+/// written or dropped: the charge is given back when the client leaves.
+#[tokio::test]
+async fn answers_read_ahead_are_charged_until_written() {
+    let mock = Mock::start();
+    let toml = "response_buffer = 16777216\n[rate_limit]\nenabled = false\n";
+    let sc = Sidecar::start(&mock.url(), toml).await;
+    let answers = "rag_sidecar_memory_budget_bytes{use=\"answers\"}";
+    let mut held = TcpStream::connect(sc.addr).await.unwrap();
+    held.write_all(b"GET /__mock/blob?bytes=16000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // More than the sockets' buffers can take stays charged.
+    common::eventually("the unread answer to be charged", async || {
+        gauge(&sc.get_text("/metrics").await, answers).unwrap_or(0.0) > 4_000_000.0
+    })
+    .await;
+    let text = sc.get_text("/metrics").await;
+    assert_eq!(
+        gauge(&text, "rag_sidecar_memory_budget_limit_bytes"),
+        Some(67_108_864.0)
+    );
+    let legacy = sc.get_json("/api/metrics").await;
+    assert!(
+        legacy["gauges"]["memory_budget.answers"]
+            .as_u64()
+            .unwrap_or(0)
+            > 4_000_000,
+        "{legacy}"
+    );
+    assert_eq!(legacy["gauges"]["memory_budget.limit"], 67_108_864);
+    drop(held);
+    common::eventually("the charge to be given back", async || {
+        gauge(&sc.get_text("/metrics").await, answers) == Some(0.0)
+    })
+    .await;
+}
