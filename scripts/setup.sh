@@ -22,6 +22,7 @@ APT_TOOLS=(
   "kill          procps        the process tests signal the sidecar"
   "redis-server  redis-server  the Redis tests start their own server"
   "redis-cli     redis-tools   the Redis tests drive it"
+  "redis-sentinel redis-sentinel the Sentinel failover tests run three"
   "promtool      prometheus    /metrics and the alert rules are checked with it"
   "python3       python3       kubernetes-validate and gunicorn run on it"
 )

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Mock, Redis, Sidecar, client, eventually};
+use common::{Mock, Redis, Sidecar, client, eventually, x_cache};
 use serde_json::{Value, json};
 
 /// A search under the one name every replica is reached by (a Service's):
@@ -26,13 +26,6 @@ async fn search(sc: &Sidecar, q: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 async fn stats(sc: &Sidecar) -> Value {
@@ -48,10 +41,7 @@ async fn sidecar(mock: &Mock, redis: &Redis) -> Sidecar {
 }
 
 async fn connected(sc: &Sidecar) {
-    eventually("redis_connected", async || {
-        stats(sc).await["redis_connected"] == true
-    })
-    .await;
+    common::until_redis_connected(&format!("http://{}", sc.addr)).await;
 }
 
 #[tokio::test]

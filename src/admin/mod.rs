@@ -244,6 +244,12 @@ async fn readyz(ctx: Ctx) -> Response<Body> {
             &json!({"status": "not_ready", "reason": "shutting down"}),
         );
     }
+    if ctx.state.cache.redis_starting() {
+        return body::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready", "reason": "Redis reachable, the fleet's invalidations not yet subscribed"}),
+        );
+    }
     let probe = r.upstream().await;
     if probe.reachable {
         body::json(

@@ -8,7 +8,10 @@
 //! fred's default is to queue commands forever while Redis is down, which
 //! would stall requests. A failed call is an error for the caller to count
 //! and fall back from; fred reconnects by itself in the background
-//! (constant 500 ms policy) and [`RedisStore::is_connected`] follows it.
+//! (constant 500 ms policy). [`health`] stops requests waiting on a Redis
+//! that keeps timing out, and tracks the subscription that
+//! [`RedisStore::is_connected`] also needs; [`sentinel`] follows a
+//! Sentinel failover at once.
 //!
 //! One client, one connection and one reconnect policy serve the cache's
 //! entries, the invalidation messages and the rate limiter's shared mode.
@@ -22,8 +25,10 @@
 //! multi-key operation says how it stays in one slot).
 
 pub mod fleet;
+pub mod health;
 pub mod pubsub;
 pub mod scripts;
+mod sentinel;
 mod warn;
 
 use std::future::Future;
@@ -74,6 +79,12 @@ pub struct RedisStore {
     /// Failures, counted and logged.
     errors: std::sync::Arc<RedisErrors>,
     warnings: std::sync::Arc<warn::Warnings>,
+    /// The breaker over Redis's answers and the subscription's state.
+    health: std::sync::Arc<health::Health>,
+    /// What the URL names (no credentials), for the log.
+    target: std::sync::Arc<str>,
+    /// Under Sentinel: what follows a failover.
+    follower: Option<std::sync::Arc<sentinel::Follower>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -87,17 +98,20 @@ impl std::fmt::Debug for RedisStore {
 }
 
 /// Logs the connection's changes, not every failed attempt (fred retries
-/// every 500 ms while Redis is down): a warning with the legacy app's words
-/// when it is lost or cannot be made, and a line when it is back.
-fn log_connection_changes(client: &Client) {
+/// every 500 ms while Redis is down): one warning with the legacy app's
+/// words when it is lost or cannot be made, and one line when it is back,
+/// each naming the server (fred names none for a failure to connect: the
+/// URL's target is named then).
+fn log_connection_changes(client: &Client, target: &std::sync::Arc<str>) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     // Up until told otherwise, so that a first failure is reported.
     let up = Arc::new(AtomicBool::new(true));
     let on_error = Arc::clone(&up);
+    let target = Arc::clone(target);
     drop(client.on_error(move |(e, server)| {
         if on_error.swap(false, Ordering::Relaxed) {
-            let server = server.map(|s| s.to_string()).unwrap_or_default();
+            let server = server.map_or_else(|| target.to_string(), |s| s.to_string());
             tracing::warn!(%server, "Redis connection failed, falling back to in-memory cache: {e}");
         } else {
             tracing::debug!("redis: still unreachable: {e}");
@@ -113,6 +127,30 @@ fn log_connection_changes(client: &Client) {
         std::future::ready(Ok(()))
     }));
 }
+
+/// The servers a configuration names, without credentials.
+fn describe(server: &ServerConfig) -> String {
+    let list = |hosts: &[Server]| {
+        hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match server {
+        ServerConfig::Centralized { server } => server.to_string(),
+        ServerConfig::Clustered { hosts, .. } => format!("cluster {}", list(hosts)),
+        ServerConfig::Sentinel {
+            hosts,
+            service_name,
+            ..
+        } => format!("{service_name} via sentinels {}", list(hosts)),
+    }
+}
+
+/// How long a sidecar's readiness waits for Redis at start before it
+/// starts on memory alone (fred's connection timeout is 1 s).
+const START_WAIT: Duration = Duration::from_secs(2);
 
 impl RedisStore {
     /// The client `redis.url` asks for, started, counting its failures in
@@ -138,6 +176,8 @@ impl RedisStore {
         let mut config = Config::from_url(url)?;
         // Reconnect on the first connection too, rather than giving up.
         config.fail_fast = false;
+        let server = config.server.clone();
+        let target: std::sync::Arc<str> = describe(&server).into();
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
@@ -153,11 +193,22 @@ impl RedisStore {
         let subscriber = builder.build_subscriber_client()?;
         // The connection tasks run detached: dropping a JoinHandle does not
         // stop its task.
-        log_connection_changes(&client);
+        log_connection_changes(&client, &target);
         drop(client.connect());
         drop(subscriber.connect());
         drop(subscriber.manage_subscriptions());
-        Ok(Self {
+        let health = std::sync::Arc::new(health::Health::default());
+        let first = client.clone();
+        let settle = std::sync::Arc::clone(&health);
+        tokio::spawn(async move {
+            if !matches!(
+                tokio::time::timeout(START_WAIT, first.wait_for_connect()).await,
+                Ok(Ok(()))
+            ) {
+                settle.settle();
+            }
+        });
+        let mut store = Self {
             client,
             subscriber,
             prefix: prefix.to_string(),
@@ -168,11 +219,50 @@ impl RedisStore {
             fleet: std::sync::Arc::new(fleet::FleetScripts::new()),
             errors,
             warnings: std::sync::Arc::new(warn::Warnings::default()),
-        })
+            health,
+            target,
+            follower: None,
+        };
+        if let ServerConfig::Sentinel {
+            hosts,
+            service_name,
+            username,
+            password,
+        } = server
+        {
+            store.follower = Some(sentinel::follow(
+                &store,
+                hosts,
+                service_name,
+                (username, password),
+            ));
+        }
+        Ok(store)
     }
 
+    /// `redis_connected`: commands are answered in time and the fleet's
+    /// invalidations can be heard (PRODUCT.md "Cache").
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected()
+        self.is_usable() && self.subscriber.is_connected() && self.health.is_subscribed()
+    }
+
+    /// Commands may be sent: connected, and not bypassed as slow.
+    pub fn is_usable(&self) -> bool {
+        self.client.is_connected() && !self.health.is_bypassed()
+    }
+
+    /// Readiness waits for this at start: the first subscription made, or
+    /// Redis unreachable at start (the sidecar then starts on memory).
+    pub fn is_settled(&self) -> bool {
+        self.health.is_settled()
+    }
+
+    /// The server the commands go to (`host:port`), if connected.
+    pub fn server(&self) -> Option<String> {
+        self.client
+            .active_connections()
+            .first()
+            .map(ToString::to_string)
     }
 
     pub(crate) fn opts(&self) -> Options {
@@ -184,10 +274,11 @@ impl RedisStore {
         }
     }
 
-    /// `Err(Disconnected)`, counted, while the client is not connected:
-    /// nothing is sent (fred would queue it until Redis is back).
+    /// `Err(Disconnected)`, counted, while the client is not connected or
+    /// Redis is bypassed as slow: nothing is sent (fred would queue it until
+    /// Redis is back) and nothing is waited for.
     pub(crate) fn check(&self, op: RedisOp) -> Result<(), RedisError> {
-        if self.is_connected() {
+        if self.is_usable() {
             Ok(())
         } else {
             self.errors.record(op, RedisErrorKind::Disconnected);
@@ -207,6 +298,44 @@ impl RedisStore {
         if kind != RedisErrorKind::Disconnected {
             self.warnings.failed(op, e);
         }
+        if kind == RedisErrorKind::Timeout && self.health.timed_out() {
+            self.check_until_in_time();
+        }
+        if let RedisError::Command(e) = e {
+            if e.details().starts_with("READONLY") {
+                // A demoted primary: under Sentinel, ask again who leads.
+                sentinel::on_readonly(self);
+            }
+        }
+    }
+
+    /// Redis stopped answering in time: requests stop waiting for it, and
+    /// one `PING` every [`health::CHECK_EVERY`] looks for an answer in time.
+    fn check_until_in_time(&self) {
+        tracing::warn!(
+            server = %self.target,
+            "Redis is slow: {} commands in a row took over {:?}; requests stop waiting for it (memory cache, per-sidecar limits) until it answers in time again",
+            health::TRIP_AFTER,
+            self.timeout
+        );
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(health::CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !this.client.is_connected() {
+                    continue;
+                }
+                let c = this.client.with_options(&this.opts());
+                let ping = tokio::time::timeout(this.timeout, c.ping::<String>(None)).await;
+                if matches!(ping, Ok(Ok(_))) {
+                    this.health.recovered();
+                    tracing::info!(server = %this.server().unwrap_or_default(), "Redis answers in time again: requests use it again");
+                    return;
+                }
+            }
+        });
     }
 
     /// Bounds a call of `op` by the timeout even if fred's own does not
@@ -224,11 +353,16 @@ impl RedisStore {
         let limit = self.timeout;
         Box::pin(async move {
             let r = match tokio::time::timeout(limit + Duration::from_millis(5), fut).await {
+                // fred's own timeout (the same limit) fires first.
+                Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Timeout => {
+                    Err(RedisError::Timeout(limit))
+                }
                 Ok(r) => r.map_err(RedisError::from),
                 Err(_) => Err(RedisError::Timeout(limit)),
             };
-            if let Err(e) = &r {
-                self.failed(op, e);
+            match &r {
+                Err(e) => self.failed(op, e),
+                Ok(_) => self.health.answered(),
             }
             r
         })

@@ -62,19 +62,48 @@ impl RedisStore {
     }
 
     /// Calls `on_event` for every message of the fleet's channels from
-    /// another sidecar and after every (re)connection of either client.
-    /// Subscribes as soon as Redis is reachable; fred re-subscribes after a
-    /// reconnect.
+    /// another sidecar, after every (re)connection of either client, and
+    /// when a Redis bypassed as slow answers in time again. Subscribes as
+    /// soon as Redis is reachable and again after every reconnection of the
+    /// subscriber; only then does the sidecar report Redis as connected
+    /// ([`RedisStore::is_connected`]).
     pub fn listen(&self, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
         let on_event = Arc::new(on_event);
         let sub = self.subscriber.clone();
         let channels = vec![self.channel(), self.stored_channel()];
+        let mut resubscribe = self.subscriber.reconnect_rx();
+        let mut lost = self.subscriber.error_rx();
+        // The subscription is live once a probe published on the channel
+        // comes back: fred's SUBSCRIBE is seen to succeed where Redis
+        // refused it (an ACL without the channel), and only a message heard
+        // proves that the fleet's will be.
+        let heard = Arc::new(tokio::sync::Notify::new());
+        let probe = json!({"origin": self.origin, "probe": true}).to_string();
+        let this = self.clone();
+        let probe_sent = probe.clone();
+        let heard_probe = Arc::clone(&heard);
         tokio::spawn(async move {
             loop {
-                if sub.is_connected() && sub.subscribe(channels.clone()).await.is_ok() {
-                    break;
+                while !this
+                    .subscribe_live(&sub, &channels, &probe_sent, &heard_probe)
+                    .await
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                this.health.set_subscribed(true);
+                tokio::select! {
+                    r = resubscribe.recv() => {
+                        if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                    r = lost.recv() => {
+                        if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                }
+                this.health.set_subscribed(false);
             }
         });
         for rx in [self.client.reconnect_rx(), self.subscriber.reconnect_rx()] {
@@ -90,6 +119,13 @@ impl RedisStore {
                 }
             });
         }
+        let mut usable = self.health.usable_again();
+        let again = Arc::clone(&on_event);
+        tokio::spawn(async move {
+            while usable.changed().await.is_ok() {
+                again(FleetEvent::Reconnected);
+            }
+        });
         let mut rx = self.subscriber.message_rx();
         let origin = self.origin.clone();
         let stored = self.stored_channel();
@@ -100,7 +136,9 @@ impl RedisStore {
                         let Some(text) = msg.value.as_string() else {
                             continue;
                         };
-                        if *msg.channel == *stored {
+                        if text == probe {
+                            heard.notify_waiters();
+                        } else if *msg.channel == *stored {
                             on_event(FleetEvent::LeaseEnded(text));
                         } else if let Some(e) = parse_invalidation(&text, &origin) {
                             on_event(e);
@@ -117,11 +155,45 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Subscribes `sub` to `channels` and publishes `probe` on the first:
+    /// `true` once it comes back (within a second).
+    async fn subscribe_live(
+        &self,
+        sub: &fred::clients::SubscriberClient,
+        channels: &[String],
+        probe: &str,
+        heard: &tokio::sync::Notify,
+    ) -> bool {
+        if !sub.is_connected() || sub.subscribe(channels.to_vec()).await.is_err() {
+            return false;
+        }
+        let back = heard.notified();
+        tokio::pin!(back);
+        back.as_mut().enable();
+        if self.check(RedisOp::Publish).is_err() {
+            return false;
+        }
+        let c = self.client.with_options(&self.opts());
+        let sent = self
+            .bounded(
+                RedisOp::Publish,
+                c.publish::<i64, _, _>(channels[0].clone(), probe.to_string()),
+            )
+            .await;
+        sent.is_ok() && tokio::time::timeout(PROBE_WAIT, back).await.is_ok()
+    }
+}
+
+/// How long a subscription probe may take to come back.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
 /// An invalidation message of another sidecar (`None`: this one's own, or
 /// not one).
 fn parse_invalidation(text: &str, origin: &str) -> Option<FleetEvent> {
     let v = serde_json::from_str::<serde_json::Value>(text).ok()?;
-    if v["origin"].as_str() == Some(origin) {
+    // Its own, and any sidecar's subscription probe, say nothing.
+    if v["origin"].as_str() == Some(origin) || v["probe"] == true {
         return None;
     }
     let patterns = v["patterns"]
@@ -176,5 +248,9 @@ mod tests {
             })
         );
         assert_eq!(parse_invalidation("not json", "b"), None);
+        assert_eq!(
+            parse_invalidation(r#"{"origin":"a","probe":true}"#, "b"),
+            None
+        );
     }
 }

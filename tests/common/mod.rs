@@ -380,6 +380,23 @@ pub async fn get_text_at(url: String) -> String {
     resp.text().await.unwrap()
 }
 
+/// The `X-Cache` header of an answer (empty without one).
+pub fn x_cache(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// Waits until the sidecar at `base` (`http://host:port`) reports
+/// `redis_connected`.
+pub async fn until_redis_connected(base: &str) {
+    eventually("redis_connected", async || {
+        get_json_at(format!("{base}/api/cache/stats")).await["redis_connected"] == true
+    })
+    .await;
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
@@ -597,6 +614,14 @@ impl Redis {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The server's process (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("redis-server running")
     }
 
     /// Kills the server (SIGKILL: a crash, not a clean shutdown).

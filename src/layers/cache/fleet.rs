@@ -349,7 +349,7 @@ async fn poll_generations(store: Weak<CacheStore>, shared: Weak<FleetShared>) {
         let (Some(store), Some(shared)) = (store.upgrade(), shared.upgrade()) else {
             return;
         };
-        if shared.redis.is_connected() {
+        if shared.redis.is_usable() {
             sync_once(&store, &shared.redis).await;
         }
         let poll = shared.poll;

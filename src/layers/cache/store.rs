@@ -634,6 +634,12 @@ impl CacheStore {
         self.redis.as_ref().is_some_and(RedisStore::is_connected)
     }
 
+    /// Readiness waits while this holds: Redis is configured, was reachable
+    /// at start, and the fleet's invalidations cannot be heard yet.
+    pub fn redis_starting(&self) -> bool {
+        self.redis.as_ref().is_some_and(|r| !r.is_settled())
+    }
+
     /// Every namespace (for the metrics).
     pub fn namespaces(&self) -> impl Iterator<Item = &Arc<Namespace>> {
         self.namespaces.values()
@@ -656,6 +662,10 @@ impl CacheStore {
         );
         m.insert("memory_items".into(), json!(self.memory_items()));
         m.insert("redis_connected".into(), json!(connected));
+        if let Some(server) = self.redis.as_ref().and_then(RedisStore::server) {
+            // Where the commands go now (the primary, under Sentinel).
+            m.insert("redis_server".into(), json!(server));
+        }
         let mut names: Vec<_> = self.namespaces.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         let per: serde_json::Map<String, Value> = names
