@@ -92,7 +92,7 @@ impl App {
         let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed, Arc::clone(&memory));
         let quota_stats = QuotaStats::new(QuotaLayer::routes(&cfg));
         let quota = QuotaLayer::new(&cfg, redis.clone(), Arc::clone(&quota_stats));
-        let rate_limit = RateLimitLayer::new(&cfg, redis);
+        let rate_limit = RateLimitLayer::new(&cfg, redis.clone());
         let sweeper = rate_limit.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -111,6 +111,9 @@ impl App {
             .start(std::env::current_dir().unwrap_or_else(|_| ".".into()))
             .await;
         let resilience = Resilience::new(&cfg);
+        if let Some(redis) = redis {
+            resilience.circuits.follow_fleet(redis);
+        }
         let spool = SpoolBudget::new(cfg.spool_max_bytes);
         let spans = Arc::default();
         let (tracing, exporting) = Tracing::start(&cfg.tracing, Arc::clone(&spans))?;

@@ -537,3 +537,139 @@ async fn the_connection_is_logged_once_each_way_naming_the_server() {
     );
     assert!(!log.contains("s3cret"), "the password logged: {log}");
 }
+
+async fn upstream_circuit(base: &str) -> Value {
+    common::get_json_at(format!("{base}/api/circuit-breakers")).await["upstream"].clone()
+}
+
+/// Waits until the `upstream` circuit of every sidecar is in `state`;
+/// returns how long that took.
+async fn every_circuit(bases: &[String], state: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    for base in bases {
+        while upstream_circuit(base).await["state"] != state {
+            assert!(
+                start.elapsed() < within,
+                "{base}: circuit not {state} within {within:?}: {}",
+                upstream_circuit(base).await
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    start.elapsed()
+}
+
+async fn search_failing(base: &str, q: &str, status: Option<u16>) -> reqwest::Response {
+    let mut r = client()
+        .post(format!("{base}/api/search"))
+        .json(&json!({"query": q, "top_k": 1}));
+    if let Some(s) = status {
+        r = r.header("X-Mock-Status", s.to_string());
+    }
+    r.send().await.unwrap()
+}
+
+async fn app_calls(mock: &Mock) -> u64 {
+    mock.stats().await["requests"].as_u64().unwrap()
+}
+
+/// PRODUCT.md: with Redis, a circuit is one for the fleet. Opened on one
+/// sidecar, it is open on the other two within 1 s; in HALF-OPEN nine
+/// concurrent requests over the three make one call to the app; its result
+/// closes the circuit everywhere, and a failed probe re-opens it
+/// everywhere. Before issue 34 each sidecar learned the app's failures on
+/// its own (22 quota rejections at the app with two replicas against 12).
+async fn circuits_are_one_for_the_fleet(url: &str) {
+    let mock = Mock::start_with(&["--search-latency-ms", "0", "--rag-latency-ms", "0"]);
+    let toml = format!(
+        "[redis]\nurl = \"{url}\"\n[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
+         [circuit_breaker]\nthreshold = 3\ntimeout = \"2s\"\n"
+    );
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(Sidecar::start(&mock.url(), &toml).await);
+    }
+    let bases: Vec<String> = fleet.iter().map(|s| format!("http://{}", s.addr)).collect();
+    for b in &bases {
+        until_redis_connected(b).await;
+    }
+
+    for i in 0..3 {
+        let r = search_failing(&bases[0], &format!("failing {i}"), Some(503)).await;
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(upstream_circuit(&bases[0]).await["state"], "open");
+    let took = every_circuit(&bases[1..], "open", Duration::from_secs(1)).await;
+    eprintln!("open on the other sidecars after {took:?}");
+    let calls = app_calls(&mock).await;
+    let r = search_failing(&bases[1], "fine now", None).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["circuit"], "upstream");
+    assert_eq!(app_calls(&mock).await, calls, "open: the app is not called");
+
+    // HALF-OPEN everywhere; the app slow, so that every request comes
+    // while the probe is out.
+    every_circuit(&bases, "half_open", Duration::from_secs(5)).await;
+    let slow = client()
+        .post(format!("{}/__mock/faults", mock.url()))
+        .json(&json!({"delay_ms": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    let asks = (0..9).map(|i| {
+        let base = bases[i % 3].clone();
+        async move {
+            search_failing(&base, &format!("probe {i}"), None)
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(asks).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "one probe for the fleet: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(app_calls(&mock).await, calls + 1, "one call to the app");
+    let took = every_circuit(&bases, "closed", Duration::from_secs(1)).await;
+    eprintln!("closed everywhere {took:?} after the probe's answer");
+    let r = client()
+        .delete(format!("{}/__mock/faults", mock.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Opened again on the third; a failed probe re-opens it everywhere.
+    for i in 0..3 {
+        search_failing(&bases[2], &format!("again {i}"), Some(503)).await;
+    }
+    every_circuit(&bases, "open", Duration::from_secs(1)).await;
+    every_circuit(&bases, "half_open", Duration::from_secs(5)).await;
+    let r = search_failing(&bases[0], "probe fails", Some(503)).await;
+    assert_eq!(r.status(), 503);
+    let took = every_circuit(&bases, "open", Duration::from_secs(1)).await;
+    eprintln!("re-opened everywhere {took:?} after the failed probe");
+    for b in &bases {
+        assert_eq!(upstream_circuit(b).await["time_until_retry"], 2);
+    }
+}
+
+#[tokio::test]
+async fn circuits_are_one_for_the_fleet_on_one_redis() {
+    let redis = Redis::start();
+    circuits_are_one_for_the_fleet(&redis.url()).await;
+}
+
+#[tokio::test]
+async fn circuits_are_one_for_the_fleet_on_a_redis_cluster() {
+    let cluster = common::RedisCluster::start(3);
+    circuits_are_one_for_the_fleet(&cluster.url()).await;
+}

@@ -31,10 +31,12 @@ pub enum RedisOp {
     Generations,
     /// Take, renew or release a lease.
     Lease,
+    /// Write or read the fleet's state of a circuit.
+    Circuit,
 }
 
 impl RedisOp {
-    pub const ALL: [RedisOp; 9] = [
+    pub const ALL: [RedisOp; 10] = [
         Self::Get,
         Self::Set,
         Self::Clear,
@@ -44,6 +46,7 @@ impl RedisOp {
         Self::Secret,
         Self::Generations,
         Self::Lease,
+        Self::Circuit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl RedisOp {
             Self::Secret => "secret",
             Self::Generations => "generations",
             Self::Lease => "lease",
+            Self::Circuit => "circuit",
         }
     }
 

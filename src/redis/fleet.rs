@@ -169,7 +169,7 @@ fn pairs(v: &[i64]) -> Vec<Generation> {
 impl RedisStore {
     /// Runs one of the fleet's scripts on `key` (under the prefix):
     /// `EVALSHA`, loading it again after a Redis restart emptied its cache.
-    async fn run<T: fred::types::FromValue + Send>(
+    pub(super) async fn run<T: fred::types::FromValue + Send>(
         &self,
         op: RedisOp,
         script: &Script,

@@ -2,7 +2,8 @@
 //! rate limiter (neither reaches into the other): connection options,
 //! timeouts, the key spaces under the prefix, and the commands on entries.
 //! [`scripts`] holds the rate limiter's script, [`fleet`] the shared cache
-//! state (generations and leases), [`pubsub`] the fleet's channels.
+//! state (generations and leases), [`circuit`] the fleet's circuits,
+//! [`pubsub`] the fleet's channels.
 //! Every command is sent with
 //! `fail_fast` and a short timeout (`redis.timeout`, 50 ms), and one attempt:
 //! fred's default is to queue commands forever while Redis is down, which
@@ -24,6 +25,7 @@
 //! or keys of one hash slot, so none fails with `CROSSSLOT` (each
 //! multi-key operation says how it stays in one slot).
 
+pub mod circuit;
 pub mod fleet;
 pub mod health;
 pub mod pubsub;
@@ -76,6 +78,8 @@ pub struct RedisStore {
     quota: std::sync::Arc<fred::types::scripts::Script>,
     /// The fleet's scripts ([`fleet`]).
     fleet: std::sync::Arc<fleet::FleetScripts>,
+    /// The fleet's circuits' scripts ([`circuit`]).
+    circuit: std::sync::Arc<circuit::CircuitScripts>,
     /// Failures, counted and logged.
     errors: std::sync::Arc<RedisErrors>,
     warnings: std::sync::Arc<warn::Warnings>,
@@ -217,6 +221,7 @@ impl RedisStore {
             gcra: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::GCRA_LUA)),
             quota: std::sync::Arc::new(fred::types::scripts::Script::from_lua(scripts::QUOTA_LUA)),
             fleet: std::sync::Arc::new(fleet::FleetScripts::new()),
+            circuit: std::sync::Arc::new(circuit::CircuitScripts::new()),
             errors,
             warnings: std::sync::Arc::new(warn::Warnings::default()),
             health,

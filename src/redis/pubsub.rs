@@ -70,7 +70,13 @@ impl RedisStore {
     pub fn listen(&self, on_event: impl Fn(FleetEvent) + Send + Sync + 'static) {
         let on_event = Arc::new(on_event);
         let sub = self.subscriber.clone();
-        let channels = vec![self.channel(), self.stored_channel()];
+        // The circuits' channel too: its messages are read by
+        // `on_circuit_messages`, on the same subscription.
+        let channels = vec![
+            self.channel(),
+            self.stored_channel(),
+            self.circuits_channel(),
+        ];
         let mut resubscribe = self.subscriber.reconnect_rx();
         let mut lost = self.subscriber.error_rx();
         // The subscription is live once a probe published on the channel
@@ -129,6 +135,7 @@ impl RedisStore {
         let mut rx = self.subscriber.message_rx();
         let origin = self.origin.clone();
         let stored = self.stored_channel();
+        let circuits = self.circuits_channel();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
@@ -136,7 +143,9 @@ impl RedisStore {
                         let Some(text) = msg.value.as_string() else {
                             continue;
                         };
-                        if text == probe {
+                        if *msg.channel == *circuits {
+                            continue;
+                        } else if text == probe {
                             heard.notify_waiters();
                         } else if *msg.channel == *stored {
                             on_event(FleetEvent::LeaseEnded(text));

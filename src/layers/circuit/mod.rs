@@ -5,14 +5,16 @@
 //! layer above) and never reaches the upstream; otherwise the attempt's
 //! verdict from [`super::classify`] below is recorded on its circuit.
 //!
-//! [`Circuits`] is the registry the admin endpoints read and reset.
+//! [`Circuits`] is the registry the admin endpoints read and reset; with
+//! Redis, [`fleet`] makes each circuit one for the fleet.
 
 pub mod breaker;
+pub mod fleet;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
@@ -36,6 +38,8 @@ pub const BUILTIN: [&str; 3] = ["upstream", "gemini", "embedding"];
 pub struct Circuits {
     by_name: BTreeMap<Arc<str>, Arc<Breaker>>,
     enabled: bool,
+    /// With Redis: the fleet's probe lease (shared by every worker's copy).
+    fleet: Arc<OnceLock<Arc<fleet::FleetLink>>>,
 }
 
 impl Circuits {
@@ -51,6 +55,7 @@ impl Circuits {
         Arc::new(Self {
             by_name,
             enabled: cb.enabled,
+            fleet: Arc::default(),
         })
     }
 
@@ -67,6 +72,7 @@ impl Circuits {
                 .map(|(n, b)| (Arc::clone(n), b.handle()))
                 .collect(),
             enabled: self.enabled,
+            fleet: Arc::clone(&self.fleet),
         })
     }
 
@@ -168,6 +174,7 @@ pub struct Circuit<S> {
 impl<S> tower::Service<Request<Body>> for Circuit<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    S::Future: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = BoxError;
@@ -212,12 +219,24 @@ where
             },
         };
         let learning = req.extensions().get::<QuotaLearning>().is_some();
-        ResponseFuture::Call {
+        let probe = permit.is_probe();
+        let call = ResponseFuture::Call {
             fut: self.inner.call(req),
             permit: Some(permit),
             client,
             learning,
+        };
+        if probe {
+            if let Some(fleet) = self.circuits.fleet() {
+                // The one call of HALF-OPEN, once the fleet's probe is this
+                // sidecar's (boxed: rare). The call's future is not polled
+                // before.
+                return ResponseFuture::Probe {
+                    fut: fleet.probe(Arc::clone(b), call),
+                };
+            }
         }
+        call
     }
 }
 
@@ -249,6 +268,18 @@ pin_project_lite::pin_project! {
         Pass { #[pin] fut: F },
         Call { #[pin] fut: F, permit: Option<Permit>, client: Asker, learning: bool },
         Open { err: Option<BoxError> },
+        Probe { fut: fleet::BoxAnswer },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    /// The call will not be made: its permit says nothing.
+    fn forget(self: Pin<&mut Self>) {
+        if let Proj::Call { permit, .. } = self.project() {
+            if let Some(p) = permit.take() {
+                p.forget();
+            }
+        }
     }
 }
 
@@ -291,6 +322,7 @@ where
                 }
                 Poll::Ready(result)
             }
+            Proj::Probe { fut } => fut.as_mut().poll(cx),
             Proj::Open { err } => Poll::Ready(Err(err
                 .take()
                 .unwrap_or_else(|| "circuit future polled after completion".into()))),

@@ -11,6 +11,10 @@
 //! and its half-open state lets every concurrent call through where the
 //! contract wants one probe. This is the linkerd `failfast` shape instead:
 //! a closed fast path of two atomic loads, a mutex only on transitions.
+//!
+//! With Redis the circuit is one for the fleet ([`super::fleet`]): the
+//! transitions this sidecar makes are told through [`Core::link`], and the
+//! fleet's are taken with [`Core::adopt`].
 
 #![allow(
     clippy::disallowed_types,
@@ -18,8 +22,8 @@
     reason = "the mutex is taken on state transitions only (the closed path reads two atomics), never across an await"
 )]
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -45,6 +49,10 @@ struct Inner {
     /// Clients whose plain 500 already counted in this run of failures.
     plain_500_from: Vec<u64>,
 }
+
+/// How long a sidecar waits before asking again for the fleet's probe
+/// that another holds.
+const PROBE_ELSEWHERE: Duration = Duration::from_secs(1);
 
 /// At most this many clients are remembered in a run (a run opens the
 /// circuit at `threshold` failures long before).
@@ -78,6 +86,19 @@ pub struct Core {
     /// ...and this (consecutive failures).
     failures: AtomicU32,
     inner: Mutex<Inner>,
+    /// With Redis: where the transitions this sidecar makes go, to be the
+    /// fleet's; unset, the circuit is this sidecar's alone.
+    changes: OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>,
+    /// The fleet's version of the state last written or taken here.
+    applied: AtomicU64,
+}
+
+/// A transition this sidecar made, for the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub circuit: Arc<str>,
+    /// `Some(d)`: opened for `d`; `None`: closed.
+    pub opened_for: Option<Duration>,
 }
 
 /// What a caller may do.
@@ -114,6 +135,8 @@ impl Breaker {
                 last_failure: None,
                 plain_500_from: Vec::new(),
             }),
+            changes: OnceLock::new(),
+            applied: AtomicU64::new(0),
         };
         Arc::new(Self {
             core: Arc::new(core),
@@ -171,8 +194,80 @@ impl Core {
         &self.name
     }
 
+    /// How long the circuit stays open after a failure.
+    pub fn open_for(&self) -> Duration {
+        self.open_for
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells the fleet of every transition this sidecar makes from now on.
+    pub fn link(&self, changes: tokio::sync::mpsc::UnboundedSender<Change>) {
+        let _ = self.changes.set(changes);
+    }
+
+    /// Whether the circuit is the fleet's (Redis configured).
+    pub fn is_linked(&self) -> bool {
+        self.changes.get().is_some()
+    }
+
+    fn tell(&self, opened_for: Option<Duration>) {
+        if let Some(tx) = self.changes.get() {
+            let _ = tx.send(Change {
+                circuit: Arc::clone(&self.name),
+                opened_for,
+            });
+        }
+    }
+
+    /// The fleet holds version `v` of the state, written by this sidecar.
+    pub fn wrote(&self, v: u64) {
+        self.applied.fetch_max(v, Ordering::AcqRel);
+    }
+
+    /// Takes version `v` of the fleet's state, unless it has it already:
+    /// open for `Some(d)` more (`Duration::ZERO`: due a probe), or closed.
+    pub fn adopt(&self, v: u64, open_for: Option<Duration>) {
+        if self.applied.fetch_max(v, Ordering::AcqRel) >= v {
+            return;
+        }
+        let mut inner = self.lock();
+        match (open_for, &mut inner.phase) {
+            (Some(left), Phase::Open { until, .. }) => *until = Instant::now() + left,
+            (Some(left), Phase::Closed) => {
+                inner.phase = Phase::Open {
+                    until: Instant::now() + left,
+                    probing: false,
+                };
+                self.tripped.store(true, Ordering::Release);
+                tracing::warn!(circuit = %self.name, "circuit OPEN on another sidecar of the fleet; retrying in {:.1}s", left.as_secs_f64());
+            }
+            (None, Phase::Open { .. }) => {
+                inner.phase = Phase::Closed;
+                inner.plain_500_from.clear();
+                self.failures.store(0, Ordering::Release);
+                self.tripped.store(false, Ordering::Release);
+                tracing::info!(circuit = %self.name, "circuit CLOSED: the fleet's probe succeeded");
+            }
+            (None, Phase::Closed) => {}
+        }
+    }
+
+    /// Another sidecar holds the fleet's probe: this one asks again in a
+    /// second, unless the probe's result comes first.
+    pub fn probing_elsewhere(&self) {
+        if let Phase::Open { until, probing } = &mut self.lock().phase {
+            *until = Instant::now() + PROBE_ELSEWHERE;
+            *probing = false;
+        }
+    }
+
+    /// Due a probe that nobody is making (a probe that ended without a
+    /// result leaves it so).
+    pub fn awaits_probe(&self) -> bool {
+        matches!(self.lock().phase, Phase::Open { until, probing: false } if Instant::now() >= until)
     }
 
     /// Whether calls are being refused right now (open and not yet due a
@@ -200,6 +295,7 @@ impl Core {
                 self.failures.store(0, Ordering::Release);
                 self.tripped.store(false, Ordering::Release);
                 tracing::info!(circuit = %self.name, "circuit CLOSED: probe succeeded");
+                self.tell(None);
             }
             // A call admitted before the circuit opened: the probe decides.
             Phase::Open { .. } => {}
@@ -227,12 +323,14 @@ impl Core {
                     "circuit OPEN after {failures} consecutive failures; retrying in {:.1}s",
                     self.open_for.as_secs_f64()
                 );
+                self.tell(Some(self.open_for));
             }
             Phase::Closed => {}
             Phase::Open { until, probing } if probe => {
                 *until = now + self.open_for;
                 *probing = false;
                 tracing::warn!(circuit = %self.name, "circuit OPEN again: probe failed");
+                self.tell(Some(self.open_for));
             }
             Phase::Open { .. } => {}
         }
@@ -271,6 +369,7 @@ impl Core {
         inner.plain_500_from.clear();
         self.failures.store(0, Ordering::Release);
         self.tripped.store(false, Ordering::Release);
+        self.tell(None);
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -314,6 +413,11 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// Whether this is the half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Watches the request body's delivery (see `body`).
     pub fn watching(mut self, body: Option<crate::extensions::BodySent>) -> Self {
         self.body = body;
@@ -365,157 +469,4 @@ impl Drop for Permit {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn admitted(b: &Arc<Breaker>) -> Permit {
-        match b.admit() {
-            Admission::Permitted(p) => p,
-            Admission::Rejected { retry_after } => panic!("rejected for {retry_after:?}"),
-        }
-    }
-
-    fn rejected(b: &Arc<Breaker>) -> Duration {
-        match b.admit() {
-            Admission::Rejected { retry_after } => retry_after,
-            Admission::Permitted(_) => panic!("admitted"),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_plain_500_counts_once_per_client_in_a_run() {
-        let b = Breaker::new("upstream", 3, Duration::from_secs(60));
-        for _ in 0..5 {
-            admitted(&b).plain_500(Some(1));
-        }
-        assert_eq!(b.snapshot().failure_count, 1);
-        // Another client's, and a gateway error: each counts.
-        admitted(&b).plain_500(Some(2));
-        assert_eq!(b.snapshot().failure_count, 2);
-        // A success ends the run: client 1 counts again in the next.
-        admitted(&b).success();
-        admitted(&b).plain_500(Some(1));
-        assert_eq!(b.snapshot().failure_count, 1);
-        admitted(&b).failure();
-        admitted(&b).plain_500(None);
-        assert_eq!(b.snapshot().state, State::Open);
-        // A probe's 500 re-opens it, whoever sent it.
-        tokio::time::advance(Duration::from_secs(61)).await;
-        admitted(&b).plain_500(Some(1));
-        assert_eq!(b.snapshot().state, State::Open);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn opens_after_threshold_consecutive_failures_and_probes_once() {
-        let b = Breaker::new("gemini", 3, Duration::from_secs(60));
-        // A success in between resets the run of failures.
-        admitted(&b).failure();
-        admitted(&b).failure();
-        admitted(&b).success();
-        assert_eq!(b.snapshot().failure_count, 0);
-        for _ in 0..3 {
-            admitted(&b).failure();
-        }
-        let s = b.snapshot();
-        assert_eq!(s.state, State::Open);
-        assert_eq!(s.failure_count, 3);
-        assert_eq!(s.time_until_retry, 60);
-        assert!(s.last_failure_time.is_some());
-        assert!(b.is_open());
-        assert_eq!(rejected(&b), Duration::from_secs(60));
-
-        tokio::time::advance(Duration::from_secs(45)).await;
-        assert_eq!(b.snapshot().time_until_retry, 15);
-        assert_eq!(rejected(&b), Duration::from_secs(15));
-
-        tokio::time::advance(Duration::from_secs(15)).await;
-        assert_eq!(b.snapshot().state, State::HalfOpen);
-        assert!(!b.is_open());
-        // Exactly one probe; concurrent callers fail fast meanwhile.
-        let probe = admitted(&b);
-        for _ in 0..10 {
-            rejected(&b);
-        }
-        probe.success();
-        assert_eq!(b.snapshot().state, State::Closed);
-        assert_eq!(b.snapshot().failure_count, 0);
-        admitted(&b).success();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failed_probe_reopens_for_a_full_period() {
-        let b = Breaker::new("upstream", 1, Duration::from_secs(10));
-        admitted(&b).failure();
-        tokio::time::advance(Duration::from_secs(10)).await;
-        admitted(&b).failure();
-        assert_eq!(b.snapshot().state, State::Open);
-        assert_eq!(b.snapshot().time_until_retry, 10);
-        tokio::time::advance(Duration::from_secs(9)).await;
-        rejected(&b);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        admitted(&b).success();
-        assert_eq!(b.snapshot().state, State::Closed);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cancelled_probe_frees_the_slot_and_counts_nothing() {
-        let b = Breaker::new("upstream", 1, Duration::from_secs(1));
-        admitted(&b).failure();
-        tokio::time::advance(Duration::from_secs(1)).await;
-        drop(admitted(&b));
-        assert_eq!(b.snapshot().state, State::HalfOpen);
-        assert_eq!(b.snapshot().failure_count, 1);
-        admitted(&b).success();
-        assert_eq!(b.snapshot().state, State::Closed);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_permit_dropped_at_its_deadline_is_a_timeout_failure() {
-        let b = Breaker::new("upstream", 2, Duration::from_secs(5));
-        let deadline = Instant::now() + Duration::from_secs(1);
-        drop(admitted(&b).expires_at(deadline)); // the client left early
-        assert_eq!(b.snapshot().failure_count, 0);
-        let p = admitted(&b).expires_at(deadline);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        drop(p); // the route timeout gave up on it
-        assert_eq!(b.snapshot().failure_count, 1);
-        assert!(b.snapshot().last_failure_time.is_some());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn late_results_do_not_move_an_open_circuit() {
-        let b = Breaker::new("upstream", 2, Duration::from_secs(5));
-        let early = admitted(&b);
-        admitted(&b).failure();
-        admitted(&b).failure();
-        early.success(); // admitted while closed, answered after it opened
-        assert_eq!(b.snapshot().state, State::Open);
-        assert_eq!(b.snapshot().time_until_retry, 5);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn reset_closes_and_forgets() {
-        let b = Breaker::new("embedding", 1, Duration::from_secs(60));
-        admitted(&b).failure();
-        b.reset();
-        let s = b.snapshot();
-        assert_eq!(
-            (
-                s.state,
-                s.failure_count,
-                s.last_failure_time,
-                s.time_until_retry
-            ),
-            (State::Closed, 0, None, 0)
-        );
-        admitted(&b).success();
-    }
-
-    #[test]
-    fn ceil_secs_rounds_up() {
-        assert_eq!(ceil_secs(Duration::ZERO), 0);
-        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
-        assert_eq!(ceil_secs(Duration::from_secs(45)), 45);
-        assert_eq!(ceil_secs(Duration::from_millis(44_100)), 45);
-    }
-}
+mod tests;
