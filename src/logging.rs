@@ -76,11 +76,30 @@ fn layer(format: LogFormat, w: NonBlocking, ansi: bool) -> Box<dyn Layer<Registr
     }
 }
 
+/// The running level filter, which a reload replaces (`log.level`); the
+/// subscriber it belongs to is the process's.
+static LEVEL: std::sync::OnceLock<tracing_subscriber::reload::Handle<EnvFilter, Registry>> =
+    std::sync::OnceLock::new();
+
+fn filter(level: &str) -> Result<EnvFilter, LogError> {
+    EnvFilter::builder()
+        .parse(level)
+        .map_err(|e| LogError::Level(e.to_string()))
+}
+
+/// Sets the level of the subscriber [`init`] installed (a reload); without
+/// one (tests in-process), nothing.
+pub fn set_level(level: &str) -> Result<(), LogError> {
+    let f = filter(level)?;
+    match LEVEL.get() {
+        Some(h) => h.reload(f).map_err(|e| LogError::Level(e.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Installs the global subscriber.
 pub fn init(cfg: &LogConfig) -> Result<LogGuards, LogError> {
-    let filter = EnvFilter::builder()
-        .parse(&cfg.level)
-        .map_err(|e| LogError::Level(e.to_string()))?;
+    let (filter, level) = tracing_subscriber::reload::Layer::new(filter(&cfg.level)?);
     let mut guards = Vec::new();
     let (stderr, g) = writer(std::io::stderr());
     guards.push(g);
@@ -95,6 +114,7 @@ pub fn init(cfg: &LogConfig) -> Result<LogGuards, LogError> {
         .with(layers.with_filter(filter))
         .try_init()
         .map_err(|_| LogError::AlreadySet)?;
+    let _ = LEVEL.set(level);
     Ok(LogGuards(guards))
 }
 

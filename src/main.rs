@@ -92,6 +92,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The file as it was loaded, for the reload watcher to compare with.
+    let loaded_file = report
+        .config_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok());
     if let Some(Command::CheckConfig) = cli.command {
         println!("# rag-sidecar effective configuration (secrets masked)");
         if let Some(p) = &report.config_file {
@@ -103,10 +108,19 @@ fn main() -> ExitCode {
         print!("{}", cfg.to_toml());
         return ExitCode::SUCCESS;
     }
-    run(cfg, report)
+    run(cfg, report, loaded_file, move || {
+        Config::load(&overrides, &ProcessEnv, &cwd).map(|(cfg, _)| cfg)
+    })
 }
 
-fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
+/// Runs the sidecar; `load` reads the configuration's sources again (a
+/// reload).
+fn run(
+    cfg: Config,
+    report: rag_sidecar::config::LoadReport,
+    loaded_file: Option<Vec<u8>>,
+    load: impl Fn() -> Result<Config, rag_sidecar::config::ConfigErrors> + Send + 'static,
+) -> ExitCode {
     let _guards = match rag_sidecar::logging::init(&cfg.log) {
         Ok(g) => g,
         Err(e) => {
@@ -151,7 +165,14 @@ fn run(cfg: Config, report: rag_sidecar::config::LoadReport) -> ExitCode {
             dotenv = %shown(report.dotenv_file.as_deref()),
             "rag-sidecar started"
         );
+        // Reloads on SIGHUP and when the file changes.
+        let watching = tokio::spawn(rag_sidecar::app::reload::watch(
+            server.reloader(),
+            report.config_file.clone().map(|p| (p, loaded_file)),
+            load,
+        ));
         server.run(shutdown_signal()).await;
+        watching.abort();
         ExitCode::SUCCESS
     })
 }

@@ -67,7 +67,8 @@ pub struct AdminState {
 /// The admin router.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    state: Arc<AdminState>,
+    /// Replaced by a reload ([`Admin::replace`]); every copy sees it.
+    state: Arc<arc_swap::ArcSwap<AdminState>>,
     endpoints: Arc<[Endpoint]>,
 }
 
@@ -79,13 +80,20 @@ impl Admin {
     /// A router over these endpoints (tests add their own).
     pub fn with_endpoints(state: Arc<AdminState>, endpoints: Vec<Endpoint>) -> Self {
         Self {
-            state,
+            state: Arc::new(arc_swap::ArcSwap::new(state)),
             endpoints: endpoints.into(),
         }
     }
 
-    pub fn state(&self) -> &Arc<AdminState> {
-        &self.state
+    /// The state in force.
+    pub fn state(&self) -> Arc<AdminState> {
+        self.state.load_full()
+    }
+
+    /// A reloaded configuration's state, for every request from now on
+    /// (those in flight finish with theirs).
+    pub fn replace(&self, state: Arc<AdminState>) {
+        self.state.store(state);
     }
 
     /// Whether this path is one of the sidecar's own (any method). The path
@@ -134,11 +142,12 @@ impl Admin {
             };
             return Box::pin(std::future::ready(resp));
         };
+        let state = self.state();
         if endpoint.guarded {
             if let Err(e) = guard::authorize(
                 peer.ip(),
                 req.headers(),
-                self.state.config.admin_token.as_deref(),
+                state.config.admin_token.as_deref(),
             ) {
                 tracing::warn!(path = %crate::logging::escaped(path), client = %peer, "admin request refused: {e}");
                 return Box::pin(std::future::ready(body::json(
@@ -147,11 +156,7 @@ impl Admin {
                 )));
             }
         }
-        (endpoint.handler)(Ctx {
-            state: Arc::clone(&self.state),
-            peer,
-            req,
-        })
+        (endpoint.handler)(Ctx { state, peer, req })
     }
 }
 

@@ -34,6 +34,7 @@ mod legacy;
 mod parse;
 mod print;
 pub mod rate;
+mod reload;
 mod route_file;
 pub mod routes;
 mod settings;
@@ -53,6 +54,7 @@ pub use self::legacy::IGNORED_ENV;
 pub use self::parse::{fmt_duration, mask_url_password};
 pub use self::print::settings_markdown;
 pub use self::rate::{Rate, RateLimits};
+pub use self::reload::{NeedsRestart, RESTART_ONLY};
 pub use self::routes::{
     DEFAULT_ROUTE, InvalidateMode, PathMatch, RetryMode, Route, RouteCache, RouteRate,
 };

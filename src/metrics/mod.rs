@@ -148,6 +148,8 @@ pub struct Metrics {
     resilience: resilience::ResilienceMetrics,
     system: system::SystemMetrics,
     baseline: legacy::Baseline,
+    /// Configuration reloads, by result (`applied`, `refused`).
+    reloads: prometheus::IntCounterVec,
     /// One scrape at a time brings the registry up to date.
     scrape: Mutex<()>,
 }
@@ -177,6 +179,21 @@ impl Metrics {
                 sources.circuits,
             ),
             system: system::SystemMetrics::new(&r, sources.system, sources.probe),
+            reloads: {
+                let v = series!(
+                    &r,
+                    IntCounterVec,
+                    opts(
+                        "config_reloads_total",
+                        "Configuration reloads (SIGHUP or the file changed), by result"
+                    ),
+                    &["result"]
+                );
+                for result in ["applied", "refused"] {
+                    let _ = v.get_metric_with_label_values(&[result]);
+                }
+                v
+            },
             registry: r,
             baseline: legacy::Baseline::default(),
             scrape: Mutex::new(()),
@@ -185,6 +202,13 @@ impl Metrics {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// A reload was `applied` or `refused`.
+    pub fn reloaded(&self, result: &str) {
+        if let Ok(c) = self.reloads.get_metric_with_label_values(&[result]) {
+            c.inc();
+        }
     }
 
     /// Worker `worker`'s recording handle.

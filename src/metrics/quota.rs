@@ -92,7 +92,8 @@ impl RouteQuotaStats {
 /// Every quota route's figures, and the wait histogram they record into.
 #[derive(Debug)]
 pub struct QuotaStats {
-    routes: BTreeMap<String, Arc<RouteQuotaStats>>,
+    /// Replaced whole by a reload ([`QuotaStats::reroute`]).
+    routes: arc_swap::ArcSwap<BTreeMap<String, Arc<RouteQuotaStats>>>,
     waits: HistogramVec,
 }
 
@@ -113,25 +114,52 @@ impl QuotaStats {
                 .expect("a literal name is valid")
         });
         Arc::new(Self {
-            routes: routes
-                .into_iter()
-                .map(|(r, windows)| {
-                    let stats = RouteQuotaStats {
-                        windows: windows
-                            .into_iter()
-                            .map(|(text, count)| (text, AtomicU64::new(count), AtomicU64::new(0)))
-                            .collect(),
-                        ..RouteQuotaStats::default()
-                    };
-                    (r.to_string(), Arc::new(stats))
-                })
-                .collect(),
+            routes: arc_swap::ArcSwap::from_pointee(Self::table(routes, &BTreeMap::new())),
             waits,
         })
     }
 
+    /// One entry per route; a route whose limits read the same as in
+    /// `before` keeps its entry, a changed one carries its counts over.
+    fn table<'a>(
+        routes: impl IntoIterator<Item = (&'a str, Vec<(String, u64)>)>,
+        before: &BTreeMap<String, Arc<RouteQuotaStats>>,
+    ) -> BTreeMap<String, Arc<RouteQuotaStats>> {
+        routes
+            .into_iter()
+            .map(|(r, windows)| {
+                let old = before.get(r);
+                if let Some(old) = old.filter(|o| {
+                    o.windows.len() == windows.len()
+                        && o.windows.iter().zip(&windows).all(|(a, b)| a.0 == b.0)
+                }) {
+                    return (r.to_string(), Arc::clone(old));
+                }
+                let carried = |f: fn(&RouteQuotaStats) -> &AtomicU64| {
+                    AtomicU64::new(old.map_or(0, |o| f(o).load(Ordering::Relaxed)))
+                };
+                let stats = RouteQuotaStats {
+                    windows: windows
+                        .into_iter()
+                        .map(|(text, count)| (text, AtomicU64::new(count), AtomicU64::new(0)))
+                        .collect(),
+                    rejected: carried(|o| &o.rejected),
+                    stale: carried(|o| &o.stale),
+                    ..RouteQuotaStats::default()
+                };
+                (r.to_string(), Arc::new(stats))
+            })
+            .collect()
+    }
+
+    /// The routes of a reloaded configuration.
+    pub fn reroute<'a>(&self, routes: impl IntoIterator<Item = (&'a str, Vec<(String, u64)>)>) {
+        let next = Self::table(routes, &self.routes.load());
+        self.routes.store(Arc::new(next));
+    }
+
     pub fn route(&self, name: &str) -> Option<Arc<RouteQuotaStats>> {
-        self.routes.get(name).cloned()
+        self.routes.load().get(name).cloned()
     }
 
     /// A request of `route` waited this long, then went.
@@ -145,6 +173,7 @@ impl QuotaStats {
     pub fn to_json(&self) -> Value {
         let routes: serde_json::Map<String, Value> = self
             .routes
+            .load()
             .iter()
             .filter(|(_, r)| r.limited())
             .map(|(name, r)| (name.clone(), r.to_json()))
@@ -155,6 +184,7 @@ impl QuotaStats {
     /// `upstream_quota.rejected` over every route.
     pub fn rejected(&self) -> u64 {
         self.routes
+            .load()
             .values()
             .map(|r| r.rejected.load(Ordering::Relaxed))
             .sum()
@@ -174,7 +204,7 @@ pub struct QuotaMetrics {
 impl QuotaMetrics {
     pub fn new(r: &Registry, source: Arc<QuotaStats>) -> Self {
         let waits = reg(r, source.waits.clone());
-        for route in source.routes.keys() {
+        for route in source.routes.load().keys() {
             // Every route's series from the start.
             let _ = waits.get_metric_with_label_values(&[route]);
         }
@@ -233,7 +263,7 @@ impl QuotaMetrics {
     }
 
     pub fn sync(&self) {
-        for (name, s) in &self.source.routes {
+        for (name, s) in self.source.routes.load().iter() {
             if let Ok(g) = self.depth.get_metric_with_label_values(&[name]) {
                 g.set(i64::try_from(s.waiting.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             }
@@ -260,7 +290,7 @@ impl QuotaMetrics {
     /// The legacy counter `upstream_quota.rejected`, once a route has a
     /// quota (configured or learned).
     pub fn legacy(&self, c: &mut BTreeMap<String, u64>) {
-        if self.source.routes.values().any(|r| r.limited()) {
+        if self.source.routes.load().values().any(|r| r.limited()) {
             c.insert("upstream_quota.rejected".into(), self.source.rejected());
         }
     }
@@ -270,7 +300,7 @@ impl QuotaMetrics {
     /// quota, and `upstream_quota_learned.<route>` of those that learned
     /// one.
     pub fn legacy_gauges(&self, g: &mut serde_json::Map<String, Value>) {
-        for (name, s) in &self.source.routes {
+        for (name, s) in self.source.routes.load().iter() {
             if !s.limited() {
                 continue;
             }

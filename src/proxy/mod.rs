@@ -133,6 +133,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The same upstream pool with a reloaded configuration's trusted
+    /// proxies.
+    pub fn reconfigured(&self, cfg: &Config) -> Self {
+        Self::new(self.client.clone(), cfg)
+    }
+
     pub fn new(client: UpstreamClient, cfg: &Config) -> Self {
         Self {
             client,

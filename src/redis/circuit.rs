@@ -180,8 +180,11 @@ impl RedisStore {
     }
 
     /// Calls `on_state` for every message of the circuits' channel (the
-    /// subscription is [`RedisStore::listen`]'s).
-    pub fn on_circuit_messages(&self, on_state: impl Fn(&str, FleetCircuit) + Send + 'static) {
+    /// subscription is [`RedisStore::listen`]'s), until it returns `false`.
+    pub fn on_circuit_messages(
+        &self,
+        on_state: impl Fn(&str, FleetCircuit) -> bool + Send + 'static,
+    ) {
         let mut rx = self.subscriber.message_rx();
         let channel = self.circuits_channel();
         tokio::spawn(async move {
@@ -191,7 +194,9 @@ impl RedisStore {
                         if let Some((name, state)) =
                             msg.value.as_string().as_deref().and_then(parse_message)
                         {
-                            on_state(name, state);
+                            if !on_state(name, state) {
+                                return;
+                            }
                         }
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

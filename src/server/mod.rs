@@ -23,6 +23,9 @@
 
 mod edge;
 mod slots;
+mod stack;
+
+pub use self::stack::StackCell;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,7 +34,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -40,7 +42,6 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::BoxError;
 use crate::admin::Admin;
@@ -53,6 +54,7 @@ use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
 
 use self::edge::{Proto, drop_underscored, normalised, refused, request_started};
 use self::slots::{ConnHandle, ConnPolicy, ConnSlots, DRAIN_BATCH, Open, Slot, Tracked, Watched};
+use self::stack::OwnStack;
 
 /// The largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -89,7 +91,8 @@ impl Listeners {
 #[derive(Debug)]
 struct Worker {
     listener: std::net::TcpListener,
-    stack: ProxyStack,
+    /// The stack in force; a reload replaces it.
+    stack: Arc<StackCell>,
 }
 
 /// A bound, not yet running server.
@@ -153,7 +156,10 @@ impl Server {
         let workers = proxy
             .into_iter()
             .zip(stacks)
-            .map(|(listener, stack)| Worker { listener, stack })
+            .map(|(listener, stack)| Worker {
+                listener,
+                stack: Arc::new(StackCell::new(stack)),
+            })
             .collect();
         let mut h1 = hyper::server::conn::http1::Builder::new();
         // Without a timer the header-read timeout is silently off.
@@ -188,6 +194,15 @@ impl Server {
                 slots: Some(ConnSlots::new(cfg.max_connections)),
             },
         }
+    }
+
+    /// What a reload replaces: each worker's stack, and the admin router
+    /// (whose state every copy shares).
+    pub fn reloadable(&self) -> (Vec<Arc<StackCell>>, Admin) {
+        (
+            self.workers.iter().map(|w| Arc::clone(&w.stack)).collect(),
+            self.admin.clone(),
+        )
     }
 
     /// Where the proxy listens (useful with port 0).
@@ -538,34 +553,6 @@ enum Dispatch {
     Proxy { moved: Admin, stack: OwnStack },
 }
 
-/// A connection's own copy of the stack, called in place: every layer is
-/// ready at once (each passes its inner service's readiness down to the
-/// proxy, which is always ready), so a request needs neither a clone of
-/// the whole stack (an allocation and a reference count per layer) nor
-/// `oneshot`. Only the connection's task calls it, one request at a time.
-#[derive(Debug, Clone)]
-struct OwnStack(std::cell::RefCell<ProxyStack>);
-
-impl OwnStack {
-    fn new(stack: ProxyStack) -> Self {
-        Self(std::cell::RefCell::new(stack))
-    }
-
-    fn answer(&self, req: Request<Body>) -> Answer {
-        let mut stack = self.0.borrow_mut();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match tower::Service::poll_ready(&mut *stack, &mut cx) {
-            std::task::Poll::Ready(Ok(())) => Answer::Stack(tower::Service::call(&mut *stack, req)),
-            // Not ready (no layer does this today): a copy that waits for
-            // its own readiness, as before.
-            _ => {
-                let fut = ServiceExt::<Request<Body>>::oneshot(stack.clone(), req);
-                Answer::Own(Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right)))))
-            }
-        }
-    }
-}
-
 /// [`Dispatch`] for one connection, knowing its peer.
 #[derive(Debug, Clone)]
 struct ConnService {
@@ -589,7 +576,7 @@ impl ConnService {
 
 /// An answer on its way: the sidecar's own (its endpoints, a refusal), or
 /// the stack's future, already boxed by the stack's type erasure.
-enum Answer {
+pub(super) enum Answer {
     Own(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>),
     Stack(<ProxyStack as tower::Service<Request<Body>>>::Future),
 }

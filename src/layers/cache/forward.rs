@@ -168,7 +168,7 @@ impl Call {
             }
             Err(e) => return Err(failed_miss(UpstreamUnavailable(e), fwd)),
         };
-        let ttl_ms = u64::try_from(ns.ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = u64::try_from(ns.ttl().as_millis()).unwrap_or(u64::MAX);
         // An exact-size copy: the body read from the upstream may be a slice of a
         // larger connection buffer that the entry would otherwise pin.
         let entry = Arc::new(
@@ -207,7 +207,7 @@ impl Call {
             CacheOutcome::Miss,
             format!(
                 "rag-sidecar; fwd={fwd}{fwd_why}; stored; ttl={}",
-                ns.ttl.as_secs()
+                ns.ttl().as_secs()
             ),
             None,
         );
@@ -268,7 +268,7 @@ impl Stream {
             // others go upstream.
             return;
         };
-        let ttl_ms = u64::try_from(self.ns.ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = u64::try_from(self.ns.ttl().as_millis()).unwrap_or(u64::MAX);
         let entry = Arc::new(
             Entry::new(
                 head.status,

@@ -87,6 +87,33 @@ impl CacheLayer {
         keyed_headers: &[String],
         memory: Arc<MemoryBudget>,
     ) -> Self {
+        Self::over(store, keyed_headers, Arc::default(), memory)
+    }
+
+    /// The same store, coalescing and budget with a reloaded
+    /// configuration's keyed headers (a miss in flight still leads the
+    /// requests that join it after the reload).
+    pub fn reloaded(&self, keyed_headers: &[String]) -> Self {
+        let s = &self.shared;
+        Self::over(
+            Arc::clone(&s.store),
+            keyed_headers,
+            Arc::clone(&s.inflight),
+            Arc::clone(&s.memory),
+        )
+    }
+
+    /// The store's entries and namespaces.
+    pub fn store(&self) -> &Arc<CacheStore> {
+        &self.shared.store
+    }
+
+    fn over(
+        store: Arc<CacheStore>,
+        keyed_headers: &[String],
+        inflight: Arc<Inflight>,
+        memory: Arc<MemoryBudget>,
+    ) -> Self {
         let mut identity: Vec<HeaderName> = Vec::new();
         for h in keyed_headers {
             if let Ok(name) = HeaderName::try_from(h.as_str()) {
@@ -99,7 +126,7 @@ impl CacheLayer {
             shared: Arc::new(Shared {
                 store,
                 identity,
-                inflight: Arc::new(Inflight::default()),
+                inflight,
                 memory,
             }),
         }

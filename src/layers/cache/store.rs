@@ -148,7 +148,8 @@ impl Counters {
 #[derive(Debug)]
 pub struct Namespace {
     pub name: String,
-    pub ttl: Duration,
+    /// In milliseconds: a reload changes it ([`CacheStore::retune`]).
+    ttl_ms: AtomicU64,
     pub max_items: usize,
     cache: MemCache,
     pub counters: Counters,
@@ -186,6 +187,11 @@ pub enum Standing {
 }
 
 impl Namespace {
+    /// How long an entry is fresh.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
     /// Entries held in memory.
     pub fn items(&self) -> usize {
         self.cache.len()
@@ -376,7 +382,7 @@ impl CacheStore {
                 c.namespace.clone(),
                 Arc::new(Namespace {
                     name: c.namespace.clone(),
-                    ttl: c.ttl,
+                    ttl_ms: AtomicU64::new(u64::try_from(c.ttl.as_millis()).unwrap_or(u64::MAX)),
                     max_items: c.max_items,
                     cache,
                     counters: Counters::default(),
@@ -417,6 +423,27 @@ impl CacheStore {
 
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
         self.namespaces.get(name)
+    }
+
+    /// Takes a reloaded configuration's TTLs (entries kept: their age is
+    /// measured against the new TTL). Returns the cached namespaces it has
+    /// no memory layer for: a new namespace needs a restart.
+    pub fn retune(&self, cfg: &Config) -> Vec<String> {
+        let mut missing = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in cfg.routes.iter().filter_map(|r| r.cache.as_ref()) {
+            if !seen.insert(c.namespace.as_str()) {
+                continue; // the first route of a namespace gives its TTL
+            }
+            match self.namespaces.get(&c.namespace) {
+                Some(ns) => ns.ttl_ms.store(
+                    u64::try_from(c.ttl.as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                ),
+                None => missing.push(c.namespace.clone()),
+            }
+        }
+        missing
     }
 
     pub(super) fn error(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -675,7 +702,7 @@ impl CacheStore {
                 v.insert("items".into(), json!(n.items()));
                 v.insert("bytes".into(), json!(n.bytes()));
                 v.insert("max_items".into(), json!(n.max_items));
-                v.insert("ttl_seconds".into(), json!(n.ttl.as_secs()));
+                v.insert("ttl_seconds".into(), json!(n.ttl().as_secs()));
                 v.insert("generation".into(), json!(n.generation()));
                 v.insert("invalidation_pending".into(), json!(n.owes()));
                 v.insert(

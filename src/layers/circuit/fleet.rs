@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use http::Response;
 
-use super::breaker::Breaker;
+use super::breaker::{Breaker, Change};
 use super::{Circuits, ResponseFuture};
 use crate::BoxError;
 use crate::body::Body;
@@ -38,54 +38,61 @@ const MIN_PROBE_LEASE: Duration = Duration::from_secs(1);
 /// A boxed answer future: only a fleet's probe takes this path.
 pub type BoxAnswer = Pin<Box<dyn Future<Output = Result<Response<Body>, BoxError>> + Send>>;
 
-/// The circuits' link to the fleet.
+/// The circuits' link to the fleet: one per process, through reloads.
 #[derive(Debug)]
 pub struct FleetLink {
     redis: RedisStore,
     /// This sidecar's name on the probe lease.
     token: String,
+    /// Where every circuit tells its transitions, for the writer.
+    changes: tokio::sync::mpsc::UnboundedSender<Change>,
 }
 
 impl Circuits {
     /// Makes every circuit one for the fleet through `redis`.
     pub fn follow_fleet(self: &Arc<Self>, redis: RedisStore) {
-        let link = Arc::new(FleetLink {
-            redis: redis.clone(),
-            token: uuid::Uuid::new_v4().simple().to_string(),
-        });
-        if self.fleet.set(Arc::clone(&link)).is_err() {
-            return;
-        }
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for b in self.iter() {
-            b.link(tx.clone());
-        }
-        let weak = Arc::downgrade(self);
+        let (changes, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
         let writer = redis.clone();
+        // Until every circuit that can tell a change is gone.
         tokio::spawn(async move {
             while let Some(change) = rx.recv().await {
-                let Some(circuits) = weak.upgrade() else {
-                    return;
-                };
                 // A failure is counted by the store; the circuit stays this
                 // sidecar's until Redis takes its next change.
                 if let Ok(v) = writer
                     .write_circuit(&change.circuit, change.opened_for)
                     .await
                 {
-                    if let Some(b) = circuits.get(&change.circuit) {
-                        b.wrote(v);
+                    if let Some(core) = change.core.upgrade() {
+                        core.wrote(v);
                     }
                 }
             }
         });
+        self.join_fleet(Arc::new(FleetLink {
+            redis,
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            changes,
+        }));
+    }
+
+    /// Links every circuit to the fleet, and follows the fleet's states
+    /// while these circuits are the ones in force.
+    pub(super) fn join_fleet(self: &Arc<Self>, link: Arc<FleetLink>) {
+        for b in self.iter() {
+            b.link(link.changes.clone());
+        }
         let weak = Arc::downgrade(self);
-        redis.on_circuit_messages(move |name, state| {
-            if let Some(b) = weak.upgrade().as_ref().and_then(|c| c.get(name).cloned()) {
+        link.redis.on_circuit_messages(move |name, state| {
+            let Some(circuits) = weak.upgrade() else {
+                return false; // replaced by a reload
+            };
+            if let Some(b) = circuits.get(name) {
                 b.adopt(state.version, state.open_for);
             }
+            true
         });
-        tokio::spawn(poll(Arc::downgrade(self), redis));
+        tokio::spawn(poll(Arc::downgrade(self), link.redis.clone()));
+        let _ = self.fleet.set(link);
     }
 
     pub(super) fn fleet(&self) -> Option<&Arc<FleetLink>> {

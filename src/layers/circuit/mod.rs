@@ -59,6 +59,37 @@ impl Circuits {
         })
     }
 
+    /// The circuits of a reloaded configuration: one whose threshold and
+    /// timeout are unchanged keeps its state (open stays open); a new or
+    /// changed one starts closed. The fleet's link carries over.
+    pub fn reloaded(&self, cfg: &Config) -> Arc<Self> {
+        let cb = &cfg.circuit_breaker;
+        let threshold = cb.threshold.max(1);
+        let names = BUILTIN
+            .iter()
+            .copied()
+            .chain(cfg.routes.iter().map(|r| r.circuit.as_str()));
+        let by_name = names
+            .map(|n| {
+                let kept = self
+                    .by_name
+                    .get(n)
+                    .filter(|b| b.threshold() == threshold && b.open_for() == cb.timeout);
+                let b = kept.map_or_else(|| Breaker::new(n, threshold, cb.timeout), Arc::clone);
+                (Arc::from(n), b)
+            })
+            .collect();
+        let next = Arc::new(Self {
+            by_name,
+            enabled: cb.enabled,
+            fleet: Arc::default(),
+        });
+        if let Some(link) = self.fleet() {
+            next.join_fleet(Arc::clone(link));
+        }
+        next
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Breaker>> {
         self.by_name.get(name)
     }
@@ -144,6 +175,13 @@ impl CircuitFigures for Circuits {
                 }
             })
             .collect()
+    }
+}
+
+/// The figures of the circuits in force, through every reload.
+impl CircuitFigures for arc_swap::ArcSwap<Circuits> {
+    fn circuits(&self) -> Vec<CircuitReading> {
+        self.load().circuits()
     }
 }
 

@@ -132,6 +132,43 @@ impl QuotaLayer {
         }
     }
 
+    /// The quotas of a reloaded configuration: a route whose limits, queue
+    /// and stale-first choice are unchanged keeps its windows and waiting
+    /// requests (a learned limit too); a changed one starts afresh. The
+    /// fleet's windows in Redis are kept either way (they are the app's
+    /// calls, whatever the limit).
+    pub fn reloaded(&self, cfg: &Config) -> Self {
+        let old = &self.shared;
+        old.stats.reroute(Self::routes(cfg));
+        let routes = cfg
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let fresh = RouteQuota::new(r, old.stats.route(&r.name)?);
+                let kept = old.routes.get(&r.name).filter(|o| {
+                    o.limits == fresh.limits
+                        && o.queue == fresh.queue
+                        && o.stale_first == fresh.stale_first
+                        && o.message == fresh.message
+                });
+                Some((
+                    r.name.clone(),
+                    kept.map_or_else(|| Arc::new(fresh), Arc::clone),
+                ))
+            })
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                routes,
+                redis: old.redis.clone(),
+                stats: Arc::clone(&old.stats),
+                start: old.start,
+                sidecar: old.sidecar.clone(),
+                seq: AtomicU64::new(old.seq.load(std::sync::atomic::Ordering::Relaxed)),
+            }),
+        }
+    }
+
     /// Every route and its limits (for the metrics' labels):
     /// `("rag", [("15 per minute", 15)])`, or `[("learned", 0)]` for a
     /// route with no `upstream_limit`.

@@ -91,14 +91,19 @@ pub struct Core {
     changes: OnceLock<tokio::sync::mpsc::UnboundedSender<Change>>,
     /// The fleet's version of the state last written or taken here.
     applied: AtomicU64,
+    /// Itself, for the changes it tells (the fleet's writer reports the
+    /// version back to it).
+    me: std::sync::Weak<Core>,
 }
 
 /// A transition this sidecar made, for the fleet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Change {
     pub circuit: Arc<str>,
     /// `Some(d)`: opened for `d`; `None`: closed.
     pub opened_for: Option<Duration>,
+    /// The circuit that made it.
+    pub core: std::sync::Weak<Core>,
 }
 
 /// What a caller may do.
@@ -124,7 +129,7 @@ pub struct Snapshot {
 
 impl Breaker {
     pub fn new(name: &str, threshold: u32, open_for: Duration) -> Arc<Self> {
-        let core = Core {
+        let core = Arc::new_cyclic(|me| Core {
             name: name.into(),
             threshold: threshold.max(1),
             open_for,
@@ -137,10 +142,9 @@ impl Breaker {
             }),
             changes: OnceLock::new(),
             applied: AtomicU64::new(0),
-        };
-        Arc::new(Self {
-            core: Arc::new(core),
-        })
+            me: me.clone(),
+        });
+        Arc::new(Self { core })
     }
 
     /// Another handle on the same circuit (for one worker).
@@ -199,6 +203,11 @@ impl Core {
         self.open_for
     }
 
+    /// Consecutive failures that open it.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -218,6 +227,7 @@ impl Core {
             let _ = tx.send(Change {
                 circuit: Arc::clone(&self.name),
                 opened_for,
+                core: self.me.clone(),
             });
         }
     }

@@ -3,7 +3,10 @@
 //! metrics, the readiness probe, the machine monitor), starts the background
 //! tasks, assembles one proxy stack per worker and the admin router, and
 //! hands them to the [`Server`]. The only module that knows every part;
-//! nothing imports it but the binary and the tests.
+//! nothing imports it but the binary and the tests. [`reload`] rebuilds the
+//! stacks over the same parts when the configuration changes.
+
+pub mod reload;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -60,6 +63,17 @@ pub struct App {
     server: Server,
     /// The span export, flushed after the drain.
     exporting: Option<Exporting>,
+    reloader: reload::Reloader,
+}
+
+/// The headers in the cache key: the identity headers, then the vary ones.
+fn keyed_headers(cfg: &Config) -> Vec<String> {
+    cfg.cache
+        .identity_headers
+        .iter()
+        .chain(&cfg.cache.vary_headers)
+        .cloned()
+        .collect()
 }
 
 impl App {
@@ -81,15 +95,12 @@ impl App {
         let redis = RedisStore::from_config(&cfg.redis, Arc::clone(&redis_errors))?;
         let cache = CacheStore::new(&cfg, redis.clone()).map_err(AppError::Cache)?;
         cache.follow_fleet();
-        let keyed: Vec<String> = cfg
-            .cache
-            .identity_headers
-            .iter()
-            .chain(&cfg.cache.vary_headers)
-            .cloned()
-            .collect();
         let memory = MemoryBudget::new(cfg.memory_budget);
-        let cache_layer = CacheLayer::new(Arc::clone(&cache), &keyed, Arc::clone(&memory));
+        let cache_layer = CacheLayer::new(
+            Arc::clone(&cache),
+            &keyed_headers(&cfg),
+            Arc::clone(&memory),
+        );
         let quota_stats = QuotaStats::new(QuotaLayer::routes(&cfg));
         let quota = QuotaLayer::new(&cfg, redis.clone(), Arc::clone(&quota_stats));
         let rate_limit = RateLimitLayer::new(&cfg, redis.clone());
@@ -117,14 +128,18 @@ impl App {
         let spool = SpoolBudget::new(cfg.spool_max_bytes);
         let spans = Arc::default();
         let (tracing, exporting) = Tracing::start(&cfg.tracing, Arc::clone(&spans))?;
+        // The metrics read the limits and circuits in force, whatever the
+        // reloads since.
+        let rate_figures = Arc::new(arc_swap::ArcSwap::from_pointee(rate_limit.clone()));
+        let circuit_figures = Arc::new(arc_swap::ArcSwap::new(Arc::clone(&resilience.circuits)));
         let metrics = Metrics::new(
             &cfg,
             Sources {
                 cache: Arc::clone(&cache) as _,
-                rate_limit: Arc::new(rate_limit.clone()),
+                rate_limit: Arc::clone(&rate_figures) as _,
                 failures: Arc::clone(&resilience.failures),
                 retries: Arc::clone(&resilience.retries),
-                circuits: Arc::clone(&resilience.circuits) as _,
+                circuits: Arc::clone(&circuit_figures) as _,
                 system: Arc::clone(&monitor),
                 probe: Arc::clone(&readiness) as _,
                 spool: Arc::clone(&spool) as _,
@@ -147,16 +162,13 @@ impl App {
             tracing,
         };
         // One stack per worker, each over its own upstream pool.
-        let stacks = (0..listeners.workers())
-            .map(|i| {
-                build_stack(
-                    &cfg,
-                    routes.clone(),
-                    Proxy::new(UpstreamClient::new(&cfg), &cfg),
-                    &shared,
-                    i,
-                )
-            })
+        let proxies: Vec<Proxy> = (0..listeners.workers())
+            .map(|_| Proxy::new(UpstreamClient::new(&cfg), &cfg))
+            .collect();
+        let stacks = proxies
+            .iter()
+            .enumerate()
+            .map(|(i, proxy)| build_stack(&cfg, routes.clone(), proxy.clone(), &shared, i))
             .collect();
         let state = Arc::new(AdminState {
             readiness,
@@ -170,10 +182,27 @@ impl App {
         let mut endpoints = crate::admin::builtin_endpoints();
         endpoints.extend(extra);
         let admin = Admin::with_endpoints(state, endpoints);
+        let server = Server::new(&cfg, listeners, stacks, admin);
+        let (cells, admin) = server.reloadable();
+        let reloader = reload::Reloader::new(reload::Parts {
+            cfg,
+            shared,
+            proxies,
+            cells,
+            admin,
+            rate_figures,
+            circuit_figures,
+        });
         Ok(Self {
-            server: Server::new(&cfg, listeners, stacks, admin),
+            server,
             exporting,
+            reloader,
         })
+    }
+
+    /// What applies a new configuration to this sidecar.
+    pub fn reloader(&self) -> reload::Reloader {
+        self.reloader.clone()
     }
 
     /// Where the proxy listens (useful with port 0).
