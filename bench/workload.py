@@ -27,8 +27,9 @@ Contenders (CONTENDERS, at each rate of RATES): `app` alone; `nginx` with
 proxy_cache keyed on the body; `nolimit`, one rag-sidecar with no upstream
 limit (it learns one from the app's quota errors); `limit`, one rag-sidecar
 with RAG_UPSTREAM_LIMIT="15 per minute"; `limit2`, two such replicas on one
-Redis, the requests alternating between them. Rate limits off, as in
-bench.sh.
+Redis, the requests alternating between them; `nolimit2`, two replicas with
+no limit on one Redis (what the fleet learns together: one circuit for the
+fleet, not in the default set). Rate limits off, as in bench.sh.
 
 Per contender: the RAG answers fresh / from before an upload / none beside
 the reference's, the RAG p95 of the 200s, the app's calls, quota errors at
@@ -433,6 +434,7 @@ SHORT = {
     "rag-sidecar, no limit set (learned)": "sidecar, learned",
     "rag-sidecar, 15 per minute": "sidecar, 15/min",
     "rag-sidecar x2 on Redis, 15 per minute": "sidecar x2, 15/min",
+    "rag-sidecar x2 on Redis, no limit set (learned)": "sidecar x2, learned",
     "reference": "reference",
 }
 
@@ -443,6 +445,7 @@ CONTENDER_NAMES = {
     "nolimit": "rag-sidecar, no limit set (learned)",
     "limit": "rag-sidecar, 15 per minute",
     "limit2": "rag-sidecar x2 on Redis, 15 per minute",
+    "nolimit2": "rag-sidecar x2 on Redis, no limit set (learned)",
 }
 
 
@@ -461,8 +464,9 @@ def contender(which, rate, queue="default"):
             ports, pids = [port], [pid]
         else:
             redis = start_redis(ps)
-            a, pa = start_sidecar(ps, app, redis, queue=queue)
-            b, pb = start_sidecar(ps, app, redis, queue=queue)
+            limit = which == "limit2"
+            a, pa = start_sidecar(ps, app, redis, limit=limit, queue=queue)
+            b, pb = start_sidecar(ps, app, redis, limit=limit, queue=queue)
             ports, pids = [a, b], [pa, pb]
         r = run(CONTENDER_NAMES[which], ports, ps, pids, app, plan)
         r["rate"] = rate

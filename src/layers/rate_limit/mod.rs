@@ -28,6 +28,7 @@
 //! soon as Redis answers again.
 
 pub mod key;
+mod reload;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -50,7 +51,6 @@ use crate::body::{self, Body};
 use crate::config::{Config, Rate, RateLimitKey, RouteRate};
 use crate::error::{Decorated, RateHeaders, RateLimited};
 use crate::extensions::{ClientAddr, ClientId};
-use crate::metrics::rate_limit::{RateLimitFigures, RouteRejections};
 use crate::redis::{RATE_LIMIT_SPACE, RedisStore};
 use crate::route::MatchedRoute;
 use crate::service::{BoxResponseFuture, Hook, Inner, OnAnswer, call_boxed, ceil_secs, take_ready};
@@ -103,6 +103,9 @@ struct Shared {
 #[derive(Debug, Clone)]
 pub struct RateLimitLayer {
     shared: Option<Arc<Shared>>,
+    /// The Redis client, kept while limits are off, for a reload that
+    /// turns them on.
+    redis: Option<RedisStore>,
 }
 
 fn quota(rate: Rate) -> Option<Quota> {
@@ -115,7 +118,10 @@ impl RateLimitLayer {
     /// With `redis`, limits are shared through it (local while it is down).
     pub fn new(cfg: &Config, redis: Option<RedisStore>) -> Self {
         if !cfg.rate_limit.enabled {
-            return Self { shared: None };
+            return Self {
+                shared: None,
+                redis,
+            };
         }
         let mut routes = HashMap::new();
         for r in &cfg.routes {
@@ -174,52 +180,15 @@ impl RateLimitLayer {
                 routes,
                 trusted: cfg.trusted_proxies.clone(),
                 key: cfg.rate_limit.key.clone(),
-                redis,
+                redis: redis.clone(),
                 secret: match &cfg.rate_limit.key_secret {
                     Some(s) => tokio::sync::OnceCell::new_with(Some(s.clone().into_bytes())),
                     None => tokio::sync::OnceCell::new(),
                 },
                 fallbacks: AtomicU64::new(0),
             })),
+            redis,
         }
-    }
-
-    /// The limits of a reloaded configuration: a route whose limits and
-    /// dry run are unchanged keeps its limiters (and so every client's
-    /// count); a changed one starts afresh, its figures carried over.
-    /// Shared limits live in Redis under their names, and are kept either
-    /// way while the rates are the same.
-    pub fn reloaded(&self, cfg: &Config) -> Self {
-        let old = self.shared.as_ref();
-        let redis = old.and_then(|s| s.redis.clone());
-        let mut next = Self::new(cfg, redis);
-        let (Some(old), Some(new)) = (old, next.shared.as_mut().and_then(Arc::get_mut)) else {
-            return next;
-        };
-        for (route, policy) in &mut new.routes {
-            let Some(before) = old.routes.get(route) else {
-                continue;
-            };
-            let same = before.dry_run == policy.dry_run
-                && before.limits.len() == policy.limits.len()
-                && before
-                    .limits
-                    .iter()
-                    .zip(&policy.limits)
-                    .all(|(a, b)| a.rate == b.rate);
-            if same {
-                *policy = Arc::clone(before);
-            } else if let Some(p) = Arc::get_mut(policy) {
-                p.rejected = AtomicU64::new(before.rejected.load(Ordering::Relaxed));
-                p.dry_run_rejected =
-                    AtomicU64::new(before.dry_run_rejected.load(Ordering::Relaxed));
-            }
-        }
-        new.fallbacks = AtomicU64::new(old.fallbacks.load(Ordering::Relaxed));
-        if let Some(secret) = old.secret.get() {
-            new.secret = tokio::sync::OnceCell::new_with(Some(secret.clone()));
-        }
-        next
     }
 
     /// Drops the state of clients whose limits have fully recovered, so the
@@ -260,34 +229,6 @@ impl RateLimitLayer {
     /// The policy of a route, for its counters.
     pub fn route(&self, name: &str) -> Option<Arc<RoutePolicy>> {
         self.shared.as_ref()?.routes.get(name).cloned()
-    }
-}
-
-/// The limiter reports its rejections and tracked keys to the metrics.
-/// The figures of the limits in force, through every reload.
-impl RateLimitFigures for arc_swap::ArcSwap<RateLimitLayer> {
-    fn routes(&self) -> Vec<RouteRejections> {
-        self.load().routes()
-    }
-
-    fn tracked_keys(&self) -> usize {
-        RateLimitLayer::tracked_keys(&self.load())
-    }
-}
-
-impl RateLimitFigures for RateLimitLayer {
-    fn routes(&self) -> Vec<RouteRejections> {
-        self.policies()
-            .map(|(route, p)| RouteRejections {
-                route: route.to_string(),
-                rejected: p.rejected.load(Ordering::Relaxed),
-                dry_run_rejected: p.dry_run_rejected.load(Ordering::Relaxed),
-            })
-            .collect()
-    }
-
-    fn tracked_keys(&self) -> usize {
-        RateLimitLayer::tracked_keys(self)
     }
 }
 
