@@ -685,3 +685,40 @@ async fn circuits_are_one_for_the_fleet_on_a_redis_cluster() {
     let cluster = common::RedisCluster::start(3);
     circuits_are_one_for_the_fleet(&cluster.url()).await;
 }
+
+/// Redis down: each sidecar's circuits are its own again (PRODUCT.md), and
+/// opening one costs the others nothing.
+#[tokio::test]
+async fn with_redis_down_each_sidecars_circuits_are_its_own() {
+    let mut redis = Redis::start();
+    let mock = Mock::start_with(&["--search-latency-ms", "0", "--rag-latency-ms", "0"]);
+    let toml = format!(
+        "[redis]\nurl = \"{}\"\n[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
+         [circuit_breaker]\nthreshold = 3\ntimeout = \"60s\"\n",
+        redis.url()
+    );
+    let (a, b) = (
+        Sidecar::start(&mock.url(), &toml).await,
+        Sidecar::start(&mock.url(), &toml).await,
+    );
+    let bases = [format!("http://{}", a.addr), format!("http://{}", b.addr)];
+    for base in &bases {
+        until_redis_connected(base).await;
+    }
+    redis.stop();
+    for base in &bases {
+        eventually("Redis seen down", async || {
+            stats_at(base).await["redis_connected"] == false
+        })
+        .await;
+    }
+    for i in 0..3 {
+        let r = search_failing(&bases[0], &format!("down {i}"), Some(503)).await;
+        assert_eq!(r.status(), 503);
+    }
+    assert_eq!(upstream_circuit(&bases[0]).await["state"], "open");
+    // Given time to spread, it does not: B is closed and calls the app.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(upstream_circuit(&bases[1]).await["state"], "closed");
+    assert_eq!(search_failing(&bases[1], "b still calls", None).await.status(), 200);
+}

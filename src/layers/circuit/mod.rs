@@ -257,24 +257,29 @@ where
             },
         };
         let learning = req.extensions().get::<QuotaLearning>().is_some();
-        let probe = permit.is_probe();
-        let call = ResponseFuture::Call {
-            fut: self.inner.call(req),
-            permit: Some(permit),
-            client,
-            learning,
-        };
-        if probe {
+        if permit.is_probe() {
             if let Some(fleet) = self.circuits.fleet() {
                 // The one call of HALF-OPEN, once the fleet's probe is this
                 // sidecar's (boxed: rare). The call's future is not polled
                 // before.
+                let call = ResponseFuture::Call {
+                    fut: self.inner.call(req),
+                    permit: Some(permit),
+                    client,
+                    learning,
+                };
                 return ResponseFuture::Probe {
                     fut: fleet.probe(Arc::clone(b), call),
                 };
             }
         }
-        call
+        // Built in place: the common path moves no future.
+        ResponseFuture::Call {
+            fut: self.inner.call(req),
+            permit: Some(permit),
+            client,
+            learning,
+        }
     }
 }
 
