@@ -686,15 +686,13 @@ async fn circuits_are_one_for_the_fleet_on_a_redis_cluster() {
     circuits_are_one_for_the_fleet(&cluster.url()).await;
 }
 
-/// Redis down: each sidecar's circuits are its own again (PRODUCT.md), and
-/// opening one costs the others nothing.
-#[tokio::test]
-async fn with_redis_down_each_sidecars_circuits_are_its_own() {
-    let mut redis = Redis::start();
+/// Two sidecars on `redis`, connected, with circuits opening after three
+/// failures for `open_for`, no retries, no rate limits.
+async fn two_sidecars(redis: &Redis, open_for: &str) -> (Mock, Sidecar, Sidecar, [String; 2]) {
     let mock = Mock::start_with(&["--search-latency-ms", "0", "--rag-latency-ms", "0"]);
     let toml = format!(
         "[redis]\nurl = \"{}\"\n[rate_limit]\nenabled = false\n[retry]\nmax_retries = 0\n\
-         [circuit_breaker]\nthreshold = 3\ntimeout = \"60s\"\n",
+         [circuit_breaker]\nthreshold = 3\ntimeout = \"{open_for}\"\n",
         redis.url()
     );
     let (a, b) = (
@@ -705,6 +703,15 @@ async fn with_redis_down_each_sidecars_circuits_are_its_own() {
     for base in &bases {
         until_redis_connected(base).await;
     }
+    (mock, a, b, bases)
+}
+
+/// Redis down: each sidecar's circuits are its own again (PRODUCT.md), and
+/// opening one costs the others nothing.
+#[tokio::test]
+async fn with_redis_down_each_sidecars_circuits_are_its_own() {
+    let mut redis = Redis::start();
+    let (_mock, _a, _b, bases) = two_sidecars(&redis, "60s").await;
     redis.stop();
     for base in &bases {
         eventually("Redis seen down", async || {
@@ -720,5 +727,39 @@ async fn with_redis_down_each_sidecars_circuits_are_its_own() {
     // Given time to spread, it does not: B is closed and calls the app.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(upstream_circuit(&bases[1]).await["state"], "closed");
-    assert_eq!(search_failing(&bases[1], "b still calls", None).await.status(), 200);
+    assert_eq!(
+        search_failing(&bases[1], "b still calls", None)
+            .await
+            .status(),
+        200
+    );
+}
+
+/// The fleet's version of a circuit only grows, even when Redis lost the
+/// key (it expired, Redis restarted empty, a failover): a sidecar that
+/// took a version before still takes the next state.
+#[tokio::test]
+async fn a_circuit_is_still_the_fleets_after_redis_lost_its_key() {
+    let redis = Redis::start();
+    let (_mock, _a, _b, bases) = two_sidecars(&redis, "1s").await;
+    let trip = async |base: &str, round: &str| {
+        for i in 0..3 {
+            search_failing(base, &format!("{round} {i}"), Some(503)).await;
+        }
+    };
+    // Opened and closed once: every sidecar has taken a version.
+    trip(&bases[0], "first").await;
+    every_circuit(&bases, "open", Duration::from_secs(1)).await;
+    every_circuit(&bases, "half_open", Duration::from_secs(5)).await;
+    assert_eq!(search_failing(&bases[0], "probe", None).await.status(), 200);
+    every_circuit(&bases, "closed", Duration::from_secs(1)).await;
+    // Redis loses the key; the next opening still reaches the other.
+    assert_eq!(
+        redis
+            .cli(&["DEL", "rag-sidecar:fleet:circuit:upstream"])
+            .trim(),
+        "1"
+    );
+    trip(&bases[0], "second").await;
+    every_circuit(&bases, "open", Duration::from_secs(1)).await;
 }

@@ -104,14 +104,6 @@ impl App {
         let quota_stats = QuotaStats::new(QuotaLayer::routes(&cfg));
         let quota = QuotaLayer::new(&cfg, redis.clone(), Arc::clone(&quota_stats));
         let rate_limit = RateLimitLayer::new(&cfg, redis.clone());
-        let sweeper = rate_limit.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SWEEP_EVERY);
-            loop {
-                tick.tick().await;
-                sweeper.sweep();
-            }
-        });
         let readiness = Arc::new(Readiness::new(
             UpstreamClient::new(&cfg),
             &cfg.readiness_path,
@@ -131,6 +123,15 @@ impl App {
         // The metrics read the limits and circuits in force, whatever the
         // reloads since.
         let rate_figures = Arc::new(arc_swap::ArcSwap::from_pointee(rate_limit.clone()));
+        // The limits in force are swept, whatever the reloads since.
+        let sweeper = Arc::clone(&rate_figures);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                tick.tick().await;
+                sweeper.load().sweep();
+            }
+        });
         let circuit_figures = Arc::new(arc_swap::ArcSwap::new(Arc::clone(&resilience.circuits)));
         let metrics = Metrics::new(
             &cfg,

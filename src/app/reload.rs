@@ -106,10 +106,9 @@ impl Reloader {
             tracing::warn!("config reload: log.level: {e}; keeping the running level");
         }
         let next = Arc::new(next);
-        for ns in parts.shared.cache.store().retune(&next) {
+        for what in parts.shared.cache.store().retune(&next) {
             tracing::warn!(
-                namespace = %ns,
-                "config reload: a new cache namespace needs a restart; its route is not cached until then"
+                "config reload: {what} needs a restart; the running memory layer is kept (a new namespace's route is not cached until then)"
             );
         }
         apply(&mut parts, next);
@@ -197,13 +196,12 @@ pub async fn watch(
             }
         };
         tracing::info!(trigger = why, "reloading the configuration");
-        reloader.reload(load(), why).await;
-        // The file as this reload read it: no second reload for it.
-        if let Some(path) = &file {
-            if let Ok(now) = std::fs::read(path) {
-                last = Some(now);
-            }
+        // The file as it is before this reload reads it: a change made
+        // while it loads is seen at the next tick.
+        if let Some(now) = file.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            last = Some(now);
         }
+        reloader.reload(load(), why).await;
     }
 }
 

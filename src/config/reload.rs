@@ -5,15 +5,16 @@
 //! restart.
 //!
 //! Live: the routes (and every per-route setting: timeouts, cache TTLs,
-//! limits, quotas, circuits, retries), `rate_limit.*` but its secret,
-//! `retry.*`, `circuit_breaker.*`, `cache.default_ttl`,
-//! `cache.stale_if_error`, `cache.identity_headers`, `cache.vary_headers`,
-//! `cache.max_body_bytes`, `max_request_body`, `response_buffer`,
+//! limits, quotas, circuits, retries; not a namespace's `max_items`, which
+//! sizes its memory layer), `rate_limit.*` but its secret, `retry.*`,
+//! `circuit_breaker.*`, `cache.default_ttl`, `cache.identity_headers`,
+//! `cache.vary_headers`, `max_request_body`, `response_buffer`,
 //! `trusted_proxies`, `log.level` and `admin.token`. Everything else is
 //! fixed at start: the listeners and the connection guards, the threads,
 //! the upstream and its pool, Redis and the fleet's timings, the memory
-//! and spool budgets, the cache's memory sizes, logging's format and file,
-//! metrics and tracing.
+//! and spool budgets, the cache's memory sizes, largest body and stale
+//! window (its store is kept), logging's format and file, metrics and
+//! tracing.
 
 use super::Config;
 use super::settings::SETTINGS;
@@ -39,6 +40,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "log.file",
     "cache.max_memory_items",
     "cache.max_memory_bytes",
+    "cache.max_body_bytes",
+    "cache.stale_if_error",
     "cache.lease_ttl",
     "cache.generation_poll",
     "redis.url",
@@ -104,6 +107,8 @@ impl Config {
         next.log.file = self.log.file.clone();
         next.cache.max_memory_items = self.cache.max_memory_items;
         next.cache.max_memory_bytes = self.cache.max_memory_bytes;
+        next.cache.max_body_bytes = self.cache.max_body_bytes;
+        next.cache.stale_if_error = self.cache.stale_if_error;
         next.cache.lease_ttl = self.cache.lease_ttl;
         next.cache.generation_poll = self.cache.generation_poll;
         next.redis = self.redis.clone();
@@ -143,7 +148,8 @@ mod tests {
              spool_max_bytes = 1000000\nmemory_budget = 2000000\nthreads = 3\n\
              readiness_path = \"/x\"\n\
              [log]\nformat = \"json\"\nfile = \"/tmp/x.log\"\nlevel = \"debug\"\n\
-             [cache]\nmax_memory_items = 3\nmax_memory_bytes = 3000000\nlease_ttl = \"9s\"\n\
+             [cache]\nmax_memory_items = 3\nmax_memory_bytes = 3000000\nmax_body_bytes = 1000\n\
+             stale_if_error = \"9s\"\nlease_ttl = \"9s\"\n\
              generation_poll = \"9s\"\ndefault_ttl = \"7s\"\n\
              [redis]\nurl = \"redis://:pw@127.0.0.1:6390/0\"\ntimeout = \"70ms\"\nkey_prefix = \"x:\"\n\
              [rate_limit]\nkey_secret = \"s\"\ndefault = \"3 per minute\"\n\

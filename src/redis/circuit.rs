@@ -27,9 +27,11 @@ const STATE_SPACE: &str = "fleet:circuit:";
 const STATE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Writes state ARGV[1] (`open`, `closed`) until server time + ARGV[2] ms,
-/// one version above the stored one, keeps it ARGV[3] ms, and publishes
-/// `ARGV[5] <version> <state> <ms left>` on channel ARGV[4]. Returns the
-/// version.
+/// keeps it ARGV[3] ms, and publishes `ARGV[5] <version> <state> <ms left>`
+/// on channel ARGV[4]. Returns the version: above the stored one and at
+/// least the server's time in ms, so that it only grows even when the key
+/// was lost (expired, a Redis restart, a failover), and the sidecars that
+/// took a high version before still take the next.
 // Cluster: one key (KEYS[1]), so one slot.
 const WRITE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -38,9 +40,11 @@ local cur = redis.call('GET', KEYS[1])
 local v = 0
 if cur then v = tonumber(string.match(cur, '^(%d+):')) or 0 end
 v = v + 1
+if v < now then v = now end
+local vs = string.format('%.0f', v)
 local untl = now + tonumber(ARGV[2])
-redis.call('SET', KEYS[1], v .. ':' .. ARGV[1] .. ':' .. string.format('%.0f', untl), 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. v .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
+redis.call('SET', KEYS[1], vs .. ':' .. ARGV[1] .. ':' .. string.format('%.0f', untl), 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. vs .. ' ' .. ARGV[1] .. ' ' .. ARGV[2])
 return v
 "#;
 
@@ -180,23 +184,27 @@ impl RedisStore {
     }
 
     /// Calls `on_state` for every message of the circuits' channel (the
-    /// subscription is [`RedisStore::listen`]'s), until it returns `false`.
+    /// subscription is [`RedisStore::listen`]'s), until `alive` (asked at
+    /// every message of any channel) says no.
     pub fn on_circuit_messages(
         &self,
-        on_state: impl Fn(&str, FleetCircuit) -> bool + Send + 'static,
+        alive: impl Fn() -> bool + Send + 'static,
+        on_state: impl Fn(&str, FleetCircuit) + Send + 'static,
     ) {
         let mut rx = self.subscriber.message_rx();
         let channel = self.circuits_channel();
         tokio::spawn(async move {
             loop {
-                match rx.recv().await {
+                let msg = rx.recv().await;
+                if !alive() {
+                    return;
+                }
+                match msg {
                     Ok(msg) if *msg.channel == *channel => {
                         if let Some((name, state)) =
                             msg.value.as_string().as_deref().and_then(parse_message)
                         {
-                            if !on_state(name, state) {
-                                return;
-                            }
+                            on_state(name, state);
                         }
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}

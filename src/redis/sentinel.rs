@@ -172,24 +172,27 @@ fn switch_master(text: &str, service: &str) -> Option<Server> {
     Some(Server::new(host, port))
 }
 
-/// Whether `client` sends to `primary`.
-fn on(client: &impl ClientLike, primary: &Server) -> bool {
-    client
-        .active_connections()
-        .iter()
-        .any(|s| s.host == primary.host && s.port == primary.port)
-}
-
 impl Follower {
     /// Moves both clients to `primary` unless they are there already;
     /// `None` (a `READONLY` reply): reconnects them, fred asks the
     /// sentinels who leads and checks its role.
     pub(super) async fn to(&self, primary: Option<Server>) {
         let _one = self.busy.lock().await;
-        if let Some(p) = &primary {
-            if on(&self.client, p) && on(&self.subscriber, p) {
-                return;
-            }
+        // A client with no connection is reconnecting already, and fred
+        // asks the sentinels then: only one connected elsewhere is moved
+        // (no reconnection storm, no log line a second, while a primary is
+        // down before the failover).
+        let elsewhere = |c: &dyn Fn() -> Vec<Server>| {
+            let conns = c();
+            !conns.is_empty()
+                && primary
+                    .as_ref()
+                    .is_none_or(|p| !conns.iter().any(|s| s.host == p.host && s.port == p.port))
+        };
+        let move_client = elsewhere(&|| self.client.active_connections());
+        let move_subscriber = elsewhere(&|| self.subscriber.active_connections());
+        if !move_client && !move_subscriber {
+            return;
         }
         let was = self.client.active_connections();
         tracing::warn!(
@@ -197,21 +200,26 @@ impl Follower {
             now = %primary.as_ref().map(ToString::to_string).unwrap_or_else(|| "(ask the sentinels)".into()),
             "Redis primary changed: reconnecting to the one Sentinel names"
         );
-        let (a, b) = tokio::join!(
-            tokio::time::timeout(RECONNECT_LIMIT, self.client.force_reconnection()),
-            tokio::time::timeout(RECONNECT_LIMIT, self.subscriber.force_reconnection()),
+        tokio::join!(
+            reconnect(&self.client, move_client),
+            reconnect(&self.subscriber, move_subscriber),
         );
-        for r in [a, b] {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(
-                    "Redis: reconnecting after a failover failed: {e} (fred retries)"
-                ),
-                Err(_) => tracing::warn!(
-                    "Redis: reconnecting after a failover took over {RECONNECT_LIMIT:?} (fred retries)"
-                ),
-            }
+    }
+}
+
+/// Makes `client` connect again (fred asks the sentinels), when `go`.
+async fn reconnect(client: &impl ClientLike, go: bool) {
+    if !go {
+        return;
+    }
+    match tokio::time::timeout(RECONNECT_LIMIT, client.force_reconnection()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!("Redis: reconnecting after a failover failed: {e} (fred retries)")
         }
+        Err(_) => tracing::warn!(
+            "Redis: reconnecting after a failover took over {RECONNECT_LIMIT:?} (fred retries)"
+        ),
     }
 }
 

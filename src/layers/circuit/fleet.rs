@@ -30,9 +30,8 @@ use crate::redis::RedisStore;
 /// the messages; the contract's bound is 1 s).
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
 
-/// The shortest a probe lease is held (it is held as long as the circuit
-/// stays open after a failure, so that it runs out before the next probe
-/// is due).
+/// The shortest a probe lease is held (it is held for the call's time
+/// left, and given back when the probe ends).
 const MIN_PROBE_LEASE: Duration = Duration::from_secs(1);
 
 /// A boxed answer future: only a fleet's probe takes this path.
@@ -81,16 +80,16 @@ impl Circuits {
         for b in self.iter() {
             b.link(link.changes.clone());
         }
-        let weak = Arc::downgrade(self);
-        link.redis.on_circuit_messages(move |name, state| {
-            let Some(circuits) = weak.upgrade() else {
-                return false; // replaced by a reload
-            };
-            if let Some(b) = circuits.get(name) {
-                b.adopt(state.version, state.open_for);
-            }
-            true
-        });
+        let (weak, alive) = (Arc::downgrade(self), Arc::downgrade(self));
+        link.redis.on_circuit_messages(
+            // Until a reload replaced these circuits.
+            move || alive.strong_count() > 0,
+            move |name, state| {
+                if let Some(b) = weak.upgrade().as_ref().and_then(|c| c.get(name)) {
+                    b.adopt(state.version, state.open_for);
+                }
+            },
+        );
         tokio::spawn(poll(Arc::downgrade(self), link.redis.clone()));
         let _ = self.fleet.set(link);
     }
@@ -122,44 +121,40 @@ async fn poll(circuits: Weak<Circuits>, redis: RedisStore) {
 
 impl FleetLink {
     /// The half-open probe `call` makes (its permit a probe's), once this
-    /// sidecar holds the fleet's probe; another sidecar holding it, it
-    /// answers as open without polling `call`.
+    /// sidecar holds the fleet's probe for `hold` (the call's time left);
+    /// another sidecar holding it, it answers as open without polling
+    /// `call`. The lease is given back when the probe ends, whatever its
+    /// end: a result reaches the fleet at once through its own write.
     pub(super) fn probe<F>(
         self: &Arc<Self>,
         breaker: Arc<Breaker>,
         call: ResponseFuture<F>,
+        hold: Duration,
     ) -> BoxAnswer
     where
         F: Future<Output = Result<Response<Body>, BoxError>> + Send + 'static,
     {
-        let link = Arc::clone(self);
         let name = Arc::clone(breaker.name());
-        let ttl = breaker.open_for().max(MIN_PROBE_LEASE);
-        let taking: Taking = Box::pin(async move {
-            let taken = link.redis.take_probe(&name, &link.token, ttl).await;
-            (link, name, taken)
+        let ttl = hold.max(MIN_PROBE_LEASE);
+        // A task of its own: a lease Redis grants after this request is
+        // gone is still given back (see the drop below).
+        let taking = tokio::spawn({
+            let (link, name) = (Arc::clone(self), Arc::clone(&name));
+            async move { link.redis.take_probe(&name, &link.token, ttl).await }
         });
         Box::pin(Probe {
             taking: Some(taking),
             call,
             breaker,
             lease: None,
+            link: Arc::clone(self),
+            name,
         })
     }
 }
 
 /// The attempt at the fleet's probe lease.
-type Taking = Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    Arc<FleetLink>,
-                    Arc<str>,
-                    Result<bool, crate::redis::RedisError>,
-                ),
-            > + Send,
-    >,
->;
+type Taking = tokio::task::JoinHandle<Result<bool, crate::redis::RedisError>>;
 
 pin_project_lite::pin_project! {
     /// A probe waiting for the fleet's lease, then making its call. (A
@@ -171,6 +166,23 @@ pin_project_lite::pin_project! {
         call: ResponseFuture<F>,
         breaker: Arc<Breaker>,
         lease: Option<Lease>,
+        link: Arc<FleetLink>,
+        name: Arc<str>,
+    }
+
+    impl<F> PinnedDrop for Probe<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped while the lease was being taken: given back if taken.
+            if let (Some(taking), Ok(rt)) = (this.taking.take(), tokio::runtime::Handle::try_current()) {
+                let (link, name) = (Arc::clone(this.link), Arc::clone(this.name));
+                rt.spawn(async move {
+                    if let Ok(Ok(true)) = taking.await {
+                        let _ = link.redis.give_probe(&name, &link.token).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -186,50 +198,43 @@ where
     ) -> std::task::Poll<Self::Output> {
         let mut this = self.project();
         if let Some(taking) = this.taking.as_mut() {
-            let (link, circuit, taken) = std::task::ready!(taking.as_mut().poll(cx));
+            let taken = std::task::ready!(Pin::new(taking).poll(cx));
             *this.taking = None;
             match taken {
-                Ok(true) => {
+                Ok(Ok(true)) => {
                     *this.lease = Some(Lease {
-                        link,
-                        circuit,
-                        armed: true,
+                        link: Arc::clone(this.link),
+                        circuit: Arc::clone(this.name),
                     });
                 }
-                Ok(false) => {
+                Ok(Ok(false)) => {
                     this.call.as_mut().forget();
                     this.breaker.probing_elsewhere();
                     return std::task::Poll::Ready(Err(Box::new(CircuitOpen {
-                        circuit,
+                        circuit: Arc::clone(this.name),
                         retry_after: 1,
                     })));
                 }
                 // Redis cannot say: this sidecar's own probe, as without it.
-                Err(_) => {}
+                Ok(Err(_)) | Err(_) => {}
             }
         }
-        let answer = std::task::ready!(this.call.poll(cx));
-        if let Some(lease) = this.lease.as_mut() {
-            // A result closed or re-opened the circuit, and the fleet hears
-            // it: the lease runs out by itself, after the next probe could
-            // be due. No result: given back at once.
-            lease.armed = this.breaker.awaits_probe();
-        }
-        std::task::Poll::Ready(answer)
+        // The lease (if any) is given back when this future is dropped.
+        this.call.poll(cx)
     }
 }
 
-/// The fleet's probe held by this sidecar; given back when dropped armed
-/// (the probe ended without a result, or its client left).
+/// The fleet's probe held by this sidecar, given back when dropped: the
+/// probe ended (its result, if any, is written and published by then or
+/// on its way), or its client left.
 struct Lease {
     link: Arc<FleetLink>,
     circuit: Arc<str>,
-    armed: bool,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let (true, Ok(rt)) = (self.armed, tokio::runtime::Handle::try_current()) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let link = Arc::clone(&self.link);
             let circuit = Arc::clone(&self.circuit);
             rt.spawn(async move {

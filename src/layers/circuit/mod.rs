@@ -259,6 +259,14 @@ where
         let learning = req.extensions().get::<QuotaLearning>().is_some();
         if permit.is_probe() {
             if let Some(fleet) = self.circuits.fleet() {
+                // The lease for as long as the call may take.
+                let hold = req
+                    .extensions()
+                    .get::<Deadline>()
+                    .map_or(b.open_for(), |d| {
+                        d.at.saturating_duration_since(tokio::time::Instant::now())
+                    })
+                    + std::time::Duration::from_secs(1);
                 // The one call of HALF-OPEN, once the fleet's probe is this
                 // sidecar's (boxed: rare). The call's future is not polled
                 // before.
@@ -269,7 +277,7 @@ where
                     learning,
                 };
                 return ResponseFuture::Probe {
-                    fut: fleet.probe(Arc::clone(b), call),
+                    fut: fleet.probe(Arc::clone(b), call, hold),
                 };
             }
         }

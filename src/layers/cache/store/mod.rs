@@ -425,9 +425,9 @@ impl CacheStore {
         self.namespaces.get(name)
     }
 
-    /// Takes a reloaded configuration's TTLs (entries kept: their age is
-    /// measured against the new TTL). Returns the cached namespaces it has
-    /// no memory layer for: a new namespace needs a restart.
+    /// Takes a reloaded configuration's TTLs (entries kept). Returns what
+    /// it cannot take without a restart: a namespace it has no memory
+    /// layer for, or another size for one it has.
     pub fn retune(&self, cfg: &Config) -> Vec<String> {
         let mut missing = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -436,11 +436,19 @@ impl CacheStore {
                 continue; // the first route of a namespace gives its TTL
             }
             match self.namespaces.get(&c.namespace) {
-                Some(ns) => ns.ttl_ms.store(
-                    u64::try_from(c.ttl.as_millis()).unwrap_or(u64::MAX),
-                    Ordering::Relaxed,
-                ),
-                None => missing.push(c.namespace.clone()),
+                Some(ns) => {
+                    ns.ttl_ms.store(
+                        u64::try_from(c.ttl.as_millis()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    if ns.max_items != c.max_items {
+                        missing.push(format!(
+                            "cache namespace {}: max_items {} (running {})",
+                            c.namespace, c.max_items, ns.max_items
+                        ));
+                    }
+                }
+                None => missing.push(format!("cache namespace {} (new)", c.namespace)),
             }
         }
         missing
@@ -661,10 +669,14 @@ impl CacheStore {
         self.redis.as_ref().is_some_and(RedisStore::is_connected)
     }
 
-    /// Readiness waits while this holds: Redis is configured, was reachable
-    /// at start, and the fleet's invalidations cannot be heard yet.
+    /// Readiness waits while this holds: Redis is configured, reachable and
+    /// answering, and the fleet's invalidations cannot be heard yet.
     pub fn redis_starting(&self) -> bool {
-        self.redis.as_ref().is_some_and(|r| !r.is_settled())
+        // A Redis lost or slow before the first subscription does not hold
+        // readiness: the sidecar serves from memory, as when it is down.
+        self.redis
+            .as_ref()
+            .is_some_and(|r| !r.is_settled() && r.is_usable())
     }
 
     /// Every namespace (for the metrics).

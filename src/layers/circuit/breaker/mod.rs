@@ -240,15 +240,22 @@ impl Core {
     /// Takes version `v` of the fleet's state, unless it has it already:
     /// open for `Some(d)` more (`Duration::ZERO`: due a probe), or closed.
     pub fn adopt(&self, v: u64, open_for: Option<Duration>) {
+        // Checked under the lock: of two versions taken at once (the
+        // poll's and a message's), the older must not land last.
+        let mut inner = self.lock();
         if self.applied.fetch_max(v, Ordering::AcqRel) >= v {
             return;
         }
-        let mut inner = self.lock();
+        // A value from Redis: never past what an `Instant` can hold.
+        let until = |left: Duration| {
+            let now = Instant::now();
+            now.checked_add(left).unwrap_or(now + self.open_for)
+        };
         match (open_for, &mut inner.phase) {
-            (Some(left), Phase::Open { until, .. }) => *until = Instant::now() + left,
+            (Some(left), Phase::Open { until: u, .. }) => *u = until(left),
             (Some(left), Phase::Closed) => {
                 inner.phase = Phase::Open {
-                    until: Instant::now() + left,
+                    until: until(left),
                     probing: false,
                 };
                 self.tripped.store(true, Ordering::Release);
@@ -272,12 +279,6 @@ impl Core {
             *until = Instant::now() + PROBE_ELSEWHERE;
             *probing = false;
         }
-    }
-
-    /// Due a probe that nobody is making (a probe that ended without a
-    /// result leaves it so).
-    pub fn awaits_probe(&self) -> bool {
-        matches!(self.lock().phase, Phase::Open { until, probing: false } if Instant::now() >= until)
     }
 
     /// Whether calls are being refused right now (open and not yet due a
