@@ -55,6 +55,7 @@ bench: release
 	bench/hit_scale.sh
 	bench/idle_conns.sh
 	bench/instructions.sh
+	bench/allocs.sh
 	bench/traces.sh
 	bench/stream.sh
 	bench/workload.sh
