@@ -13,7 +13,7 @@ use http::Request;
 use http_body_util::Either;
 use tower::ServiceExt;
 
-use super::Answer;
+use super::conn::Answer;
 use crate::body::Body;
 use crate::layers::ProxyStack;
 
