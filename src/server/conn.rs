@@ -19,16 +19,13 @@ use tokio::net::TcpStream;
 
 use super::edge::{Proto, drop_underscored, normalised, refused, request_started};
 use super::slots::{self, ConnHandle, ConnPolicy, Slot, Tracked, Watched};
-use super::stack::OwnStack;
+use super::stack::{Answer, OwnStack, ResponseBody};
 use crate::BoxError;
 use crate::admin::Admin;
 use crate::body::{self, Body};
 use crate::error::{ClientBodyError, ClientBodyStalled};
 use crate::extensions::ClientAddr;
-use crate::layers::ProxyStack;
 use crate::proxy::{drop_unfit_request_id, strip_hop_by_hop};
-
-type ResponseBody = Either<Body, tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::BoxError>>;
 
 /// One connection's life: its first request must start in time; asked to
 /// close (near the bound, or at shutdown), it finishes what it is answering
@@ -147,19 +144,6 @@ impl ConnService {
     fn admin(&self, admin: &Admin, req: Request<Incoming>) -> Answer {
         let fut = admin.call(self.guarded(req), self.peer);
         Answer::Own(Box::pin(async move { Ok(fut.await.map(Either::Left)) }))
-    }
-}
-
-/// An answer on its way: the sidecar's own (its endpoints, a refusal), or
-/// the stack's future, already boxed by the stack's type erasure.
-pub(super) enum Answer {
-    Own(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>),
-    Stack(<ProxyStack as tower::Service<Request<Body>>>::Future),
-}
-
-impl Answer {
-    fn ready(resp: Response<Body>) -> Self {
-        Self::Own(Box::pin(std::future::ready(Ok(resp.map(Either::Left)))))
     }
 }
 

@@ -5,15 +5,17 @@
 //! owns what it needs); the next request on any connection takes the new
 //! one; no connection is touched.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::FutureExt;
-use http::Request;
+use http::{Request, Response};
 use http_body_util::Either;
 use tower::ServiceExt;
 
-use super::conn::Answer;
 use crate::body::Body;
 use crate::layers::ProxyStack;
 
@@ -104,5 +106,22 @@ impl OwnStack {
                 Answer::Own(Box::pin(fut.map(|r| r.map(|resp| resp.map(Either::Right)))))
             }
         }
+    }
+}
+
+/// The body of an answer: the sidecar's own, or the stack's.
+pub(super) type ResponseBody =
+    Either<Body, tower_http::body::UnsyncBoxBody<bytes::Bytes, crate::BoxError>>;
+
+/// An answer on its way: the sidecar's own (its endpoints, a refusal), or
+/// the stack's future, already boxed by the stack's type erasure.
+pub(super) enum Answer {
+    Own(Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>),
+    Stack(<ProxyStack as tower::Service<Request<Body>>>::Future),
+}
+
+impl Answer {
+    pub(super) fn ready(resp: Response<Body>) -> Self {
+        Self::Own(Box::pin(std::future::ready(Ok(resp.map(Either::Left)))))
     }
 }
