@@ -21,6 +21,9 @@
 //! it also raises the namespace's purge floor (entries below it are not
 //! even served stale) and deletes the entries. A narrower pattern deletes
 //! the entries it matches.
+//!
+//! [`namespace`] holds one namespace (its memory layer and generations),
+//! [`figures`] the counters and the stats body.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,15 +31,19 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use quick_cache::sync::{Cache, DefaultLifecycle};
-use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
-use serde_json::{Value, json};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder};
 
 use super::entry::Entry;
 use super::fleet::Fleet;
+
+mod figures;
+mod namespace;
+
+pub use self::figures::Counters;
+use self::namespace::SlotWeighter;
+pub use self::namespace::{Namespace, Standing};
 use crate::config::{Config, InvalidateMode};
-use crate::metrics::cache::{CacheFigures, NamespaceFigures};
 use crate::redis::RedisStore;
-use crate::redis::fleet::Generation;
 
 /// Wall-clock milliseconds derived from tokio's clock: comparable across
 /// replicas (entries in Redis carry it), and paused/advanced in tests.
@@ -65,248 +72,6 @@ impl Clock {
 impl Default for Clock {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct SlotWeighter {
-    slot: u64,
-}
-
-impl Weighter<String, Arc<Entry>> for SlotWeighter {
-    fn weight(&self, _key: &String, val: &Arc<Entry>) -> u64 {
-        val.weight.max(self.slot)
-    }
-}
-
-type MemCache = Cache<
-    String,
-    Arc<Entry>,
-    SlotWeighter,
-    DefaultHashBuilder,
-    DefaultLifecycle<String, Arc<Entry>>,
->;
-
-/// Counters, process-wide and per namespace (relaxed atomics: figures, not
-/// synchronisation).
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub stale: AtomicU64,
-    pub bypass: AtomicU64,
-    pub coalesced: AtomicU64,
-    /// Misses answered by another sidecar's upstream call (its lease).
-    pub coalesced_remote: AtomicU64,
-    /// Leases taken over from a holder that failed, stored nothing or died.
-    pub lease_takeovers: AtomicU64,
-    /// Invalidations Redis could not take at once, kept until it could.
-    pub invalidations_queued: AtomicU64,
-    pub sets: AtomicU64,
-    pub deletes: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-impl Counters {
-    pub fn add(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-
-    fn to_json(&self) -> serde_json::Map<String, Value> {
-        let (hits, misses) = (Self::get(&self.hits), Self::get(&self.misses));
-        let rate = if hits + misses == 0 {
-            0.0
-        } else {
-            (hits as f64 * 10_000.0 / (hits + misses) as f64).round() / 100.0
-        };
-        let v = json!({
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": rate,
-            "stale": Self::get(&self.stale),
-            "bypass": Self::get(&self.bypass),
-            "coalesced": Self::get(&self.coalesced),
-            "coalesced_remote": Self::get(&self.coalesced_remote),
-            "lease_takeovers": Self::get(&self.lease_takeovers),
-            "invalidations_queued": Self::get(&self.invalidations_queued),
-            "sets": Self::get(&self.sets),
-            "deletes": Self::get(&self.deletes),
-            "errors": Self::get(&self.errors),
-        });
-        match v {
-            Value::Object(m) => m,
-            _ => serde_json::Map::new(),
-        }
-    }
-}
-
-/// One namespace's memory cache and figures.
-#[derive(Debug)]
-pub struct Namespace {
-    pub name: String,
-    /// In milliseconds: a reload changes it ([`CacheStore::retune`]).
-    ttl_ms: AtomicU64,
-    pub max_items: usize,
-    cache: MemCache,
-    pub counters: Counters,
-    /// Largest body this namespace stores: the route's limit, capped so an
-    /// entry always fits one quick_cache shard (a heavier one would be
-    /// dropped silently).
-    pub max_body: u64,
-    /// The namespace's generation as this sidecar knows it: entries of
-    /// another are not hits.
-    generation: AtomicU64,
-    /// Entries of a generation below this one are not served even stale.
-    purged: AtomicU64,
-    /// Bumped by every clear and change of generation: a fetch that started
-    /// before does not store its (possibly outdated) answer.
-    epoch: AtomicU64,
-    /// Misses of this namespace waiting now for another sidecar's answer.
-    pub remote_waiting: AtomicU64,
-    /// An invalidation Redis has not taken yet ([`OWED_STALE`],
-    /// [`OWED_PURGE`], or 0): at most one per namespace, the stronger kept.
-    owed: AtomicU8,
-}
-
-const OWED_STALE: u8 = 1;
-const OWED_PURGE: u8 = 2;
-
-/// What an entry may still be used for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    /// Of the current generation: a hit while fresh.
-    Current,
-    /// Invalidated (`stale` mode): served only when the upstream fails.
-    Invalidated,
-    /// Purged: not used at all.
-    Purged,
-}
-
-impl Namespace {
-    /// How long an entry is fresh.
-    pub fn ttl(&self) -> Duration {
-        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
-    }
-
-    /// Entries held in memory.
-    pub fn items(&self) -> usize {
-        self.cache.len()
-    }
-
-    /// Bytes of the entries held in memory (weights are rounded up to slots).
-    pub fn bytes(&self) -> u64 {
-        self.cache.iter().map(|(_, e)| e.weight).sum()
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Where the generation and purge floor stand now.
-    pub fn generations(&self) -> Generation {
-        Generation {
-            current: self.generation(),
-            purged: self.purged.load(Ordering::Acquire),
-        }
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// The entry in memory under `key`, if it is of the current generation
-    /// (one just stored by another request's call, say).
-    pub(super) fn current(&self, key: &str) -> Option<Arc<Entry>> {
-        self.cache.get(key).filter(|e| self.is_current(e))
-    }
-
-    /// The hit path's check: one load and a compare.
-    #[inline]
-    pub fn is_current(&self, e: &Entry) -> bool {
-        e.generation == self.generation.load(Ordering::Acquire)
-    }
-
-    pub fn standing(&self, e: &Entry) -> Standing {
-        if self.is_current(e) {
-            Standing::Current
-        } else if e.generation >= self.purged.load(Ordering::Acquire) {
-            Standing::Invalidated
-        } else {
-            Standing::Purged
-        }
-    }
-
-    fn touched(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Invalidates here, at once: a new generation (and with `purge` the
-    /// floor raised to it and the entries deleted). Returns the entries
-    /// deleted.
-    fn bump_local(&self, purge: bool) -> usize {
-        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let mut removed = 0;
-        if purge {
-            self.purged.fetch_max(g, Ordering::AcqRel);
-            removed = self.cache.len();
-            self.cache.clear();
-        }
-        self.touched();
-        removed
-    }
-
-    /// Takes a generation the fleet has (never going back: generations
-    /// only grow). Not while an invalidation of this sidecar is owed:
-    /// delivering it bumps past what Redis holds. `force`: this sidecar's
-    /// own bump, just made. Returns whether anything changed.
-    pub(super) fn adopt(&self, g: Generation, force: bool) -> bool {
-        if !force && self.owed.load(Ordering::Acquire) != 0 {
-            return false;
-        }
-        let before = self.generation.fetch_max(g.current, Ordering::AcqRel);
-        let floor = self.purged.fetch_max(g.purged, Ordering::AcqRel);
-        if g.purged > floor {
-            // Free what can no longer be used.
-            self.cache.retain(|_, e| e.generation >= g.purged);
-        }
-        let changed = g.current > before || g.purged > floor;
-        if changed {
-            self.touched();
-        }
-        changed
-    }
-
-    /// Keeps an invalidation for Redis to take later.
-    fn owe(&self, purge: bool) {
-        self.owed.fetch_max(
-            if purge { OWED_PURGE } else { OWED_STALE },
-            Ordering::AcqRel,
-        );
-        Counters::add(&self.counters.invalidations_queued);
-    }
-
-    /// Takes the owed invalidation: `Some(purge)`.
-    pub(super) fn take_owed(&self) -> Option<bool> {
-        match self.owed.swap(0, Ordering::AcqRel) {
-            0 => None,
-            o => Some(o == OWED_PURGE),
-        }
-    }
-
-    /// Puts back an owed invalidation Redis did not take.
-    pub(super) fn restore_owed(&self, purge: bool) {
-        self.owed.fetch_max(
-            if purge { OWED_PURGE } else { OWED_STALE },
-            Ordering::AcqRel,
-        );
-    }
-
-    pub fn owes(&self) -> bool {
-        self.owed.load(Ordering::Acquire) != 0
     }
 }
 
@@ -686,82 +451,6 @@ impl CacheStore {
 
     pub fn memory_items(&self) -> usize {
         self.namespaces.values().map(|n| n.cache.len()).sum()
-    }
-
-    /// The `/api/cache/stats` body: the legacy fields plus per-namespace ones.
-    pub fn stats_json(&self) -> Value {
-        let mut m = self.counters.to_json();
-        // The layer in use now, as the legacy app reported it: "memory"
-        // while Redis is off or down (its troubleshooting guide's "backend
-        // shows memory instead of redis"), "redis" again once reconnected.
-        let connected = self.redis_connected();
-        m.insert(
-            "backend".into(),
-            json!(if connected { "redis" } else { "memory" }),
-        );
-        m.insert("memory_items".into(), json!(self.memory_items()));
-        m.insert("redis_connected".into(), json!(connected));
-        if let Some(server) = self.redis.as_ref().and_then(RedisStore::server) {
-            // Where the commands go now (the primary, under Sentinel).
-            m.insert("redis_server".into(), json!(server));
-        }
-        let mut names: Vec<_> = self.namespaces.values().collect();
-        names.sort_by(|a, b| a.name.cmp(&b.name));
-        let per: serde_json::Map<String, Value> = names
-            .into_iter()
-            .map(|n| {
-                let mut v = n.counters.to_json();
-                v.insert("items".into(), json!(n.items()));
-                v.insert("bytes".into(), json!(n.bytes()));
-                v.insert("max_items".into(), json!(n.max_items));
-                v.insert("ttl_seconds".into(), json!(n.ttl().as_secs()));
-                v.insert("generation".into(), json!(n.generation()));
-                v.insert("invalidation_pending".into(), json!(n.owes()));
-                v.insert(
-                    "remote_waiting".into(),
-                    json!(n.remote_waiting.load(Ordering::Relaxed)),
-                );
-                (n.name.clone(), Value::Object(v))
-            })
-            .collect();
-        m.insert("namespaces".into(), Value::Object(per));
-        Value::Object(m)
-    }
-}
-
-/// The store reports its figures to the metrics.
-impl CacheFigures for CacheStore {
-    fn namespaces(&self) -> Vec<NamespaceFigures> {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        self.namespaces
-            .values()
-            .map(|ns| {
-                let c = &ns.counters;
-                NamespaceFigures {
-                    name: ns.name.clone(),
-                    hits: load(&c.hits),
-                    misses: load(&c.misses),
-                    stale: load(&c.stale),
-                    bypass: load(&c.bypass),
-                    coalesced: load(&c.coalesced),
-                    coalesced_remote: load(&c.coalesced_remote),
-                    lease_takeovers: load(&c.lease_takeovers),
-                    invalidations_queued: load(&c.invalidations_queued),
-                    invalidation_pending: ns.owes(),
-                    generation: ns.generation(),
-                    items: ns.items(),
-                    bytes: ns.bytes(),
-                }
-            })
-            .collect()
-    }
-
-    fn memory_items(&self) -> usize {
-        CacheStore::memory_items(self)
-    }
-
-    fn redis_connected(&self) -> bool {
-        CacheStore::redis_connected(self)
     }
 }
 
