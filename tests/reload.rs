@@ -56,8 +56,12 @@ struct Running {
 
 impl Running {
     fn start(toml: &str, addr: SocketAddr) -> Self {
+        Self::start_env(toml, &[("LOG_LEVEL", "INFO")], addr)
+    }
+
+    fn start_env(toml: &str, env: &[(&str, &str)], addr: SocketAddr) -> Self {
         Self {
-            p: SidecarProcess::start(toml, &[("LOG_LEVEL", "INFO")], addr),
+            p: SidecarProcess::start(toml, env, addr),
             addr,
         }
     }
@@ -394,4 +398,60 @@ async fn requests_in_flight_finish_on_the_old_configuration_and_reloads_drop_not
         &bad[..bad.len().min(5)]
     );
     assert_eq!(sc.reloads("refused").await, 0);
+}
+
+/// The upstream quota and the log level are live too: a RAG question
+/// refused under "1 per minute" goes through once the file says 5, and
+/// the access log (INFO) appears once the level goes from warn to info.
+#[tokio::test]
+async fn the_upstream_quota_and_the_log_level_are_reloaded() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0", "--rag-latency-ms", "0"]);
+    let addr = free_addr();
+    let with = |limit: &str, level: &str| {
+        format!(
+            "{}[log]\nlevel = \"{level}\"\n[rate_limit]\nenabled = false\n\
+             [[routes]]\nname = \"rag\"\nupstream_limit = \"{limit}\"\nupstream_queue = \"100ms\"\n",
+            head(addr, &mock)
+        )
+    };
+    // No LOG_LEVEL in the environment: the file's level is the one.
+    let sc = Running::start_env(&with("1 per minute", "warn"), &[], addr);
+    let rag = |q: &'static str| {
+        let u = sc.url("/api/rag/query");
+        async move {
+            client()
+                .post(u)
+                .json(&json!({"query": q}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(rag("first").await, 200);
+    assert_eq!(
+        rag("second").await,
+        503,
+        "the quota of 1 per minute is spent"
+    );
+    std::fs::write(sc.file(), with("5 per minute", "info")).unwrap();
+    sc.until_reloads("applied", 1).await;
+    assert_eq!(rag("third").await, 200, "the new quota in force");
+    let log = sc.log();
+    let access = |q: &str| {
+        log.lines()
+            .filter(|l| l.contains("rag_sidecar::access") && l.contains(q))
+            .count()
+    };
+    assert_eq!(
+        access("status=503"),
+        0,
+        "warn: no access lines before: {log}"
+    );
+    assert_eq!(
+        access("status=200"),
+        1,
+        "info: the third request's line after: {log}"
+    );
 }
