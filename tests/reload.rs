@@ -455,3 +455,42 @@ async fn the_upstream_quota_and_the_log_level_are_reloaded() {
         "info: the third request's line after: {log}"
     );
 }
+
+/// Retry settings are live: a failing search is tried once under
+/// `max_retries = 0`, three times once the file says 2.
+#[tokio::test]
+async fn retry_settings_are_reloaded() {
+    let mock = Mock::start_with(&["--search-latency-ms", "0", "--rag-latency-ms", "0"]);
+    let addr = free_addr();
+    let with = |retries: u32| {
+        format!(
+            "{}[rate_limit]\nenabled = false\n[circuit_breaker]\nenabled = false\n\
+             [retry]\nmax_retries = {retries}\ninitial_wait = \"10ms\"\nmax_wait = \"20ms\"\n",
+            head(addr, &mock)
+        )
+    };
+    let sc = Running::start(&with(0), addr);
+    let failing = |q: &str| {
+        let u = sc.url("/api/search");
+        let q = q.to_string();
+        async move {
+            client()
+                .post(u)
+                .header("X-Mock-Status", "503")
+                .json(&json!({"query": q, "top_k": 1}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let before = mock.stats().await["requests"].as_u64().unwrap();
+    assert_eq!(failing("once").await, 503);
+    assert_eq!(mock.stats().await["requests"].as_u64().unwrap() - before, 1);
+    std::fs::write(sc.file(), with(2)).unwrap();
+    sc.until_reloads("applied", 1).await;
+    let before = mock.stats().await["requests"].as_u64().unwrap();
+    assert_eq!(failing("thrice").await, 503);
+    assert_eq!(mock.stats().await["requests"].as_u64().unwrap() - before, 3);
+}
