@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    Mock, Redis, Sidecar, SidecarProcess, client, eventually, fleet_member, free_addr,
+    Mock, Redis, Sidecar, SidecarProcess, client, eventually, fleet_member, free_addr, signal,
     until_redis_connected, x_cache,
 };
 use serde_json::{Value, json};
@@ -34,14 +34,6 @@ async fn search_at(base: &str, q: &str) -> reqwest::Response {
 
 async fn stats_at(base: &str) -> Value {
     common::get_json_at(format!("{base}/api/cache/stats")).await
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill {sig} {pid}");
 }
 
 /// SIGSTOP on a process, SIGCONT on drop (also when an assertion fails).
@@ -762,4 +754,58 @@ async fn a_circuit_is_still_the_fleets_after_redis_lost_its_key() {
     );
     trip(&bases[0], "second").await;
     every_circuit(&bases, "open", Duration::from_secs(1)).await;
+}
+
+/// A primary demoted behind Sentinel's back (`REPLICAOF`, before any
+/// sentinel notices): the first `READONLY` reply makes the sidecar ask
+/// again, fred finds the server Sentinel names is a replica (`ROLE`), and
+/// the sidecar stops using it, answering every request meanwhile. Without
+/// that, it kept writing into `READONLY` errors and said it was connected.
+#[tokio::test]
+async fn a_readonly_reply_makes_the_sidecar_leave_a_demoted_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Mock::start();
+    let primary = Server::start(dir.path(), &[]);
+    let other = Server::start(dir.path(), &[]);
+    // One sentinel of a quorum of two: it names the primary, and never
+    // fails over by itself.
+    let sentinel = Sentinel::start(dir.path(), 0, primary.port);
+    wait_for("the sentinel names the primary", || {
+        sentinel.primary() == Some(primary.port)
+    });
+    let url = format!(
+        "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=mymaster",
+        sentinel.port
+    );
+    let (_p, addr) = fleet_member(&mock.url(), &url, "");
+    let base = format!("http://{addr}");
+    until_redis_connected(&base).await;
+    assert_eq!(
+        stats_at(&base).await["redis_server"],
+        format!("127.0.0.1:{}", primary.port)
+    );
+    assert_eq!(
+        primary
+            .cli(&["REPLICAOF", "127.0.0.1", &other.port.to_string()])
+            .trim(),
+        "OK"
+    );
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        // New questions: their answers are written to Redis.
+        let r = search_at(&base, &format!("after the demotion {i}")).await;
+        assert_eq!(r.status(), 200);
+        if stats_at(&base).await["redis_connected"] == false {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still using a demoted primary after {:?}",
+            start.elapsed()
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("left the demoted primary after {:?}", start.elapsed());
 }
