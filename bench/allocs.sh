@@ -32,18 +32,7 @@ blocks() { # blocks N KIND → heap blocks the sidecar allocated in all
     --listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$up" 2>"$work/dhat.err" &
   local pid=$!
   wait_port "$port"
-  python3 - "$port" "$1" "$2" <<'PY'
-import http.client, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
-search = '{"query": "Học máy là gì?", "top_k": 5}'.encode()
-for _ in range(int(sys.argv[2])):
-    if sys.argv[3] == "hit":
-        c.request("POST", "/api/search", search, {"Content-Type": "application/json"})
-    else:
-        c.request("GET", "/api/stats")
-    r = c.getresponse(); r.read()
-    assert r.status == 200, r.status
-PY
+  send_requests "$port" "$1" "$2"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
   # "Total:     1,234 bytes in 56 blocks"
   sed -n 's/.*Total: .* bytes in \([0-9,]*\) blocks.*/\1/p' "$work/dhat.err" | tr -d , | head -1

@@ -70,18 +70,7 @@ floor_instructions() { # floor_instructions FLAGS N [KIND] → total instruction
 count() { # count PID PORT N KIND: sends N requests, stops PID, prints its main thread's total
   local pid=$1
   wait_port "$2"
-  python3 - "$2" "$3" "$4" <<'PY'
-import http.client, sys
-c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
-search = '{"query": "Học máy là gì?", "top_k": 5}'.encode()
-for _ in range(int(sys.argv[2])):
-    if sys.argv[3] == "hit":  # the same search every time: all hits but the first
-        c.request("POST", "/api/search", search, {"Content-Type": "application/json"})
-    else:
-        c.request("GET", "/api/stats")
-    r = c.getresponse(); r.read()
-    assert r.status == 200, r.status
-PY
+  send_requests "$2" "$3" "$4"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
   awk '/^(summary|totals):/ {print $2; exit}' "$work"/cg.out-01
   rm -f "$work"/cg.out*

@@ -88,3 +88,20 @@ run_rounds() { # run_rounds RESULTS SCRIPT NAME=URL...
     order=("${order[@]:1}" "${order[0]}")   # rotate who goes first
   done
 }
+
+send_requests() { # send_requests PORT N KIND: N sequential requests on one keep-alive
+  # connection, each a 200; KIND hit: the same POST /api/search every time (all
+  # hits but the first), else GET /api/stats (default route, not cached)
+  python3 - "$1" "$2" "$3" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+search = '{"query": "Học máy là gì?", "top_k": 5}'.encode()
+for _ in range(int(sys.argv[2])):
+    if sys.argv[3] == "hit":
+        c.request("POST", "/api/search", search, {"Content-Type": "application/json"})
+    else:
+        c.request("GET", "/api/stats")
+    r = c.getresponse(); r.read()
+    assert r.status == 200, r.status
+PY
+}

@@ -17,16 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Mock, SidecarProcess, client, eventually, free_addr, x_cache};
+use common::{Mock, SidecarProcess, client, eventually, free_addr, signal, x_cache};
 use serde_json::{Value, json};
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
 
 /// The file's common head: where to listen, the app, no retries.
 fn head(addr: SocketAddr, mock: &Mock) -> String {

@@ -182,15 +182,14 @@ impl Follower {
         // asks the sentinels then: only one connected elsewhere is moved
         // (no reconnection storm, no log line a second, while a primary is
         // down before the failover).
-        let elsewhere = |c: &dyn Fn() -> Vec<Server>| {
-            let conns = c();
+        let elsewhere = |conns: Vec<Server>| {
             !conns.is_empty()
                 && primary
                     .as_ref()
                     .is_none_or(|p| !conns.iter().any(|s| s.host == p.host && s.port == p.port))
         };
-        let move_client = elsewhere(&|| self.client.active_connections());
-        let move_subscriber = elsewhere(&|| self.subscriber.active_connections());
+        let move_client = elsewhere(self.client.active_connections());
+        let move_subscriber = elsewhere(self.subscriber.active_connections());
         if !move_client && !move_subscriber {
             return;
         }

@@ -833,11 +833,16 @@ pub async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
 
 /// Sends SIGTERM to `pid`.
 pub fn sigterm(pid: u32) {
+    signal(pid, "-TERM");
+}
+
+/// Sends `sig` (`-HUP`, `-STOP`, …) to `pid` with kill(1).
+pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .unwrap();
-    assert!(ok.success());
+    assert!(ok.success(), "kill {sig} {pid}");
 }
 
 /// The exit status of `p`, which must come within `within`.

@@ -44,19 +44,7 @@ pub struct Circuits {
 
 impl Circuits {
     pub fn new(cfg: &Config) -> Arc<Self> {
-        let cb = &cfg.circuit_breaker;
-        let names = BUILTIN
-            .iter()
-            .copied()
-            .chain(cfg.routes.iter().map(|r| r.circuit.as_str()));
-        let by_name = names
-            .map(|n| (Arc::from(n), Breaker::new(n, cb.threshold, cb.timeout)))
-            .collect();
-        Arc::new(Self {
-            by_name,
-            enabled: cb.enabled,
-            fleet: Arc::default(),
-        })
+        Self::built(cfg, |_| None)
     }
 
     /// The circuits of a reloaded configuration: one whose threshold and
@@ -64,30 +52,37 @@ impl Circuits {
     /// changed one starts closed. The fleet's link carries over.
     pub fn reloaded(&self, cfg: &Config) -> Arc<Self> {
         let cb = &cfg.circuit_breaker;
-        let threshold = cb.threshold.max(1);
+        let next = Self::built(cfg, |n| {
+            self.by_name
+                .get(n)
+                .filter(|b| b.threshold() == cb.threshold.max(1) && b.open_for() == cb.timeout)
+                .cloned()
+        });
+        if let Some(link) = self.fleet() {
+            next.join_fleet(Arc::clone(link));
+        }
+        next
+    }
+
+    /// Every circuit `cfg` names (the built-ins, then the routes'), each
+    /// `kept` or new.
+    fn built(cfg: &Config, kept: impl Fn(&str) -> Option<Arc<Breaker>>) -> Arc<Self> {
+        let cb = &cfg.circuit_breaker;
         let names = BUILTIN
             .iter()
             .copied()
             .chain(cfg.routes.iter().map(|r| r.circuit.as_str()));
         let by_name = names
             .map(|n| {
-                let kept = self
-                    .by_name
-                    .get(n)
-                    .filter(|b| b.threshold() == threshold && b.open_for() == cb.timeout);
-                let b = kept.map_or_else(|| Breaker::new(n, threshold, cb.timeout), Arc::clone);
+                let b = kept(n).unwrap_or_else(|| Breaker::new(n, cb.threshold, cb.timeout));
                 (Arc::from(n), b)
             })
             .collect();
-        let next = Arc::new(Self {
+        Arc::new(Self {
             by_name,
             enabled: cb.enabled,
             fleet: Arc::default(),
-        });
-        if let Some(link) = self.fleet() {
-            next.join_fleet(Arc::clone(link));
-        }
-        next
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Breaker>> {
