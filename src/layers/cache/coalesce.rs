@@ -146,3 +146,13 @@ async fn lead(miss: Miss<'_>, guard: LeaderGuard) -> Coalescing {
         }
     }
 }
+
+/// The `Cache-Status` of an answer shared with another request.
+const COLLAPSED: &str = "rag-sidecar; fwd=miss; collapsed";
+
+/// An answer shared with another request (here or on another sidecar),
+/// marked so for the layers above.
+fn collapsed(mut resp: Response<Body>) -> Response<Body> {
+    resp.extensions_mut().insert(Coalesced);
+    resp
+}

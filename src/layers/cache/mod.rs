@@ -476,16 +476,6 @@ fn replay(e: &Entry, outcome: CacheOutcome, status: String, age_secs: u64) -> Re
     resp
 }
 
-/// The `Cache-Status` of an answer shared with another request.
-const COLLAPSED: &str = "rag-sidecar; fwd=miss; collapsed";
-
-/// An answer shared with another request (here or on another sidecar),
-/// marked so for the layers above.
-fn collapsed(mut resp: Response<Body>) -> Response<Body> {
-    resp.extensions_mut().insert(Coalesced);
-    resp
-}
-
 /// `X-Cache`, `Cache-Status` and `Age` on the answer, and its
 /// [`CacheOutcome`] for the layers above.
 fn mark(resp: &mut Response<Body>, outcome: CacheOutcome, status: String, age: Option<u64>) {
